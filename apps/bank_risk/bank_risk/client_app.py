@@ -1,0 +1,165 @@
+"""The bank side: each SuperNode is one bank training on its own customers.
+
+Which bank a node is comes from its node config: ``bank-index`` in a deployment
+(``flower-supernode --node-config "bank-index=2"``), or the simulation's
+``partition-id``. A node config ``csv-path`` points a deployed bank at its own
+file. Nothing but model weights and aggregate statistics leaves the bank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flower_ext.data import BankData, DataError, DataSource, load_bank
+from flower_ext.metrics import score_histograms
+from flower_ext.model import CreditRiskModel, build_model, feature_moments
+from flower_ext.training import evaluate_model, train_local
+from flower_ext.validation import CLIENT_INFO_KEY
+
+from .settings import BankAppSettings
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _cached_bank(source: DataSource, index: int) -> BankData:
+    return load_bank(source, index)
+
+
+def bank_index(context: Context, settings: BankAppSettings) -> int:
+    node = context.node_config
+    if "bank-index" in node:
+        return int(node["bank-index"])  # type: ignore[arg-type]
+    if "partition-id" in node:
+        partitions = int(node.get("num-partitions", settings.data.num_banks))  # type: ignore[arg-type]
+        if partitions != settings.data.num_banks:
+            raise DataError(
+                f"the simulation has {partitions} SuperNodes but the run config says "
+                f"num-banks={settings.data.num_banks}; run with "
+                f'--federation-config "num-supernodes={settings.data.num_banks}"'
+            )
+        return int(node["partition-id"])  # type: ignore[arg-type]
+    raise DataError("node config has neither 'bank-index' nor 'partition-id'")
+
+
+def load_context_bank(context: Context) -> tuple[BankAppSettings, BankData]:
+    settings = BankAppSettings.from_config(context.run_config)
+    source = settings.data
+    if "csv-path" in context.node_config:  # a deployed bank reads its own file
+        assert source.csv is not None or source.dataset == "csv"
+        if source.csv is not None:
+            source = replace(source, csv=replace(source.csv, path=str(context.node_config["csv-path"])))
+    return settings, _cached_bank(source, bank_index(context, settings))
+
+
+def _model_for(bank: BankData, settings: BankAppSettings, arrays: ArrayRecord) -> CreditRiskModel:
+    model = build_model(bank.num_features, settings.model, settings.hidden_units)
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def _info(bank: BankData, **extra: object) -> ConfigRecord:
+    return ConfigRecord({"bank": bank.name, **extra})  # type: ignore[dict-item]
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Per-feature count, sum and sum of squares of the training rows (for standardisation)."""
+    _, bank = load_context_bank(context)
+    count, total, total_sq = feature_moments(bank.x_train)
+    content = RecordDict(
+        {
+            "moments": MetricRecord(
+                {
+                    "num-examples": count,
+                    "sum": total.tolist(),
+                    "sum-sq": total_sq.tolist(),
+                }
+            ),
+            "features": ConfigRecord({"names": list(bank.feature_names)}),
+            CLIENT_INFO_KEY: _info(bank),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings, bank = load_context_bank(context)
+    config = msg.content["config"]
+    arrays = next(iter(msg.content.array_records.values()))
+    model = _model_for(bank, settings, arrays)
+    server_round = int(config.get("server-round", 0))
+    train_cfg = settings.train_config(
+        seed=settings.seed * 1000 + server_round,
+        proximal_mu=float(config.get("proximal-mu", settings.proximal_mu)),
+    )
+    loss = train_local(model, bank.x_train, bank.y_train, train_cfg)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": len(bank.y_train), "train-loss": loss}),
+            CLIENT_INFO_KEY: _info(bank),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _metric_entries(prefix: str, metrics) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    out = {f"{prefix}logloss": metrics.log_loss, f"{prefix}accuracy": metrics.accuracy}
+    if metrics.auc is not None:
+        out[f"{prefix}auc"] = metrics.auc
+        out[f"{prefix}ks"] = metrics.ks
+    return out
+
+
+def local_only_metrics(bank: BankData, settings: BankAppSettings, like: CreditRiskModel):  # type: ignore[no-untyped-def]
+    """Train a bank-only model for as many epochs as the federation ran, on the same split."""
+    model = build_model(bank.num_features, settings.model, settings.hidden_units)
+    mean = bank.x_train.mean(axis=0)
+    std = bank.x_train.std(axis=0)
+    std[std < 1e-8] = 1.0
+    model.set_standardisation(mean, std)  # the bank's own statistics: it has no others
+    cfg = replace(
+        settings.train_config(seed=settings.seed, proximal_mu=0.0),
+        epochs=settings.num_rounds * settings.local_epochs,
+    )
+    train_local(model, bank.x_train, bank.y_train, cfg)
+    metrics, _ = evaluate_model(model, bank.x_test, bank.y_test)
+    return metrics
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings, bank = load_context_bank(context)
+    config = msg.content["config"]
+    arrays = next(iter(msg.content.array_records.values()))
+    model = _model_for(bank, settings, arrays)
+    metrics, logits = evaluate_model(model, bank.x_test, bank.y_test)
+    neg, pos = score_histograms(bank.y_test, logits)
+    values: dict[str, object] = {
+        "num-examples": len(bank.y_test),
+        "default-rate": float(np.mean(bank.y_test)),
+        "hist-neg": neg.tolist(),
+        "hist-pos": pos.tolist(),
+        **_metric_entries("", metrics),
+    }
+    notes: dict[str, object] = {}
+    if metrics.undefined_reason:
+        notes["auc-undefined-reason"] = metrics.undefined_reason
+    is_final = int(config.get("server-round", 0)) >= int(config.get("num-server-rounds", 10**9))
+    if is_final and settings.local_only_baseline:
+        local = local_only_metrics(bank, settings, model)
+        values.update(_metric_entries("local-only-", local))
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(values),  # type: ignore[arg-type]
+            CLIENT_INFO_KEY: _info(bank, **notes),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,305 @@
+"""The federation server: standardise, train, evaluate, and write it all down.
+
+A run goes:
+
+1. wait until every bank's SuperNode is connected;
+2. ask each bank for per-feature moments and build one standardisation for all
+   (no customer row leaves a bank);
+3. run the strategy for ``num-server-rounds`` rounds (train, then evaluate on
+   every bank's held-out split); after each round a line of progress and a new
+   ``metrics.json``;
+4. the last evaluation also has each bank train a local-only model, which
+   answers "is federation worth it for this bank?";
+5. where the data is reachable from the server (simulation), a centralized
+   model on the pooled data gives the ceiling.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from flower_ext.audit import AuditTrail
+from flower_ext.data import DataError, load_all_banks
+from flower_ext.grid import MeteredGrid
+from flower_ext.model import build_model, combine_feature_moments, count_parameters
+from flower_ext.records import arrays_sha256
+from flower_ext.runlog import MetricsFile, resolve_run_dir
+from flower_ext.strategies import UpdateAggregationStrategy
+from flower_ext.training import evaluate_model, train_local
+
+from .settings import BankAppSettings
+from .strategy_factory import build_strategy
+
+app = ServerApp()
+
+
+def wait_for_banks(grid: Grid, num_banks: int, timeout: float) -> list[int]:
+    """Node ids once ``num_banks`` nodes are connected; a clear error after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= num_banks:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} SuperNode(s) connected after {timeout:.0f}s but the run "
+                f"config says num-banks={num_banks}. In simulation run with "
+                f'--federation-config "num-supernodes={num_banks}"; in a deployment start '
+                "one SuperNode per bank."
+            )
+        time.sleep(1.0)
+
+
+def federated_standardisation(
+    grid: Grid, nodes: list[int], timeout: float, audit: AuditTrail
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Global feature mean/std from the banks' moments (a QUERY round)."""
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord({"query": "feature-moments"})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node,
+        )
+        for node in nodes
+    ]
+    parts, names = [], None
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            audit.record("stats_failed", node_id=node, reason=reply.error.reason)
+            continue
+        moments = reply.content["moments"]
+        bank_names = list(reply.content["features"]["names"])  # type: ignore[arg-type]
+        if names is None:
+            names = bank_names
+        elif bank_names != names:
+            audit.record("stats_rejected", node_id=node, reason="different feature columns")
+            continue
+        parts.append(
+            (
+                int(moments["num-examples"]),  # type: ignore[arg-type]
+                np.asarray(moments["sum"], dtype=np.float64),
+                np.asarray(moments["sum-sq"], dtype=np.float64),
+            )
+        )
+    if not parts or names is None:
+        raise RuntimeError("no bank answered the feature-statistics query; see the audit trail")
+    mean, std = combine_feature_moments(parts)
+    audit.record("standardisation", banks=len(parts), features=names)
+    return mean, std, names
+
+
+def centralized_ceiling(settings: BankAppSettings, epochs: int) -> tuple[float | None, str]:
+    """AUC of one model trained on all banks' pooled training rows (simulation only)."""
+    try:
+        banks = load_all_banks(settings.data)
+    except (DataError, OSError) as err:
+        return None, f"pooled data not reachable from the server: {err}"
+    x_tr = np.concatenate([b.x_train for b in banks])
+    y_tr = np.concatenate([b.y_train for b in banks])
+    x_te = np.concatenate([b.x_test for b in banks])
+    y_te = np.concatenate([b.y_test for b in banks])
+    model = build_model(x_tr.shape[1], settings.model, settings.hidden_units)
+    std = x_tr.std(axis=0)
+    std[std < 1e-8] = 1.0
+    model.set_standardisation(x_tr.mean(axis=0), std)
+    cfg = settings.train_config(seed=settings.seed, proximal_mu=0.0)
+    from dataclasses import replace
+
+    train_local(model, x_tr, y_tr, replace(cfg, epochs=epochs))
+    metrics, _ = evaluate_model(model, x_te, y_te)
+    return metrics.auc, metrics.undefined_reason
+
+
+class RoundRecorder:
+    """Called by ``Strategy.start`` after each round (its ``evaluate_fn`` hook)."""
+
+    def __init__(
+        self,
+        settings: BankAppSettings,
+        strategy: UpdateAggregationStrategy,
+        grid: MeteredGrid,
+        metrics: MetricsFile,
+        audit: AuditTrail,
+    ) -> None:
+        self.settings = settings
+        self.strategy = strategy
+        self.grid = grid
+        self.metrics = metrics
+        self.audit = audit
+        self.last = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        bytes_up = int(sum(self.grid.bytes_up.values()))
+        bytes_down = int(sum(self.grid.bytes_down.values()))
+        traffic = {"up": dict(self.grid.bytes_up), "down": dict(self.grid.bytes_down)}
+        self.grid.reset()
+        if server_round == 0:
+            self.metrics.update(setup={"seconds": seconds, "bytes_up": bytes_up, "bytes_down": bytes_down})
+            return None
+        report = self.strategy.round_reports.get(server_round)
+        evaluation = self.strategy.evaluation_reports.get(server_round, {})
+        eval_metrics = dict(evaluation.get("metrics", {}))
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "evaluate": eval_metrics,
+            "train": dict(report.train_metrics) if report else {},
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_by_type": traffic,
+            "seconds": seconds,
+            "clients": {
+                "sampled": len(report.sampled) if report else 0,
+                "accepted": len(report.accepted) if report else 0,
+                "rejected": {str(k): v for k, v in report.rejected.items()} if report else {},
+                "missing": report.missing if report else [],
+            },
+            "model_sha256": arrays_sha256(arrays),
+        }
+        self.metrics.add_round(entry)
+        self.audit.record(
+            "round_end",
+            round=server_round,
+            seconds=seconds,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            model_sha256=entry["model_sha256"],
+            evaluate=eval_metrics,
+        )
+        auc, ks = eval_metrics.get("auc"), eval_metrics.get("ks")
+        log(
+            INFO,
+            "[bank-risk] round %d/%d  AUC %s  KS %s  %.1fs  up %.1f kB  down %.1f kB  "
+            "clients %d ok, %d rejected, %d missing",
+            server_round,
+            self.settings.num_rounds,
+            f"{auc:.4f}" if auc is not None else "n/a",
+            f"{ks:.4f}" if ks is not None else "n/a",
+            seconds,
+            bytes_up / 1e3,
+            bytes_down / 1e3,
+            entry["clients"]["accepted"],
+            len(entry["clients"]["rejected"]),
+            len(entry["clients"]["missing"]),
+        )
+        return None
+
+
+def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dict[str, Any]:
+    clients = strategy.evaluation_reports.get(final_round, {}).get("clients", {})
+    table: dict[str, Any] = {}
+    for node_id, c in sorted(clients.items(), key=lambda kv: str(kv[1].get("label"))):
+        name = str(c.get("label") or node_id)
+        reason = c.get("auc-undefined-reason", "")
+        table[name] = {
+            "node_id": node_id,
+            "federated_auc": c.get("auc"),
+            "federated_ks": c.get("ks"),
+            "local_only_auc": c.get("local-only-auc"),
+            "local_only_ks": c.get("local-only-ks"),
+            "num_test_examples": c.get("num-examples"),
+            "test_default_rate": c.get("default-rate"),
+            "auc_null_reason": reason or None,
+        }
+        fed, loc = c.get("auc"), c.get("local-only-auc")
+        table[name]["federation_gain"] = (fed - loc) if fed is not None and loc is not None else None
+    return table
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = BankAppSettings.from_config(context.run_config)
+    run_dir = resolve_run_dir(settings.output_dir, settings.run_name, context.run_id)
+    audit = AuditTrail(run_dir / "audit.jsonl")
+    metrics = MetricsFile(run_dir, settings.raw)
+    audit.record("run_start", run_id=context.run_id, config=settings.raw)
+    log(INFO, "[bank-risk] writing metrics and audit trail to %s", run_dir)
+    try:
+        run_federation(grid, settings, audit, metrics)
+    except Exception as err:
+        metrics.update(status="failed", error=f"{type(err).__name__}: {err}")
+        audit.record("run_failed", error=f"{type(err).__name__}: {err}")
+        log(WARNING, "[bank-risk] run failed: %s\n%s", err, traceback.format_exc())
+        raise
+    log(INFO, "[bank-risk] metrics: %s", Path(metrics.path))
+    log(INFO, "[bank-risk] audit trail: %s", run_dir / "audit.jsonl")
+
+
+def run_federation(
+    grid: Grid, settings: BankAppSettings, audit: AuditTrail, metrics: MetricsFile
+) -> None:
+    metered = MeteredGrid(grid)
+    started = time.perf_counter()
+    nodes = wait_for_banks(metered, settings.data.num_banks, settings.wait_for_nodes)
+    mean, std, features = federated_standardisation(metered, nodes, settings.round_timeout, audit)
+    model = build_model(len(features), settings.model, settings.hidden_units)
+    model.set_standardisation(mean, std)
+    metrics.update(model={"kind": settings.model, "num_parameters": count_parameters(model), "features": features})
+
+    strategy = build_strategy(settings, audit, num_nodes=len(nodes))
+    recorder = RoundRecorder(settings, strategy, metered, metrics, audit)
+    num_rounds = settings.num_rounds
+    result = strategy.start(
+        grid=metered,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=num_rounds,
+        timeout=settings.round_timeout,
+        train_config=ConfigRecord({"num-server-rounds": num_rounds}),
+        evaluate_config=ConfigRecord({"num-server-rounds": num_rounds}),
+        evaluate_fn=recorder,
+    )
+    final_eval = dict(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
+    per_bank = per_bank_table(strategy, num_rounds)
+    centralized, reason = (None, "disabled by centralized-baseline=false")
+    if settings.centralized_baseline:
+        centralized, reason = centralized_ceiling(settings, num_rounds * settings.local_epochs)
+    final_sha = arrays_sha256(result.arrays) if result.arrays is not None else None
+    beats = [b for b, r in per_bank.items() if (r.get("federation_gain") or 0) > 0]
+    metrics.update(
+        status="finished",
+        final={**final_eval, "model_sha256": final_sha},
+        per_bank=per_bank,
+        centralized_auc=centralized,
+        centralized_null_reason=reason or None,
+        federated_vs_centralized=(
+            final_eval["auc"] / centralized
+            if centralized and final_eval.get("auc") is not None
+            else None
+        ),
+        banks_where_federation_beats_local=len(beats),
+        total_seconds=time.perf_counter() - started,
+    )
+    audit.record("run_end", rounds=num_rounds, final=final_eval, model_sha256=final_sha)
+    fauc = final_eval.get("auc")
+    log(
+        INFO,
+        "[bank-risk] final AUC %s (centralized ceiling %s); federation beats local-only at %d/%d banks",
+        f"{fauc:.4f}" if fauc is not None else "n/a",
+        f"{centralized:.4f}" if centralized is not None else f"n/a: {reason}",
+        len(beats),
+        len(per_bank),
+    )
+    for name, row in per_bank.items():
+        log(
+            INFO,
+            "[bank-risk]   %-34s federated AUC %s  local-only AUC %s%s",
+            name,
+            _fmt(row["federated_auc"]),
+            _fmt(row["local_only_auc"]),
+            f"  ({row['auc_null_reason']})" if row["auc_null_reason"] else "",
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "null"

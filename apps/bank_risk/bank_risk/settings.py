@@ -1,0 +1,104 @@
+"""Every knob of the bank app, read once from the Flower run config and checked.
+
+The defaults live in ``pyproject.toml`` under ``[tool.flwr.app.config]``; this
+module gives them types and turns a bad value into one clear message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flower_ext.data import DataSource
+from flower_ext.model import MODEL_KINDS, parse_hidden_units
+from flower_ext.training import TrainConfig
+
+
+class SettingsError(ValueError):
+    """A run-config value the app cannot use."""
+
+
+def _get(cfg: Mapping[str, object], key: str, default: object) -> object:
+    return cfg.get(key, default)
+
+
+@dataclass(frozen=True)
+class BankAppSettings:
+    num_rounds: int
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    model: str
+    hidden_units: str
+    aggregation: str
+    server_momentum: float
+    server_learning_rate: float
+    proximal_mu: float
+    local_only_baseline: bool
+    centralized_baseline: bool
+    output_dir: str
+    run_name: str
+    round_timeout: float
+    wait_for_nodes: float
+    seed: int
+    data: DataSource
+    raw: dict[str, object]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object]) -> BankAppSettings:
+        try:
+            settings = cls(
+                num_rounds=int(_get(cfg, "num-server-rounds", 20)),  # type: ignore[arg-type]
+                local_epochs=int(_get(cfg, "local-epochs", 1)),  # type: ignore[arg-type]
+                learning_rate=float(_get(cfg, "learning-rate", 0.05)),  # type: ignore[arg-type]
+                batch_size=int(_get(cfg, "batch-size", 64)),  # type: ignore[arg-type]
+                model=str(_get(cfg, "model", "mlp")),
+                hidden_units=str(_get(cfg, "hidden-units", "32,16")),
+                aggregation=str(_get(cfg, "aggregation", "fedavg")),
+                server_momentum=float(_get(cfg, "server-momentum", 0.0)),  # type: ignore[arg-type]
+                server_learning_rate=float(_get(cfg, "server-learning-rate", 1.0)),  # type: ignore[arg-type]
+                proximal_mu=float(_get(cfg, "proximal-mu", 0.0)),  # type: ignore[arg-type]
+                local_only_baseline=bool(_get(cfg, "local-only-baseline", True)),
+                centralized_baseline=bool(_get(cfg, "centralized-baseline", True)),
+                output_dir=str(_get(cfg, "output-dir", "")),
+                run_name=str(_get(cfg, "run-name", "")),
+                round_timeout=float(_get(cfg, "round-timeout", 600.0)),  # type: ignore[arg-type]
+                wait_for_nodes=float(_get(cfg, "wait-for-nodes", 60.0)),  # type: ignore[arg-type]
+                seed=int(_get(cfg, "seed", 42)),  # type: ignore[arg-type]
+                data=DataSource.from_config(cfg),
+                raw=dict(cfg),
+            )
+        except (TypeError, ValueError) as err:
+            raise SettingsError(f"invalid run config: {err}") from err
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        problems = []
+        if self.num_rounds < 1:
+            problems.append(f"num-server-rounds must be >= 1, got {self.num_rounds}")
+        if self.local_epochs < 1:
+            problems.append(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if self.learning_rate <= 0:
+            problems.append(f"learning-rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            problems.append(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.model not in MODEL_KINDS:
+            problems.append(f"model must be one of {MODEL_KINDS}, got '{self.model}'")
+        try:
+            parse_hidden_units(self.hidden_units)
+        except ValueError as err:
+            problems.append(str(err))
+        if self.data.num_banks < 1:
+            problems.append(f"num-banks must be >= 1, got {self.data.num_banks}")
+        if problems:
+            raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    def train_config(self, seed: int, proximal_mu: float) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.local_epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            proximal_mu=proximal_mu,
+            seed=seed,
+        )

@@ -1,0 +1,90 @@
+"""Local training and evaluation of a bank model (plain PyTorch).
+
+The FedProx proximal term (Li et al., "Federated Optimization in Heterogeneous
+Networks", MLSys 2020) keeps local weights near the global model the round
+started from: ``loss + mu/2 * ||w - w_global||^2``. With strongly non-IID banks
+it damps the client drift that makes FedAvg oscillate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .metrics import RiskMetrics, risk_metrics
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    learning_rate: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.9
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+
+def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+    dataset = TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).float())
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    return sum(
+        ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+    )  # type: ignore[return-value]
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    proximal_mu: float = 0.0,
+) -> float:
+    """Run ``epochs`` passes; returns the mean training loss (without the proximal term)."""
+    loss_fn = nn.BCEWithLogitsLoss()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    model.train()
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if len(xb) == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+                continue
+            optimizer.zero_grad()
+            loss = loss_fn(model(xb).reshape(-1), yb.reshape(-1))
+            objective = loss
+            if proximal_mu > 0:
+                objective = loss + 0.5 * proximal_mu * proximal_term(model, anchor)
+            objective.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+    return total / max(batches, 1)
+
+
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> float:
+    """Plain local SGD (momentum) training; returns the mean training loss."""
+    torch.manual_seed(cfg.seed)
+    loader = make_loader(x, y, cfg.batch_size, cfg.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+    return train_epochs(model, loader, optimizer, cfg.epochs, cfg.proximal_mu)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    out = [model(xt[i : i + batch_size]).reshape(-1) for i in range(0, len(xt), batch_size)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.empty(0)
+
+
+def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[RiskMetrics, np.ndarray]:
+    """Metrics on (x, y) and the log-odds they were computed from."""
+    logits = predict_logits(model, x)
+    return risk_metrics(y, 1.0 / (1.0 + np.exp(-logits))), logits
