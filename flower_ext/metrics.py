@@ -64,7 +64,7 @@ def risk_metrics(y: NDArray[np.integer], prob: NDArray[np.floating]) -> RiskMetr
         ks=ks,
         log_loss=float(log_loss(y, prob, labels=[0, 1])) if len(y) else float("nan"),
         accuracy=float(np.mean((prob >= 0.5) == (y == 1))) if len(y) else float("nan"),
-        num_examples=int(len(y)),
+        num_examples=len(y),
         default_rate=float(np.mean(y)) if len(y) else float("nan"),
         undefined_reason=reason,
     )

@@ -29,9 +29,7 @@ def resolve_run_dir(output_dir: str, run_name: str, run_id: int | None = None) -
     if not run_name:
         run_name = time.strftime("%Y%m%d-%H%M%S") + (f"-{run_id}" if run_id is not None else "")
     if not re.fullmatch(r"[A-Za-z0-9._=+-]+", run_name):
-        raise ValueError(
-            f"run-name '{run_name}' may only hold letters, digits and . _ = + -"
-        )
+        raise ValueError(f"run-name '{run_name}' may only hold letters, digits and . _ = + -")
     run_dir = base / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -35,9 +35,7 @@ def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Dat
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
-    return sum(
-        ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-    )  # type: ignore[return-value]
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))  # type: ignore[return-value]
 
 
 def train_epochs(
@@ -84,7 +82,9 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 8192) -> n
     return torch.cat(out).numpy().astype(np.float64) if out else np.empty(0)
 
 
-def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[RiskMetrics, np.ndarray]:
+def evaluate_model(
+    model: nn.Module, x: np.ndarray, y: np.ndarray
+) -> tuple[RiskMetrics, np.ndarray]:
     """Metrics on (x, y) and the log-odds they were computed from."""
     logits = predict_logits(model, x)
     return risk_metrics(y, 1.0 / (1.0 + np.exp(-logits))), logits

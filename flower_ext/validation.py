@@ -62,7 +62,7 @@ def check_weight(
     if weighted_by_key not in metrics:
         return None, f"metric '{weighted_by_key}' is missing"
     value = metrics[weighted_by_key]
-    if isinstance(value, list) or isinstance(value, bool):
+    if isinstance(value, (list, bool)):
         return None, f"metric '{weighted_by_key}' must be one number, got {type(value).__name__}"
     weight = float(value)
     if not math.isfinite(weight):
@@ -89,7 +89,9 @@ def check_reply(
     node_id = int(message.metadata.src_node_id)
     label = client_label(message)
     if message.has_error():
-        return Rejection(node_id, f"client error {message.error.code}: {message.error.reason}", label)
+        return Rejection(
+            node_id, f"client error {message.error.code}: {message.error.reason}", label
+        )
     if not message.has_content():
         return Rejection(node_id, "reply has no content", label)
     content = message.content
@@ -142,7 +144,9 @@ def check_replies(
         )
         if isinstance(result, CheckedReply):
             if result.node_id in seen:
-                rejected.append(Rejection(result.node_id, "duplicate reply from this node", result.label))
+                rejected.append(
+                    Rejection(result.node_id, "duplicate reply from this node", result.label)
+                )
                 continue
             seen.add(result.node_id)
             accepted.append(result)

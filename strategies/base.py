@@ -274,7 +274,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
                 label=self.labels.get(rej.node_id, ""),
                 reason=rej.reason,
             )
-            log(WARNING, "Round %s: rejected reply from node %s: %s", server_round, rej.node_id, rej.reason)
+            log(
+                WARNING,
+                "Round %s: rejected reply from node %s: %s",
+                server_round,
+                rej.node_id,
+                rej.reason,
+            )
         for rep in accepted:
             self._note_label(rep.node_id, rep.label)
         report.accepted = [r.node_id for r in accepted]
@@ -282,12 +288,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         need = self.min_replies()
         if len(accepted) < need:
             report.skipped_reason = (
-                f"{len(accepted)} valid replies, the rule needs at least {need}; "
-                "global model kept"
+                f"{len(accepted)} valid replies, the rule needs at least {need}; global model kept"
             )
             report.model_sha256 = arrays_sha256(self._global)
             self.audit.record(
-                "round_skipped", round=server_round, reason=report.skipped_reason,
+                "round_skipped",
+                round=server_round,
+                reason=report.skipped_reason,
                 model_sha256=report.model_sha256,
             )
             log(WARNING, "Round %s skipped: %s", server_round, report.skipped_reason)
@@ -296,9 +303,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             return None, metrics
 
         raw_weights = np.array([r.weight for r in accepted], dtype=np.float64)
-        weights, capped = cap_weights(
-            raw_weights, self.max_weight, self.max_weight_median_multiple
-        )
+        weights, capped = cap_weights(raw_weights, self.max_weight, self.max_weight_median_multiple)
         result = self.aggregate_updates(updates, weights, server_round)
         new_arrays = self.server_step(result.update)
         report.aggregate_seconds = time.perf_counter() - start
@@ -372,9 +377,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     ) -> MetricRecord:
         """Weighted train metrics of the clients used, plus the round's decision counts."""
         if self._custom_train_metrics:
-            metrics = self.train_metrics_aggr_fn(
-                [r.message.content for r in accepted], self.weighted_by_key
-            ) if accepted else MetricRecord()
+            metrics = (
+                self.train_metrics_aggr_fn(
+                    [r.message.content for r in accepted], self.weighted_by_key
+                )
+                if accepted
+                else MetricRecord()
+            )
         else:
             metrics = MetricRecord()
             if result is not None:
@@ -402,8 +411,11 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         )
         for rej in rejected:
             self.audit.record(
-                "evaluate_reply_rejected", round=server_round, node_id=rej.node_id,
-                label=self.labels.get(rej.node_id, rej.label), reason=rej.reason,
+                "evaluate_reply_rejected",
+                round=server_round,
+                node_id=rej.node_id,
+                label=self.labels.get(rej.node_id, rej.label),
+                reason=rej.reason,
             )
         if not accepted:
             return None
@@ -438,7 +450,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
 
 
 def weighted_scalar_metrics(
-    items: list[tuple[MetricRecord, float]], skip: set[str] = frozenset()  # type: ignore[assignment]
+    items: list[tuple[MetricRecord, float]],
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> MetricRecord:
     """Weighted mean of every scalar metric present in all items (lists skipped)."""
     out = MetricRecord()
@@ -448,7 +461,7 @@ def weighted_scalar_metrics(
     common = set.intersection(*(set(m.keys()) for m, _ in items)) - set(skip)
     for key in sorted(common):
         values = [(m[key], w) for m, w in items]
-        if any(isinstance(v, list) or isinstance(v, bool) for v, _ in values):
+        if any(isinstance(v, (list, bool)) for v, _ in values):
             continue
         out[key] = float(sum(float(v) * w for v, w in values) / total)
     return out

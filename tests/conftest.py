@@ -38,9 +38,7 @@ def arrays_of(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
 
 
-def outgoing(
-    arrays: ArrayRecord, node_id: int, message_type: str = MessageType.TRAIN
-) -> Message:
+def outgoing(arrays: ArrayRecord, node_id: int, message_type: str = MessageType.TRAIN) -> Message:
     _as_server()
     return Message(
         content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),

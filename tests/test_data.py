@@ -95,7 +95,9 @@ def test_csv_natural_iid_and_dirichlet_splits(tmp_path):
     assert all((f["region"] == i + 1).all() for i, f in enumerate(natural.values()))
     iid = load_csv_banks(CsvSpec(path, "y", ("ID",), "iid", num_banks=4))
     assert len(iid) == 4 and sum(len(f) for f in iid.values()) == 300
-    skewed = load_csv_banks(CsvSpec(path, "y", ("ID",), "dirichlet", num_banks=3, dirichlet_alpha=0.3))
+    skewed = load_csv_banks(
+        CsvSpec(path, "y", ("ID",), "dirichlet", num_banks=3, dirichlet_alpha=0.3)
+    )
     assert sum(len(f) for f in skewed.values()) == 300
 
 

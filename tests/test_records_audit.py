@@ -30,7 +30,7 @@ def test_array_view_rejects_lying_headers():
     truncated = Array(dtype="float32", shape=(2, 3), stype=good.stype, data=good.data[:-4])
     with pytest.raises(RecordFormatError, match="payload"):
         array_view(truncated)
-    with pytest.raises(RecordFormatError, match=".npy"):
+    with pytest.raises(RecordFormatError, match=r"\.npy"):
         array_view(Array(dtype="float32", shape=(1,), stype=good.stype, data=b"garbage!!!!!"))
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import FakeGrid, arrays_of, reply
+from flower_ext.strategies import FedAvg
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from flower_ext.audit import AuditTrail
-from flower_ext.strategies import FedAvg
 
 RNG = np.random.default_rng(0)
 
@@ -77,7 +77,9 @@ def test_bad_replies_are_rejected_with_reasons_and_round_goes_on(as_server):
     assert "out of memory" in report.rejected[26]
     assert "plausible" in report.rejected[27]
     # The only accepted client moved every weight by +1.
-    np.testing.assert_allclose(new_arrays["layer.bias"].numpy(), base["layer.bias"] + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        new_arrays["layer.bias"].numpy(), base["layer.bias"] + 1.0, rtol=1e-6
+    )
     rejected_events = [e for e in audit.events if e["event"] == "reply_rejected"]
     assert {e["node_id"] for e in rejected_events} == {22, 23, 24, 25, 26, 27}
     assert metrics["clients-rejected"] == 6

@@ -75,9 +75,7 @@ def check_matrix(updates: FloatMatrix, weights: FloatVector | None = None) -> No
         raise ValueError("updates is empty: no client update to aggregate")
     if weights is not None:
         if weights.shape != (updates.shape[0],):
-            raise ValueError(
-                f"weights must have shape ({updates.shape[0]},), got {weights.shape}"
-            )
+            raise ValueError(f"weights must have shape ({updates.shape[0]},), got {weights.shape}")
         if not np.all(np.isfinite(weights)) or np.any(weights < 0):
             raise ValueError("weights must be finite and non-negative")
         if float(weights.sum()) <= 0.0:

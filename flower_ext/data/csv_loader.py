@@ -70,11 +70,9 @@ def read_table(spec: CsvSpec) -> pd.DataFrame:
             f"label column '{spec.label_column}' has {int(label.isna().sum())} empty values"
         )
     values = set(pd.unique(label))
-    if not values <= {0, 1, True, False}:
+    if not values <= {0, 1}:
         shown = sorted(map(str, values))[:5]
-        raise DataError(
-            f"label column '{spec.label_column}' must hold 0/1 values, found {shown}"
-        )
+        raise DataError(f"label column '{spec.label_column}' must hold 0/1 values, found {shown}")
     non_numeric = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if non_numeric:
         column = non_numeric[0]

@@ -21,9 +21,10 @@ from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import CLIENT_INFO_KEY
 
+from .client_mods import BANK_MODS
 from .settings import BankAppSettings
 
-app = ClientApp()
+app = ClientApp(mods=BANK_MODS)
 
 
 @lru_cache(maxsize=8)
@@ -53,7 +54,9 @@ def load_context_bank(context: Context) -> tuple[BankAppSettings, BankData]:
     if "csv-path" in context.node_config:  # a deployed bank reads its own file
         assert source.csv is not None or source.dataset == "csv"
         if source.csv is not None:
-            source = replace(source, csv=replace(source.csv, path=str(context.node_config["csv-path"])))
+            source = replace(
+                source, csv=replace(source.csv, path=str(context.node_config["csv-path"]))
+            )
     return settings, _cached_bank(source, bank_index(context, settings))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flower_ext.strategies import UpdateAggregationStrategy
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -33,11 +34,11 @@ from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
 from flower_ext.records import arrays_sha256
 from flower_ext.runlog import MetricsFile, resolve_run_dir
-from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
 
 from .settings import BankAppSettings
 from .strategy_factory import build_strategy
+from .strategy_wrappers import wrap_strategy
 
 app = ServerApp()
 
@@ -146,7 +147,9 @@ class RoundRecorder:
         traffic = {"up": dict(self.grid.bytes_up), "down": dict(self.grid.bytes_down)}
         self.grid.reset()
         if server_round == 0:
-            self.metrics.update(setup={"seconds": seconds, "bytes_up": bytes_up, "bytes_down": bytes_down})
+            self.metrics.update(
+                setup={"seconds": seconds, "bytes_up": bytes_up, "bytes_down": bytes_down}
+            )
             return None
         report = self.strategy.round_reports.get(server_round)
         evaluation = self.strategy.evaluation_reports.get(server_round, {})
@@ -213,7 +216,9 @@ def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dic
             "auc_null_reason": reason or None,
         }
         fed, loc = c.get("auc"), c.get("local-only-auc")
-        table[name]["federation_gain"] = (fed - loc) if fed is not None and loc is not None else None
+        table[name]["federation_gain"] = (
+            (fed - loc) if fed is not None and loc is not None else None
+        )
     return table
 
 
@@ -245,9 +250,15 @@ def run_federation(
     mean, std, features = federated_standardisation(metered, nodes, settings.round_timeout, audit)
     model = build_model(len(features), settings.model, settings.hidden_units)
     model.set_standardisation(mean, std)
-    metrics.update(model={"kind": settings.model, "num_parameters": count_parameters(model), "features": features})
+    metrics.update(
+        model={
+            "kind": settings.model,
+            "num_parameters": count_parameters(model),
+            "features": features,
+        }
+    )
 
-    strategy = build_strategy(settings, audit, num_nodes=len(nodes))
+    strategy = wrap_strategy(build_strategy(settings, audit, num_nodes=len(nodes)), settings, audit)
     recorder = RoundRecorder(settings, strategy, metered, metrics, audit)
     num_rounds = settings.num_rounds
     result = strategy.start(
@@ -284,7 +295,8 @@ def run_federation(
     fauc = final_eval.get("auc")
     log(
         INFO,
-        "[bank-risk] final AUC %s (centralized ceiling %s); federation beats local-only at %d/%d banks",
+        "[bank-risk] final AUC %s (centralized ceiling %s); "
+        "federation beats local-only at %d/%d banks",
         f"{fauc:.4f}" if fauc is not None else "n/a",
         f"{centralized:.4f}" if centralized is not None else f"n/a: {reason}",
         len(beats),

@@ -30,11 +30,11 @@ def run_bank_simulation(
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
 
     from flower_ext.runlog import resolve_run_dir
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flower_ext.audit import AuditTrail
 from flower_ext.strategies import FedAvg, UpdateAggregationStrategy
+
+from flower_ext.audit import AuditTrail
 
 from .settings import BankAppSettings, SettingsError
 
