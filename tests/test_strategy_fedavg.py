@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import FakeGrid, arrays_of, reply
-from flower_ext.strategies import FedAvg
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from flower_ext.audit import AuditTrail
+from flower_ext.strategies import FedAvg
 
 RNG = np.random.default_rng(0)
 

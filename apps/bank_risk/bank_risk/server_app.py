@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flower_ext.strategies import UpdateAggregationStrategy
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -34,6 +33,7 @@ from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
 from flower_ext.records import arrays_sha256
 from flower_ext.runlog import MetricsFile, resolve_run_dir
+from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
 
 from .settings import BankAppSettings

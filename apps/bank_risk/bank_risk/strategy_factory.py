@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from flower_ext.strategies import FedAvg, UpdateAggregationStrategy
-
 from flower_ext.audit import AuditTrail
+from flower_ext.strategies import FedAvg, UpdateAggregationStrategy
 
 from .settings import BankAppSettings, SettingsError
 
