@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from flower_ext.data import BankData, DataError, DataSource, load_bank
-from flower_ext.metrics import score_histograms
+from flower_ext.metrics import RiskMetrics, score_histograms
 from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import CLIENT_INFO_KEY
@@ -52,11 +52,10 @@ def load_context_bank(context: Context) -> tuple[BankAppSettings, BankData]:
     settings = BankAppSettings.from_config(context.run_config)
     source = settings.data
     if "csv-path" in context.node_config:  # a deployed bank reads its own file
-        assert source.csv is not None or source.dataset == "csv"
-        if source.csv is not None:
-            source = replace(
-                source, csv=replace(source.csv, path=str(context.node_config["csv-path"]))
-            )
+        if source.csv is None:
+            raise DataError("node config sets csv-path but the run config's dataset is not 'csv'")
+        path = str(context.node_config["csv-path"])
+        source = replace(source, csv=replace(source.csv, path=path))
     return settings, _cached_bank(source, bank_index(context, settings))
 
 
@@ -113,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _metric_entries(prefix: str, metrics) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _metric_entries(prefix: str, metrics: RiskMetrics) -> dict[str, float]:
     out = {f"{prefix}logloss": metrics.log_loss, f"{prefix}accuracy": metrics.accuracy}
     if metrics.auc is not None:
         out[f"{prefix}auc"] = metrics.auc
@@ -121,7 +120,7 @@ def _metric_entries(prefix: str, metrics) -> dict[str, float]:  # type: ignore[n
     return out
 
 
-def local_only_metrics(bank: BankData, settings: BankAppSettings, like: CreditRiskModel):  # type: ignore[no-untyped-def]
+def local_only_metrics(bank: BankData, settings: BankAppSettings) -> RiskMetrics:
     """Train a bank-only model for as many epochs as the federation ran, on the same split."""
     model = build_model(bank.num_features, settings.model, settings.hidden_units)
     mean = bank.x_train.mean(axis=0)
@@ -157,7 +156,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         notes["auc-undefined-reason"] = metrics.undefined_reason
     is_final = int(config.get("server-round", 0)) >= int(config.get("num-server-rounds", 10**9))
     if is_final and settings.local_only_baseline:
-        local = local_only_metrics(bank, settings, model)
+        local = local_only_metrics(bank, settings)
         values.update(_metric_entries("local-only-", local))
     content = RecordDict(
         {

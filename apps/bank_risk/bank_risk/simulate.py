@@ -25,8 +25,14 @@ def run_bank_simulation(
     *,
     num_supernodes: int | None = None,
     num_cpus_per_client: float = 1.0,
+    server_app: Any = None,
+    client_app: Any = None,
 ) -> Path:
-    """Run the app with ``overrides`` on top of its defaults; returns the run directory."""
+    """Run the app with ``overrides`` on top of its defaults; returns the run directory.
+
+    ``server_app`` / ``client_app`` replace the bank app's own (benchmarks compare
+    against a plain Flower app on the same data and run config).
+    """
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -38,8 +44,8 @@ def run_bank_simulation(
 
     from flower_ext.runlog import resolve_run_dir
 
-    from .client_app import app as client_app
-    from .server_app import app as server_app
+    from .client_app import app as bank_client_app
+    from .server_app import app as bank_server_app
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     run_config = get_fused_config_from_dir(APP_DIR, dict(overrides))
@@ -58,8 +64,8 @@ def run_bank_simulation(
     _run_simulation(
         num_supernodes=num_supernodes or num_banks,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
+        client_app=client_app or bank_client_app,
+        server_app=server_app or bank_server_app,
         backend_config={"client_resources": {"num_cpus": num_cpus_per_client}},
         server_app_context=context,
         app_dir=str(APP_DIR),
