@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import plain_flower_app
+
     from bank_risk.simulate import run_bank_simulation
 
     out = Path(tempfile.mkdtemp(prefix="bench-overhead-"))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from bank_risk.client_app import app as client_app
-from bank_risk.settings import BankAppSettings, SettingsError
 from conftest import outgoing
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
+from bank_risk.client_app import app as client_app
+from bank_risk.settings import BankAppSettings, SettingsError
 from flower_ext.model import build_model
 
 
