@@ -87,3 +87,20 @@ def as_server():
     _as_server()
     yield
     _as_server()
+
+
+@pytest.fixture(scope="session")
+def simulated_run(tmp_path_factory) -> Path:
+    """One short real bank-app run on Flower's Ray simulation, shared by the tests that read it."""
+    from bank_risk.simulate import run_bank_simulation
+
+    output = tmp_path_factory.mktemp("runs")
+    return run_bank_simulation(
+        {
+            "num-server-rounds": 4,
+            "num-banks": 4,
+            "rows-per-bank": 1500,
+            "output-dir": str(output),
+            "run-name": "sim",
+        }
+    )

@@ -37,18 +37,8 @@ def check_metrics(run_dir: Path, rounds: int, banks: int) -> dict:
 
 
 @pytest.mark.slow
-def test_simulation_learns_and_writes_metrics(tmp_path):
-    from bank_risk.simulate import run_bank_simulation
-
-    run_dir = run_bank_simulation(
-        {
-            "num-server-rounds": 4,
-            "num-banks": 4,
-            "rows-per-bank": 1500,
-            "output-dir": str(tmp_path),
-            "run-name": "sim",
-        }
-    )
+def test_simulation_learns_and_writes_metrics(simulated_run):
+    run_dir = simulated_run
     metrics = check_metrics(run_dir, rounds=4, banks=4)
     assert metrics["final"]["auc"] > 0.68  # well above chance on this data
     assert metrics["centralized_auc"] > 0.7

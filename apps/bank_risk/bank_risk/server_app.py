@@ -32,6 +32,7 @@ from flower_ext.data import DataError, load_all_banks
 from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
 from flower_ext.records import arrays_sha256
+from flower_ext.report import build_report
 from flower_ext.runlog import MetricsFile, resolve_run_dir
 from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
@@ -237,8 +238,20 @@ def main(grid: Grid, context: Context) -> None:
         audit.record("run_failed", error=f"{type(err).__name__}: {err}")
         log(WARNING, "[bank-risk] run failed: %s\n%s", err, traceback.format_exc())
         raise
+    finally:
+        write_report(run_dir)
     log(INFO, "[bank-risk] metrics: %s", Path(metrics.path))
     log(INFO, "[bank-risk] audit trail: %s", run_dir / "audit.jsonl")
+
+
+def write_report(run_dir: Path) -> None:
+    """The HTML report, also for a failed run (it covers the rounds that completed)."""
+    try:
+        report = build_report(run_dir)
+    except Exception as err:  # a report problem must never hide the run's own outcome
+        log(WARNING, "[bank-risk] could not write the report: %s", err)
+        return
+    log(INFO, "[bank-risk] report: %s (flower-ext report %s)", report.html_path, run_dir)
 
 
 def run_federation(
