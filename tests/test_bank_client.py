@@ -103,5 +103,3 @@ def test_bad_settings_are_named():
         BankAppSettings.from_config({"num-server-rounds": 0})
     with pytest.raises(SettingsError, match="hidden-units"):
         BankAppSettings.from_config({"hidden-units": "a,b"})
-
-
