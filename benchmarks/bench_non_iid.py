@@ -4,6 +4,7 @@ Runs the bank app on Flower's Ray simulation for each heterogeneity level and
 mitigation, and prints JSON (plus a markdown table on stderr).
 
     python benchmarks/bench_non_iid.py [--rounds 20] [--banks 5] [--levels 0,0.5,0.8,1]
+        [--local-epochs 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--banks", type=int, default=5)
     parser.add_argument("--levels", default="0,0.5,0.8,1")
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -44,6 +46,7 @@ def main() -> None:
                     "num-server-rounds": args.rounds,
                     "num-banks": args.banks,
                     "heterogeneity": level,
+                    "local-epochs": args.local_epochs,
                     "local-only-baseline": False,
                     "centralized-baseline": name == "fedavg",
                     "output-dir": str(output),
@@ -56,6 +59,7 @@ def main() -> None:
             rows.append(
                 {
                     "heterogeneity": level,
+                    "local-epochs": args.local_epochs,
                     "mitigation": name,
                     "final_auc": metrics["final"].get("auc"),
                     "auc_round_5": curve[4] if len(curve) > 4 else None,
@@ -64,7 +68,13 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr)
-    result = {"benchmark": "non_iid", "rounds": args.rounds, "banks": args.banks, "rows": rows}
+    result = {
+        "benchmark": "non_iid",
+        "rounds": args.rounds,
+        "banks": args.banks,
+        "local_epochs": args.local_epochs,
+        "rows": rows,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
