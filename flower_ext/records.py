@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -40,14 +40,20 @@ def _npy_payload_offset(data: bytes | memoryview) -> tuple[int, dict[str, object
         start = 12
     else:
         raise RecordFormatError(f"unsupported .npy version {major}")
-    header_bytes = bytes(data[start : start + header_len])
+    return start + header_len, _parse_npy_header(bytes(data[start : start + header_len]))
+
+
+@lru_cache(maxsize=1024)
+def _parse_npy_header(header_bytes: bytes) -> dict[str, object]:
+    """The ``.npy`` header dict (cached: every client's layer has the same header, and
+    parsing it dominates decoding at small sizes). Callers must not modify it."""
     try:
         header = ast.literal_eval(header_bytes.decode("latin1"))
     except (ValueError, SyntaxError) as err:
         raise RecordFormatError("unreadable .npy header") from err
     if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
         raise RecordFormatError("incomplete .npy header")
-    return start + header_len, header
+    return header
 
 
 def array_view(array: Array) -> NDArray[np.generic]:
@@ -101,11 +107,11 @@ class ArrayLayout:
             dtypes=tuple(str(a.dtype) for a in record.values()),
         )
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
 
-    @property
+    @cached_property
     def offsets(self) -> tuple[int, ...]:
         return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)]))
 
@@ -177,12 +183,3 @@ def wire_size(message: Message) -> int:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-def to_float_dict(values: Mapping[str, object]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-
-
-def record_nbytes(records: Iterable[ArrayRecord]) -> int:
-    """Raw payload bytes of arrays (for logs; use :func:`wire_size` for accounting)."""
-    return sum(len(a.data) for rec in records for a in rec.values())
