@@ -3,14 +3,37 @@
 Every strategy subclasses ``flwr.serverapp.strategy.FedAvg`` through
 :class:`UpdateAggregationStrategy`, keeps FedAvg's constructor arguments, and
 aggregates validated client *updates* with a pure kernel from
-:mod:`flower_ext.aggregation`.
+:mod:`flower_ext.aggregation`. The Byzantine-robust rules share
+:class:`RobustStrategy` (f checks, robust round metrics).
 """
 
 from .base import RoundReport, UpdateAggregationStrategy
+from .bulyan import Bulyan
+from .centered_clipping import CenteredClipping
+from .encrypted_fedavg import EncryptedFedAvg
 from .fedavg import FedAvg
+from .geometric_median import GeometricMedian
+from .krum import Krum
+from .median import Median
+from .multikrum import MultiKrum
+from .norm_bound import NormBound
+from .robust import RobustStrategy
+from .topk import TopKCompression
+from .trimmed_mean import TrimmedMean
 
 __all__ = [
+    "Bulyan",
+    "CenteredClipping",
+    "EncryptedFedAvg",
     "FedAvg",
+    "GeometricMedian",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "NormBound",
+    "RobustStrategy",
     "RoundReport",
+    "TopKCompression",
+    "TrimmedMean",
     "UpdateAggregationStrategy",
 ]

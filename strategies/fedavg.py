@@ -17,8 +17,12 @@ class FedAvg(UpdateAggregationStrategy):
     ``flwr.serverapp.strategy.FedAvg`` that also validates replies, never
     mutates them, audits every decision, and offers server momentum (FedAvgM:
     ``server_momentum``) and the FedProx term (``proximal_mu``) from one class.
-    With default arguments its aggregate equals Flower's FedAvg.
+    With default arguments its aggregate equals Flower's FedAvg. The mean is
+    summed straight from the replies' bytes (no stacked matrix, no copy of a
+    reply); :meth:`aggregate_updates` serves callers that hold a matrix.
     """
+
+    streams_weighted_mean = True
 
     def aggregate_updates(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int

@@ -156,3 +156,18 @@ def test_constructor_rejects_bad_settings():
         FedAvg(server_momentum=1.0)
     with pytest.raises(ValueError, match="max_weight"):
         FedAvg(max_weight=0)
+
+
+def test_weighted_sum_into_matches_the_matrix_product():
+    from flower_ext.aggregation import weighted_sum_into
+
+    rows = [RNG.normal(size=1000).astype(np.float32) for _ in range(7)]
+    weights = RNG.uniform(size=7)
+    for dtype in (np.float32, np.float64):
+        out = np.full(1000, 5.0, dtype=dtype)  # stale content must not leak in
+        weighted_sum_into(out, [r.astype(dtype) for r in rows], weights)
+        np.testing.assert_allclose(
+            out, weights @ np.stack(rows).astype(np.float64), rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(ValueError, match="weights"):
+        weighted_sum_into(np.zeros(1000, np.float32), rows, weights[:3])

@@ -11,6 +11,7 @@ from .base import (
     check_matrix,
     normalised,
     weighted_mean,
+    weighted_sum_into,
 )
 from .robust import (
     bulyan,
@@ -56,4 +57,5 @@ __all__ = [
     "trimmed_mean",
     "trimmed_mean_min_clients",
     "weighted_mean",
+    "weighted_sum_into",
 ]

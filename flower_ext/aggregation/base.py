@@ -106,6 +106,37 @@ def weighted_mean(updates: FloatMatrix, weights: FloatVector) -> AggregationResu
     return AggregationResult(update=np.asarray(aggregate), reports=reports)
 
 
+def weighted_sum_into(
+    out: NDArray[np.floating[Any]],
+    vectors: list[NDArray[np.floating[Any]]],
+    weights: NDArray[np.floating[Any]],
+) -> NDArray[np.floating[Any]]:
+    r"""``out = \sum_i w_i v_i`` over 1-D vectors, reading each vector exactly once.
+
+    The FedAvg rule without stacking: the vectors can be read-only zero-copy
+    views on the clients' message bytes, so the server never copies a reply.
+    float32 goes through BLAS ``saxpy`` (one fused pass per vector); other
+    dtypes through NumPy.
+    """
+    if len(vectors) != len(weights):
+        raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
+    out[...] = 0
+    if out.dtype == np.float32:
+        from scipy.linalg.blas import saxpy
+
+        for vec, w in zip(vectors, weights, strict=True):
+            if vec.shape != out.shape:
+                raise ValueError(f"vector of shape {vec.shape}, expected {out.shape}")
+            if vec.dtype == np.float32:
+                saxpy(vec, out, a=float(w))  # in place on `out` (float32, contiguous)
+            else:
+                out += np.float32(w) * vec.astype(np.float32)
+        return out
+    for vec, w in zip(vectors, weights, strict=True):
+        out += w * vec
+    return out
+
+
 def cap_weights(
     weights: FloatVector,
     max_weight: float | None = None,

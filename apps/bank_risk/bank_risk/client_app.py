@@ -18,6 +18,13 @@ from flwr.clientapp import ClientApp
 from flower_ext.data import BankData, DataError, DataSource, load_bank
 from flower_ext.metrics import RiskMetrics, score_histograms
 from flower_ext.model import CreditRiskModel, build_model, feature_moments
+from flower_ext.mods.attack import training_labels
+from flower_ext.privacy import (
+    DPSGDConfig,
+    PrivacyBudgetExhausted,
+    budget_refusal,
+    train_local_private,
+)
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import CLIENT_INFO_KEY
 
@@ -101,11 +108,26 @@ def train(msg: Message, context: Context) -> Message:
         seed=settings.seed * 1000 + server_round,
         proximal_mu=float(config.get("proximal-mu", settings.proximal_mu)),
     )
-    loss = train_local(model, bank.x_train, bank.y_train, train_cfg)
+    # The labels as they are, unless the attack mod flips them (test federations only).
+    labels = training_labels(bank.y_train, context)
+    privacy = settings.privacy()
+    dp_metrics: dict[str, float | int] = {}
+    if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
+        try:
+            loss, spent = train_local_private(
+                model, bank.x_train, labels, train_cfg, privacy, context.state
+            )
+        except PrivacyBudgetExhausted as err:  # no training, no spending: the server audits it
+            return budget_refusal(msg, err)
+        dp_metrics = spent.as_metrics()
+    else:
+        loss = train_local(model, bank.x_train, labels, train_cfg)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": len(bank.y_train), "train-loss": loss}),
+            "metrics": MetricRecord(
+                {"num-examples": len(bank.y_train), "train-loss": loss, **dp_metrics}
+            ),
             CLIENT_INFO_KEY: _info(bank),
         }
     )

@@ -31,12 +31,14 @@ from flower_ext.audit import AuditTrail
 from flower_ext.data import DataError, load_all_banks
 from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
+from flower_ext.privacy import round_privacy
 from flower_ext.records import arrays_sha256
 from flower_ext.report import build_report
 from flower_ext.runlog import MetricsFile, resolve_run_dir
 from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
 
+from .encryption import prepare_keys
 from .settings import BankAppSettings
 from .strategy_factory import build_strategy
 from .strategy_wrappers import wrap_strategy
@@ -139,6 +141,7 @@ class RoundRecorder:
         self.metrics = metrics
         self.audit = audit
         self.last = time.perf_counter()
+        self.privacy_by_bank: dict[str, dict[str, Any]] = {}  # latest DP figures per bank
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         now = time.perf_counter()
@@ -171,6 +174,16 @@ class RoundRecorder:
             },
             "model_sha256": arrays_sha256(arrays),
         }
+        privacy = (
+            round_privacy(report.client_metrics, report.rejected, self.strategy.labels)
+            if report
+            else {}
+        )
+        if privacy:  # per bank: epsilon spent so far, delta, noise, clip, sample rate
+            entry["privacy"] = privacy
+            self.audit.record("privacy", round=server_round, banks=privacy)
+            for bank, row in privacy.items():
+                self.privacy_by_bank.setdefault(bank, {}).update(row)
         self.metrics.add_round(entry)
         self.audit.record(
             "round_end",
@@ -226,6 +239,7 @@ def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dic
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = BankAppSettings.from_config(context.run_config)
+    settings = prepare_keys(settings, context.run_id)  # HE in simulation: a run key set
     run_dir = resolve_run_dir(settings.output_dir, settings.run_name, context.run_id)
     audit = AuditTrail(run_dir / "audit.jsonl")
     metrics = MetricsFile(run_dir, settings.raw)
@@ -285,6 +299,10 @@ def run_federation(
     )
     final_eval = dict(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
     per_bank = per_bank_table(strategy, num_rounds)
+    for bank, row in recorder.privacy_by_bank.items():  # DP runs: what each bank spent
+        per_bank.setdefault(bank, {}).update(
+            epsilon=row.get("epsilon"), delta=row.get("delta"), privacy_refused=row.get("refused")
+        )
     centralized, reason = (None, "disabled by centralized-baseline=false")
     if settings.centralized_baseline:
         centralized, reason = centralized_ceiling(settings, num_rounds * settings.local_epochs)

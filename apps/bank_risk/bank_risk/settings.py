@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from flower_ext.data import DataSource
 from flower_ext.model import MODEL_KINDS, parse_hidden_units
+from flower_ext.privacy import DPSGDConfig, UpdateDPConfig, privacy_config_from_run_config
 from flower_ext.training import TrainConfig
 
 
@@ -91,8 +92,16 @@ class BankAppSettings:
             problems.append(str(err))
         if self.data.num_banks < 1:
             problems.append(f"num-banks must be >= 1, got {self.data.num_banks}")
+        try:
+            self.privacy()
+        except (TypeError, ValueError) as err:
+            problems.append(str(err))
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    def privacy(self) -> DPSGDConfig | UpdateDPConfig | None:
+        """The DP settings (run config ``dp``, ``dp-*``); None when ``dp = "off"``."""
+        return privacy_config_from_run_config(self.raw, self.num_rounds, self.local_epochs)
 
     def train_config(self, seed: int, proximal_mu: float) -> TrainConfig:
         return TrainConfig(

@@ -1,19 +1,127 @@
-"""Build the server strategy named by the run config's ``aggregation`` key."""
+"""Build the server strategy named by the run config's ``aggregation`` key.
+
+=====================  =====================================  ======================
+``aggregation``        class                                  run-config parameters
+=====================  =====================================  ======================
+``fedavg``             :class:`~flower_ext.strategies.FedAvg`
+``krum``               ``Krum``                               ``num-malicious``
+``multikrum``          ``MultiKrum``                          ``num-malicious``,
+                                                              ``multikrum-select``
+``median``             ``Median``                             ``num-malicious``
+``trimmed-mean``       ``TrimmedMean``                        ``trim-beta``,
+                                                              ``num-malicious``
+``bulyan``             ``Bulyan``                             ``num-malicious``
+``geometric-median``   ``GeometricMedian``                    ``num-malicious``,
+                                                              ``geomed-max-iter``
+``centered-clipping``  ``CenteredClipping``                   ``clip-tau``,
+                                                              ``clip-iterations``
+``norm-bound``         ``NormBound``                          ``max-norm``
+=====================  =====================================  ======================
+
+Every rule also takes ``max-weight`` and ``max-weight-median-multiple`` (caps
+on the banks' ``num-examples``; 0 turns a cap off) and the app's server step
+(``server-learning-rate``, ``server-momentum``, ``proximal-mu``).
+"""
 
 from __future__ import annotations
 
-from flower_ext.audit import AuditTrail
-from flower_ext.strategies import FedAvg, UpdateAggregationStrategy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
+from flower_ext.audit import AuditTrail
+from flower_ext.strategies import (
+    Bulyan,
+    CenteredClipping,
+    FedAvg,
+    GeometricMedian,
+    Krum,
+    Median,
+    MultiKrum,
+    NormBound,
+    TrimmedMean,
+    UpdateAggregationStrategy,
+)
+
+from .encryption import build_encrypted_strategy, he_enabled
 from .settings import BankAppSettings, SettingsError
 
-AGGREGATIONS = ("fedavg",)
+
+@dataclass(frozen=True)
+class RobustSettings:
+    """The run-config keys of the robust rules, typed (defaults as in pyproject.toml)."""
+
+    num_malicious: int = 1
+    multikrum_select: int = 0  # 0: n - f
+    trim_beta: float = 0.2
+    clip_tau: float = 1.0
+    clip_iterations: int = 1
+    max_norm: float = 1.0
+    geomed_max_iter: int = 100
+    max_weight: float = 0.0  # 0: no cap
+    max_weight_median_multiple: float = 0.0  # 0: no cap
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object]) -> RobustSettings:
+        d = cls()
+        try:
+            return cls(
+                num_malicious=int(cfg.get("num-malicious", d.num_malicious)),  # type: ignore[arg-type]
+                multikrum_select=int(cfg.get("multikrum-select", d.multikrum_select)),  # type: ignore[arg-type]
+                trim_beta=float(cfg.get("trim-beta", d.trim_beta)),  # type: ignore[arg-type]
+                clip_tau=float(cfg.get("clip-tau", d.clip_tau)),  # type: ignore[arg-type]
+                clip_iterations=int(cfg.get("clip-iterations", d.clip_iterations)),  # type: ignore[arg-type]
+                max_norm=float(cfg.get("max-norm", d.max_norm)),  # type: ignore[arg-type]
+                geomed_max_iter=int(cfg.get("geomed-max-iter", d.geomed_max_iter)),  # type: ignore[arg-type]
+                max_weight=float(cfg.get("max-weight", d.max_weight)),  # type: ignore[arg-type]
+                max_weight_median_multiple=float(
+                    cfg.get("max-weight-median-multiple", d.max_weight_median_multiple)  # type: ignore[arg-type]
+                ),
+            )
+        except (TypeError, ValueError) as err:
+            raise SettingsError(f"invalid run config for robust aggregation: {err}") from err
+
+
+def _robust(cls: type, **params: Any) -> Callable[[RobustSettings, dict[str, Any]], Any]:
+    """A builder passing ``num-malicious`` and the named rule parameters to ``cls``."""
+
+    def build(rs: RobustSettings, common: dict[str, Any]) -> UpdateAggregationStrategy:
+        values = {name: getattr(rs, attr) for name, attr in params.items()}
+        return cls(**common, num_malicious_nodes=rs.num_malicious, **values)  # type: ignore[no-any-return]
+
+    return build
+
+
+def _multikrum(rs: RobustSettings, common: dict[str, Any]) -> UpdateAggregationStrategy:
+    select = rs.multikrum_select if rs.multikrum_select > 0 else None
+    return MultiKrum(**common, num_malicious_nodes=rs.num_malicious, num_nodes_to_select=select)
+
+
+BUILDERS: dict[str, Callable[[RobustSettings, dict[str, Any]], UpdateAggregationStrategy]] = {
+    "fedavg": lambda rs, common: FedAvg(**common),
+    "krum": _robust(Krum),
+    "multikrum": _multikrum,
+    "median": _robust(Median),
+    "trimmed-mean": _robust(TrimmedMean, beta="trim_beta"),
+    "bulyan": _robust(Bulyan),
+    "geometric-median": _robust(GeometricMedian, max_iter="geomed_max_iter"),
+    "centered-clipping": _robust(CenteredClipping, tau="clip_tau", iterations="clip_iterations"),
+    "norm-bound": _robust(NormBound, max_norm="max_norm"),
+}
+AGGREGATIONS = tuple(BUILDERS)
 
 
 def build_strategy(
     settings: BankAppSettings, audit: AuditTrail, num_nodes: int
 ) -> UpdateAggregationStrategy:
-    common = {
+    """The strategy for ``settings.aggregation``; its f is checked against ``num_nodes`` now."""
+    name = settings.aggregation.strip().lower()
+    if name not in BUILDERS:
+        raise SettingsError(
+            f"aggregation must be one of {', '.join(AGGREGATIONS)}; got '{settings.aggregation}'"
+        )
+    rs = RobustSettings.from_config(settings.raw)
+    common: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
         "min_train_nodes": num_nodes,
@@ -22,9 +130,18 @@ def build_strategy(
         "server_learning_rate": settings.server_learning_rate,
         "server_momentum": settings.server_momentum,
         "proximal_mu": settings.proximal_mu,
+        "max_weight": rs.max_weight if rs.max_weight > 0 else None,
+        "max_weight_median_multiple": (
+            rs.max_weight_median_multiple if rs.max_weight_median_multiple > 0 else None
+        ),
         "audit": audit,
     }
-    name = settings.aggregation.lower()
-    if name == "fedavg":
-        return FedAvg(**common)
-    raise SettingsError(f"aggregation must be one of {AGGREGATIONS}, got '{settings.aggregation}'")
+    if he_enabled(settings.raw):  # encrypted aggregation: EncryptedFedAvg or a clear refusal
+        return build_encrypted_strategy(settings, name, common)
+    try:
+        strategy = BUILDERS[name](rs, common)
+        # Fail before any training if the federation is too small for the rule's f.
+        strategy.check_client_count(num_nodes)
+    except ValueError as err:
+        raise SettingsError(f"aggregation '{name}': {err}") from err
+    return strategy

@@ -1,0 +1,81 @@
+"""Encrypted aggregation in the bank app: run config ``he = true``.
+
+Keys, in a deployment: one party (a bank, or the banks' consortium) runs
+``flower-ext keygen keys/``; every bank gets ``bank-secret.ckks`` and points its
+SuperNode at it (``--node-config "he-secret-context='/keys/bank-secret.ckks'"``);
+the server gets only ``server-public.ckks`` (run config ``he-public-context``).
+
+Keys, in simulation: with both paths empty the server generates a throwaway key
+set for the run in :func:`flower_ext.crypto.simulation_key_dir` (owner-only),
+and the simulated banks find it there by run id. Or set ``he-secret-context``
+and ``he-public-context`` in the run config to files from ``flower-ext keygen``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from logging import WARNING
+from typing import Any
+
+from flwr.supercore import log
+
+from flower_ext.crypto import PUBLIC_FILE, CryptoError, simulation_key_dir, write_keys
+from flower_ext.mods.he import ENABLED_KEY, PUBLIC_CONTEXT_KEY, TOPK_RATIO_KEY
+from flower_ext.strategies import EncryptedFedAvg, UpdateAggregationStrategy
+
+from .settings import BankAppSettings, SettingsError
+
+
+def he_enabled(cfg: Mapping[str, object]) -> bool:
+    value = cfg.get(ENABLED_KEY, False)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def prepare_keys(settings: BankAppSettings, run_id: int) -> BankAppSettings:
+    """With HE on and no ``he-public-context``: a throwaway key set for this simulated run."""
+    if not he_enabled(settings.raw) or str(settings.raw.get(PUBLIC_CONTEXT_KEY, "") or ""):
+        return settings
+    folder = simulation_key_dir(run_id)
+    public = folder / PUBLIC_FILE
+    if not public.is_file():
+        write_keys(folder)
+    log(
+        WARNING,
+        "[bank-risk] he = true with no he-public-context: generated a key set for this "
+        "SIMULATION in %s. In a deployment run `flower-ext keygen`, give the banks "
+        "bank-secret.ckks and the server server-public.ckks.",
+        folder,
+    )
+    return replace(settings, raw={**settings.raw, PUBLIC_CONTEXT_KEY: str(public)})
+
+
+def build_encrypted_strategy(
+    settings: BankAppSettings, name: str, common: dict[str, Any]
+) -> UpdateAggregationStrategy:
+    """``EncryptedFedAvg``, or a clear refusal for combinations that cannot work."""
+    if name != "fedavg":
+        raise SettingsError(
+            f"he = true cannot be combined with aggregation = '{name}': robust rules compare "
+            "the banks' plaintext updates, which an encrypting server never sees; use "
+            "aggregation = 'fedavg' (or he = false)"
+        )
+    ratio = float(settings.raw.get(TOPK_RATIO_KEY, 0.0) or 0.0)  # type: ignore[arg-type]
+    if ratio > 0:
+        raise SettingsError(
+            f"he = true cannot be combined with topk-ratio = {ratio}: each bank would send "
+            "a different set of coordinates, and ciphertexts can only be added position by "
+            "position (set topk-ratio = 0 or he = false)"
+        )
+    path = str(settings.raw.get(PUBLIC_CONTEXT_KEY, "") or "")
+    if not path:
+        raise SettingsError(
+            "he = true needs run config he-public-context (server-public.ckks from "
+            "`flower-ext keygen`)"
+        )
+    try:
+        return EncryptedFedAvg(**common, context=path)
+    except (CryptoError, ValueError) as err:
+        raise SettingsError(f"encrypted aggregation: {err}") from err

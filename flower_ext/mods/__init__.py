@@ -1,0 +1,18 @@
+"""ClientApp mods: ``ClientApp(mods=[...])`` or ``@app.train(mods=[...])``."""
+
+from .attack import AttackMod, attack_mod, training_labels
+from .dp import UpdateDPMod, update_dp_mod
+from .he import HEMod, he_mod
+from .topk import TopKMod, topk_mod
+
+__all__ = [
+    "AttackMod",
+    "HEMod",
+    "TopKMod",
+    "UpdateDPMod",
+    "attack_mod",
+    "he_mod",
+    "topk_mod",
+    "training_labels",
+    "update_dp_mod",
+]
