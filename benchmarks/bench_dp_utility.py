@@ -35,7 +35,7 @@ def main() -> None:
         "--dp-batch-size", type=int, default=0, help="batch size of the DP runs (0: app default)"
     )
     parser.add_argument(
-        "--dp-learning-rate", type=float, default=0.0, help="learning rate of the DP runs (0: default)"
+        "--dp-learning-rate", type=float, default=0.0, help="DP runs learning rate (0: default)"
     )
     parser.add_argument(
         "--output", default=str(ROOT / "benchmarks/results/dp_privacy_utility.json")
@@ -68,9 +68,7 @@ def main() -> None:
                 }
             )
             # DP-SGD wants larger batches (less noise per example) and larger steps.
-            overrides.update(
-                {"batch-size": args.dp_batch_size} if args.dp_batch_size else {}
-            )
+            overrides.update({"batch-size": args.dp_batch_size} if args.dp_batch_size else {})
             overrides.update(
                 {"learning-rate": args.dp_learning_rate} if args.dp_learning_rate else {}
             )

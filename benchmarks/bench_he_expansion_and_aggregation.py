@@ -5,9 +5,10 @@
    packing of a 1,000-value bias layer; and for our packed 1M-parameter update.
 2. Server aggregation of n = 10 encrypted 1M-parameter updates, whole:
    - ours: ``EncryptedFedAvg.aggregate_train`` on real reply Messages (the banks
-     pre-multiplied by their weight): zero-copy read of the packed bytes,
-     deserialize + check every ciphertext, add, serialize, pack the new
-     encrypted global model; N = 4096, one 56-bit data prime;
+     pre-multiplied by their weight): zero-copy read of each reply's raw
+     coefficient bytes, widen + check every coefficient < q, add mod q, pack the
+     new encrypted global model (:class:`flower_ext.crypto.CKKSCodec`); N = 4096,
+     one 56-bit data prime;
    - naive (what FLARE's server does): the banks encrypt the raw update, the
      server deserializes each ciphertext, multiplies it by the plaintext weight,
      adds, serializes the sum; same TenSEAL (de)serialization, with the usual
@@ -39,12 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def expansion_table() -> list[dict[str, Any]]:
-    from flower_ext.crypto import CKKSParameters, generate_context
+    from flower_ext.crypto import CKKSParameters, encrypt_packed, generate_context
 
     rng = np.random.default_rng(0)
     rows = []
     cases = [
         ("ours (default)", CKKSParameters(4096, (56, 53), 32)),
+        ("N=4096 [48,60], scale 2^28", CKKSParameters(4096, (48, 60), 28)),
         ("N=4096 [60,49] (60-bit data prime, no zstd gain)", CKKSParameters(4096, (60, 49), 40)),
         ("N=8192 [60,40,60] (one multiplication level)", CKKSParameters(8192, (60, 40, 60), 40)),
         ("FLARE default N=8192 [60,40,40,60]", CKKSParameters(8192, (60, 40, 40, 60), 40)),
@@ -53,6 +55,9 @@ def expansion_table() -> list[dict[str, Any]]:
         ctx = generate_context(params)
         full = len(ts.ckks_vector(ctx, rng.normal(scale=0.05, size=params.slots)).serialize())
         layer = len(ts.ckks_vector(ctx, rng.normal(scale=0.05, size=1000)).serialize())
+        raw = None
+        if len(params.coeff_mod_bit_sizes) == 2:  # one data prime: the add-only wire format
+            raw = encrypt_packed(ctx, rng.normal(scale=0.05, size=params.slots)).nbytes
         rows.append(
             {
                 "name": name,
@@ -63,6 +68,8 @@ def expansion_table() -> list[dict[str, Any]]:
                 "full_ciphertext_bytes": full,
                 "expansion_full_ciphertext": full / (4 * params.slots),
                 "expansion_1000_value_layer_own_ciphertext": layer / 4000,
+                "raw_wire_bytes_full_ciphertext": raw,
+                "expansion_raw_wire_format": raw / (4 * params.slots) if raw else None,
             }
         )
     return rows
@@ -75,8 +82,8 @@ def build_replies(strategy, secret, updates, weights, layout_arrays):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from flower_ext.crypto import FORMAT, context_fingerprint, encrypt_vector
-    from flower_ext.mods.he import CIPHERTEXTS, OFFSETS, RECORD_KEY, layout_signature
+    from flower_ext.crypto import FORMAT, codec_for, context_fingerprint, encrypt_packed
+    from flower_ext.mods.he import CIPHERTEXTS, RECORD_KEY, layout_signature
     from flower_ext.records import ArrayLayout
 
     _as_server()
@@ -86,21 +93,20 @@ def build_replies(strategy, secret, updates, weights, layout_arrays):
     replies, enc_seconds = [], []
     for msg, update, weight in zip(sent, updates, weights, strict=True):
         start = time.perf_counter()
-        enc = encrypt_vector(secret, weight * update)
-        data, offsets = enc.pack()
+        packed = encrypt_packed(secret, weight * update)
         enc_seconds.append(time.perf_counter() - start)
         TaskIdentity.node_id = msg.metadata.dst_node_id
         content = RecordDict(
             {
-                "arrays": ArrayRecord({CIPHERTEXTS: Array(data), OFFSETS: Array(offsets)}),
+                "arrays": ArrayRecord({CIPHERTEXTS: Array(packed)}),
                 "metrics": MetricRecord({"num-examples": float(weight), "train-loss": 0.5}),
                 RECORD_KEY: ConfigRecord(
                     {
                         "format": FORMAT,
                         "fingerprint": context_fingerprint(secret),
-                        "slots": enc.slots,
-                        "num-values": enc.num_values,
-                        "chunks": len(enc.chunks),
+                        "slots": codec_for(secret).slots,
+                        "num-values": layout.dim,
+                        "chunks": int(packed.shape[0]),
                         "weight": float(weight),
                         "layout": layout_signature(layout),
                     }
@@ -116,8 +122,8 @@ def run_ours(updates, weights, repeats) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord
 
     from flower_ext.audit import AuditTrail
-    from flower_ext.crypto import decrypt_vector, generate_context, public_copy, unpack
-    from flower_ext.mods.he import CIPHERTEXTS, OFFSETS, WEIGHT_TOTAL
+    from flower_ext.crypto import decrypt_packed, generate_context, public_copy
+    from flower_ext.mods.he import CIPHERTEXTS, WEIGHT_TOTAL
     from flower_ext.records import array_view
     from flower_ext.strategies import EncryptedFedAvg
 
@@ -140,23 +146,23 @@ def run_ours(updates, weights, repeats) -> dict[str, Any]:
         breakdowns.append(dict(strategy.timings[1]))
     assert result is not None
     best = int(np.argmin(totals))
-    chunks = unpack(array_view(result[CIPHERTEXTS]), array_view(result[OFFSETS]), -(-dim // 2048))
+    packed = array_view(result[CIPHERTEXTS])
     total_weight = float(array_view(result[WEIGHT_TOTAL])[0])
-    mean = decrypt_vector(secret, chunks, dim) / total_weight
+    mean = decrypt_packed(secret, packed, dim) / total_weight
     expected = np.average(np.stack(updates), axis=0, weights=np.asarray(weights))
     rel = float(np.linalg.norm(mean - expected) / np.linalg.norm(expected))
     reply_bytes = [int(array_view(r.content["arrays"][CIPHERTEXTS]).nbytes) for r in replies]
     return {
-        "parameters": "N=4096, coeff_mod_bit_sizes [56, 53], scale 2^32",
-        "ciphertexts_per_update": len(chunks),
+        "parameters": "N=4096, coeff_mod_bit_sizes [56, 53], scale 2^32, raw wire format",
+        "ciphertexts_per_update": int(packed.shape[0]),
         "update_bytes": reply_bytes[0],
         "expansion_packed_update": reply_bytes[0] / (4 * dim),
         "seconds_total": totals[best],
         "seconds_all_repeats": totals,
         "breakdown": {
-            "deserialize_and_check": breakdowns[best]["load_seconds"],
+            "read_and_check": breakdowns[best]["load_seconds"],
             "add": breakdowns[best]["add_seconds"],
-            "serialize_and_pack": breakdowns[best]["serialize_seconds"],
+            "pack_result": breakdowns[best]["serialize_seconds"],
             "other (audit, metrics)": totals[best] - sum(breakdowns[best].values()),
         },
         "client_encrypt_seconds_per_update": float(np.median(enc_seconds)),

@@ -59,8 +59,15 @@ def parse_hidden_units(text: str | int) -> tuple[int, ...]:
     return units
 
 
-def build_model(num_features: int, kind: str, hidden_units: str | int = "32,16") -> CreditRiskModel:
-    return CreditRiskModel(num_features, kind, parse_hidden_units(hidden_units))
+def build_model(
+    num_features: int, kind: str, hidden_units: str | int = "32,16", seed: int | None = None
+) -> CreditRiskModel:
+    """A fresh model; with ``seed`` its initial weights are reproducible (global RNG untouched)."""
+    if seed is None:
+        return CreditRiskModel(num_features, kind, parse_hidden_units(hidden_units))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CreditRiskModel(num_features, kind, parse_hidden_units(hidden_units))
 
 
 def feature_moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ wraps is checked and rejected unless shaped (B,).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,18 +56,26 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _mark_as_processed
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from .training import TrainConfig, make_loader
+# Opacus calls logging.basicConfig() when imported, which adds a handler to the
+# root logger and makes every Flower log line print twice; undo just that.
+_root_handlers = list(logging.getLogger().handlers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants import create_accountant  # noqa: E402
+from opacus.accountants.accountant import IAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+from opacus.optimizers.optimizer import _mark_as_processed  # noqa: E402
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from .training import TrainConfig, make_loader  # noqa: E402
+
+for _handler in logging.getLogger().handlers[:]:
+    if _handler not in _root_handlers:
+        logging.getLogger().removeHandler(_handler)
 
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")

@@ -7,15 +7,16 @@ and, per round:
 
 1. checks every reply: error replies, the ``he`` record (format, key
    fingerprint, slots, number of values, layout), a positive plausible
-   ``num-examples`` equal to the weight the bank multiplied by, the packed
-   bytes, and each ciphertext (parses under the federation's parameters, holds
-   the right number of values, fresh, at the federation's scale). A bad reply is
-   rejected with a reason in the audit trail; the round goes on with the rest;
-2. adds the accepted ciphertexts chunk by chunk, and the plaintext weights;
+   ``num-examples`` equal to the weight the bank multiplied by, the shape of the
+   ciphertext array and that every coefficient is below the modulus ``q``. A
+   bad reply is rejected with a reason in the audit trail, before any of it
+   touches the sum; the round goes on with the rest;
+2. adds the accepted ciphertexts (coefficient arrays, mod ``q``: no TenSEAL
+   object is built on the server) and the plaintext weights;
 3. returns the new *encrypted global model*: an ArrayRecord with the public
-   base model, ``he.ciphertexts`` / ``he.offsets`` (the sum) and
-   ``he.weight-total`` (``W``). Flower's ``start`` loop passes it on like any
-   model; the banks decrypt ``base + sum / W`` before training or evaluating.
+   base model, ``he.ciphertexts`` (the sum) and ``he.weight-total`` (``W``).
+   Flower's ``start`` loop passes it on like any model; the banks decrypt
+   ``base + sum / W`` before training or evaluating.
 
 What "the global model stays encrypted" means here: everything the server holds
 that depends on the banks' data is ciphertext; the base (initial model) is the
@@ -48,20 +49,16 @@ from flower_ext.audit import AuditTrail
 from flower_ext.crypto import (
     FORMAT,
     CiphertextError,
-    add_encrypted,
+    CryptoError,
+    codec_for,
     context_fingerprint,
-    context_slots,
-    load_ciphertexts,
     load_public_context,
     num_chunks,
-    serialize_ciphertexts,
-    unpack,
 )
 from flower_ext.mods.he import (
     CIPHERTEXTS,
     FINGERPRINT_KEY,
     FORMAT_KEY,
-    OFFSETS,
     RECORD_KEY,
     SLOTS_KEY,
     TOPK_RATIO_KEY,
@@ -82,7 +79,7 @@ class EncryptedReply:
     label: str
     weight: float
     metrics: MetricRecord
-    ciphertexts: list[ts.CKKSVector]
+    packed: np.ndarray  # uint8 (chunks, 2, N, coeff_bytes): a zero-copy view on the reply
     nbytes: int
 
 
@@ -164,7 +161,11 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         #: The public TenSEAL context (never a secret key: checked here).
         self.context = load_public_context(context)
         self.fingerprint = context_fingerprint(self.context)
-        self.slots = context_slots(self.context)
+        try:
+            self.codec = codec_for(self.context)
+        except CryptoError as err:
+            raise ValueError(f"EncryptedFedAvg cannot use this context: {err}") from err
+        self.slots = self.codec.slots
         self._base: ArrayRecord | None = None
         self._base_layout: ArrayLayout | None = None
         #: Per round: seconds deserializing+checking, adding, serializing.
@@ -264,22 +265,25 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         if len(msg.content.array_records) != 1:
             raise CiphertextError("reply has no single ArrayRecord")
         record = next(iter(msg.content.array_records.values()))
-        if set(record.keys()) != {CIPHERTEXTS, OFFSETS}:
+        if set(record.keys()) != {CIPHERTEXTS}:
             raise CiphertextError(f"encrypted reply holds {sorted(record.keys())}")
         try:
-            data = array_view(record[CIPHERTEXTS])
-            offsets = array_view(record[OFFSETS])
+            packed = array_view(record[CIPHERTEXTS])
         except RecordFormatError as err:
-            raise CiphertextError(f"unreadable ciphertext arrays: {err}") from err
-        chunks = unpack(data, offsets, num_chunks(dim, self.slots))
-        vectors = load_ciphertexts(self.context, chunks, dim)
+            raise CiphertextError(f"unreadable ciphertext array: {err}") from err
+        expected = self.codec.wire_shape(num_chunks(dim, self.slots))
+        if packed.dtype != np.uint8 or tuple(packed.shape) != expected:
+            raise CiphertextError(
+                f"ciphertext array is {packed.dtype}{tuple(packed.shape)}, expected uint8"
+                f"{expected} (chunks, 2, N, bytes per coefficient) for {dim} values"
+            )
         return EncryptedReply(
             node_id=int(msg.metadata.src_node_id),
             label=client_label(msg),
             weight=weight,
             metrics=metrics,
-            ciphertexts=vectors,
-            nbytes=int(data.nbytes),
+            packed=packed,
+            nbytes=int(packed.nbytes),
         )
 
     def aggregate_train(
@@ -293,12 +297,33 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         self.round_reports[server_round] = report
         accepted: list[EncryptedReply] = []
         rejected: list[Rejection] = []
+        # Check each reply whole (metadata, then every coefficient < q while widening it
+        # into a scratch buffer) before its coefficients touch the sum: a malformed
+        # reply is rejected and never half-added.
+        codec = self.codec
+        acc: np.ndarray | None = None
+        scratch: np.ndarray | None = None
+        pending = 0
+        t_add = 0.0
         for msg in replies:
             try:
-                accepted.append(self.check_encrypted_reply(msg))
+                rep = self.check_encrypted_reply(msg)
+                scratch = codec.unpack(rep.packed, out=scratch)
             except CiphertextError as err:
                 node = int(msg.metadata.src_node_id)
                 rejected.append(Rejection(node, str(err), client_label(msg)))
+                continue
+            t0 = time.perf_counter()
+            if acc is None:
+                acc, scratch, pending = scratch, None, 1
+            else:
+                if pending == codec.max_terms:
+                    np.remainder(acc, np.uint64(codec.q), out=acc)
+                    pending = 1
+                np.add(acc, scratch, out=acc)
+                pending += 1
+            t_add += time.perf_counter() - t0
+            accepted.append(rep)
         t_loaded = time.perf_counter()
         replied = {int(m.metadata.src_node_id) for m in replies}
         report.missing = [n for n in report.sampled if n not in replied]
@@ -344,23 +369,23 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             report.train_metrics = dict(metrics)
             return None, metrics
 
-        summed = add_encrypted([r.ciphertexts for r in accepted])
+        assert acc is not None
+        t_reduce = time.perf_counter()
+        np.remainder(acc, np.uint64(codec.q), out=acc)
         t_added = time.perf_counter()
         total = float(sum(r.weight for r in accepted))
-        encrypted = serialize_ciphertexts(summed, self._base_layout.dim)
-        data, offsets = encrypted.pack()
+        packed = codec.pack(acc)
         new_arrays = ArrayRecord(
             {
                 **dict(self._base.items()),
-                CIPHERTEXTS: Array(data),
-                OFFSETS: Array(offsets),
+                CIPHERTEXTS: Array(packed),
                 WEIGHT_TOTAL: Array(np.array([total], dtype=np.float64)),
             }
         )
         end = time.perf_counter()
         self.timings[server_round] = {
-            "load_seconds": t_loaded - start,
-            "add_seconds": t_added - t_loaded,
+            "load_seconds": t_loaded - start - t_add,
+            "add_seconds": t_add + (t_added - t_reduce),
             "serialize_seconds": end - t_added,
         }
         report.aggregate_seconds = end - start
@@ -387,7 +412,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             selected=len(accepted),
             weight_total=total,
             ciphertext_bytes_in=sum(r.nbytes for r in accepted),
-            ciphertext_bytes_out=encrypted.nbytes,
+            ciphertext_bytes_out=int(packed.nbytes),
             aggregate_seconds=report.aggregate_seconds,
             **self.timings[server_round],
             model_sha256=report.model_sha256,

@@ -15,12 +15,16 @@ from flower_ext.crypto import (
     PUBLIC_FILE,
     SECRET_FILE,
     CiphertextError,
+    CKKSCodec,
     CKKSParameters,
     CryptoError,
     PrivateContextError,
     add_encrypted,
+    codec_for,
     context_fingerprint,
+    decrypt_packed,
     decrypt_vector,
+    encrypt_packed,
     encrypt_vector,
     encryption_expansion,
     generate_context,
@@ -28,8 +32,7 @@ from flower_ext.crypto import (
     load_public_context,
     load_secret_context,
     public_copy,
-    serialize_ciphertexts,
-    unpack,
+    sum_raw,
 )
 
 RNG = np.random.default_rng(7)
@@ -93,10 +96,11 @@ def test_encrypted_weighted_sum_equals_plaintext_weighted_mean(keys):
     dim = 5000  # three ciphertexts, the last one partly filled
     updates = [RNG.normal(scale=0.05, size=dim) for _ in range(4)]
     weights = np.array([1200.0, 300.0, 4000.0, 950.0])
-    packed = [encrypt_vector(secret, w * u).pack() for u, w in zip(updates, weights, strict=True)]
-    loaded = [load_ciphertexts(public, unpack(d, o, 3), dim) for d, o in packed]
-    summed = serialize_ciphertexts(add_encrypted(loaded), dim)
-    mean = decrypt_vector(secret, summed.chunks, dim) / weights.sum()
+    packed = [encrypt_packed(secret, w * u) for u, w in zip(updates, weights, strict=True)]
+    server = codec_for(public)  # the server's codec: public context only
+    summed = server.pack(sum_raw(server, [server.unpack(p) for p in packed]))
+    assert summed.shape == (3, 2, 4096, 7)
+    mean = decrypt_packed(secret, summed, dim) / weights.sum()
     expected = np.average(np.stack(updates), axis=0, weights=weights)
     rel = np.linalg.norm(mean - expected) / np.linalg.norm(expected)
     assert rel < 1e-6, rel
@@ -106,10 +110,10 @@ def test_realistic_size_one_million_values_roundtrip(keys):
     """One 1M-value update (489 ciphertexts): size and precision at real scale."""
     secret = load_secret_context(keys / SECRET_FILE)
     values = RNG.normal(scale=0.02, size=1_000_000) * 1500.0
-    enc = encrypt_vector(secret, values)
-    assert len(enc.chunks) == 489
-    assert enc.nbytes / (4 * values.size) <= 8.0
-    back = decrypt_vector(secret, enc.chunks, values.size)
+    packed = encrypt_packed(secret, values)
+    assert packed.shape == (489, 2, 4096, 7)
+    assert packed.nbytes / (4 * values.size) <= 7.02  # 7.0x, plus the last chunk's free slots
+    back = decrypt_packed(secret, packed, values.size)
     assert np.linalg.norm(back - values) / np.linalg.norm(values) < 1e-6
 
 
@@ -132,13 +136,38 @@ def test_ciphertexts_under_other_parameters_or_malformed_are_refused(keys):
         load_ciphertexts(public, [good, good], 10)
 
 
-def test_unpack_checks_offsets():
-    data = np.arange(10, dtype=np.uint8)
-    with pytest.raises(CiphertextError, match="offsets"):
-        unpack(data, np.array([0, 5, 4, 10]), 3)
-    with pytest.raises(CiphertextError, match="needs 2"):
-        unpack(data, np.array([0, 10]), 2)
-    assert unpack(data, np.array([0, 4, 10]), 2) == [bytes(range(4)), bytes(range(4, 10))]
+def test_raw_sum_is_bit_identical_to_tenseal_addition(keys):
+    """The server's NumPy kernel adds exactly as SEAL's Evaluator::add does."""
+    secret = load_secret_context(keys / SECRET_FILE)
+    public = load_public_context(keys / PUBLIC_FILE)
+    codec = codec_for(public)
+    encs = [encrypt_vector(secret, RNG.normal(size=3000) * 100) for _ in range(3)]
+    ref = add_encrypted([load_ciphertexts(public, e.chunks, 3000) for e in encs])
+    ref_raw = np.stack([codec.to_raw(v.serialize()) for v in ref])
+    ours = sum_raw(codec, [np.stack([codec.to_raw(c) for c in e.chunks]) for e in encs])
+    np.testing.assert_array_equal(ours, ref_raw)
+    # and back into TenSEAL: what the banks decrypt
+    back = [codec.to_tenseal(ours[i], n) for i, n in enumerate((2048, 952))]
+    np.testing.assert_array_equal(
+        decrypt_vector(secret, back, 3000),
+        decrypt_vector(secret, [v.serialize() for v in ref], 3000),
+    )
+
+
+def test_codec_refuses_bad_arrays_and_deeper_contexts(keys):
+    codec = codec_for(load_public_context(keys / PUBLIC_FILE))
+    good = encrypt_packed(load_secret_context(keys / SECRET_FILE), np.ones(10))
+    assert codec.unpack(good).shape == (1, 2, 4096)
+    with pytest.raises(CiphertextError, match="expected uint8"):
+        codec.unpack(good[:, :, :2048])
+    with pytest.raises(CiphertextError, match="expected uint8"):
+        codec.unpack(good.astype(np.int16))
+    bad = good.copy()
+    bad[0, 1, 7] = 0xFF  # 2^56 - 1 > q
+    with pytest.raises(CiphertextError, match="exceed the modulus"):
+        codec.unpack(bad)
+    with pytest.raises(CryptoError, match="exactly one"):
+        CKKSCodec(generate_context(CKKSParameters(8192, (60, 40, 60), 40)))
 
 
 def test_public_copy_cannot_decrypt():

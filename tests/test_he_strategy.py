@@ -15,16 +15,13 @@ from flower_ext.audit import AuditTrail
 from flower_ext.crypto import (
     PUBLIC_FILE,
     SECRET_FILE,
-    CKKSParameters,
     PrivateContextError,
-    encrypt_vector,
-    generate_context,
     load_public_context,
     load_secret_context,
     write_keys,
 )
 from flower_ext.mods import HEMod
-from flower_ext.mods.he import CIPHERTEXTS, OFFSETS, RECORD_KEY, decrypt_global
+from flower_ext.mods.he import CIPHERTEXTS, RECORD_KEY, decrypt_global
 from flower_ext.strategies import EncryptedFedAvg
 
 RNG = np.random.default_rng(3)
@@ -114,7 +111,7 @@ def test_encrypted_fedavg_equals_plaintext_fedavg_over_two_rounds(keys, as_serve
     _, replies, enc1, metrics, _ = train_round(strategy, 1, arrays_of(g0), mods, deltas1)
     assert all(not r.has_error() for r in replies)
     for r in replies:  # nothing readable leaves a bank
-        assert set(r.content["arrays"].keys()) == {CIPHERTEXTS, OFFSETS}
+        assert set(r.content["arrays"].keys()) == {CIPHERTEXTS}
     assert metrics["clients-accepted"] == 3
     assert metrics["train-loss"] == pytest.approx(0.5)
     g1 = decrypt_global(secret, enc1)
@@ -205,41 +202,25 @@ def test_server_rejects_other_context_other_slots_and_malformed_ciphertexts(
     for n in nodes:
         WEIGHTS[n] = 1000
     good = {n: run_bank(HEMod(keys.secret), sent[n], deltas, {}) for n in nodes}
-    # 45 encrypted under N=8192 (4096 slots) and claims the federation's key and slots:
-    # its ciphertexts do not parse under the federation's parameters.
-    other_n = generate_context(CKKSParameters(poly_modulus_degree=8192))
-    chunk = encrypt_vector(other_n, np.zeros(2048)).chunks[0]
-    foreign = np.frombuffer(chunk * 2, dtype=np.uint8)
-    # 44: one bank's payload cut short in transit (malformed ciphertext).
-    cut = good[44].content["arrays"]
-    cut_data = cut[CIPHERTEXTS].numpy()[:-200]
-    cut_offsets = cut[OFFSETS].numpy().copy()
-    cut_offsets[-1] = len(cut_data)
+    # 44: one bank's payload cut short (a ciphertext missing); 45: coefficients corrupted
+    # in transit (not below the modulus q): malformed ciphertexts, rejected with a reason.
+    packed = good[44].content["arrays"][CIPHERTEXTS].numpy()
+    corrupted = good[45].content["arrays"][CIPHERTEXTS].numpy().copy()
+    corrupted[1, 0, 100] = 0xFF
     replies = [
         good[41],
         _tampered(good[42], he={"fingerprint": "f" * 64}),
         _tampered(good[43], he={"slots": 4096}),
-        _tampered(
-            good[44],
-            arrays=ArrayRecord({CIPHERTEXTS: Array(cut_data), OFFSETS: Array(cut_offsets)}),
-        ),
-        _tampered(
-            good[45],
-            arrays=ArrayRecord(
-                {
-                    CIPHERTEXTS: Array(foreign),
-                    OFFSETS: Array(np.array([0, len(chunk), 2 * len(chunk)])),
-                }
-            ),
-        ),
+        _tampered(good[44], arrays=ArrayRecord({CIPHERTEXTS: Array(packed[:1])})),
+        _tampered(good[45], arrays=ArrayRecord({CIPHERTEXTS: Array(corrupted)})),
     ]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     report = strategy.round_reports[1]
     assert report.accepted == [41]
     assert "different context" in report.rejected[42]
     assert "4096 slots" in report.rejected[43]
-    assert "ciphertext 1 does not parse" in report.rejected[44]
-    assert "does not parse" in report.rejected[45]
+    assert "expected uint8(2, 2, 4096, 7)" in report.rejected[44]
+    assert "exceed the modulus" in report.rejected[45]
     assert new_arrays is not None and metrics["clients-rejected"] == 4
     reasons = [e["reason"] for e in strategy.audit.events if e["event"] == "reply_rejected"]
     assert len(reasons) == 4

@@ -14,8 +14,9 @@ training, DP-SGD, evaluation run unchanged.
 On the TRAIN reply it computes ``n * (local - base)``, where ``n`` is the reply's
 ``num-examples`` (the server sums the same ``n`` in plaintext), packs all layers
 into one flat vector and encrypts it into ``ceil(d / slots)`` ciphertexts. The
-reply's ArrayRecord then holds only ``he.ciphertexts`` (bytes) and
-``he.offsets``; an ``he`` ConfigRecord says the format, the key fingerprint, the
+reply's ArrayRecord then holds only ``he.ciphertexts``: the ciphertexts'
+coefficients, uint8 of shape (chunks, 2, N, 7) (:class:`flower_ext.crypto.CKKSCodec`);
+an ``he`` ConfigRecord says the format, the key fingerprint, the
 slots, the number of values and the weight used. Metrics pass unchanged.
 
 Refusals (an error reply whose reason the server audits): a bank whose key
@@ -58,14 +59,14 @@ from flower_ext.crypto import (
     FORMAT,
     SECRET_FILE,
     CryptoError,
+    codec_for,
     context_data_bits,
     context_fingerprint,
     context_slots,
-    decrypt_vector,
-    encrypt_vector,
+    decrypt_packed,
+    encrypt_packed,
     load_secret_context,
     simulation_key_dir,
-    unpack,
 )
 from flower_ext.records import ArrayLayout, RecordFormatError, array_view
 
@@ -81,7 +82,6 @@ PUBLIC_CONTEXT_KEY = "he-public-context"
 #: Reply records and reserved array names.
 RECORD_KEY = "he"
 CIPHERTEXTS = "he.ciphertexts"
-OFFSETS = "he.offsets"
 WEIGHT_TOTAL = "he.weight-total"
 RESERVED_PREFIX = "he."
 TOPK_RATIO_KEY = "topk-ratio"
@@ -111,16 +111,13 @@ def decrypt_global(ctx: ts.Context, record: ArrayRecord) -> ArrayRecord:
         return base
     layout = ArrayLayout.of(base)
     try:
-        data = array_view(he[CIPHERTEXTS])
-        offsets = array_view(he[OFFSETS])
+        packed = array_view(he[CIPHERTEXTS])
         total = float(array_view(he[WEIGHT_TOTAL]).reshape(-1)[0])
     except (KeyError, RecordFormatError, IndexError) as err:
         raise CryptoError(f"the encrypted global model is incomplete: {err}") from err
     if not np.isfinite(total) or total <= 0:
         raise CryptoError(f"the encrypted global model has total weight {total}")
-    slots = context_slots(ctx)
-    chunks = unpack(data, offsets, -(-layout.dim // slots))
-    summed = decrypt_vector(ctx, chunks, layout.dim)
+    summed = decrypt_packed(ctx, packed, layout.dim)
     flat = layout.flatten(base, dtype=np.float64) + summed / total
     for dtype, start, stop in zip(
         layout.dtypes, layout.offsets[:-1], layout.offsets[1:], strict=True
@@ -292,29 +289,28 @@ class HEMod:
                 f"|{weight_key} x (local - base)| reaches {peak:.3g}, above the {limit:.3g} the "
                 "CKKS modulus holds at this scale; generate keys with a smaller --scale-bits"
             )
-        encrypted = encrypt_vector(ctx, update)
-        data, offsets = encrypted.pack()
+        packed = encrypt_packed(ctx, update)
         seconds = time.perf_counter() - start
         content = RecordDict()
         for key, value in out.content.items():
             if key == arrays_key:
-                content[key] = ArrayRecord({CIPHERTEXTS: Array(data), OFFSETS: Array(offsets)})
+                content[key] = ArrayRecord({CIPHERTEXTS: Array(packed)})
             else:
                 content[key] = value
         content[RECORD_KEY] = ConfigRecord(
             {
                 "format": FORMAT,
                 "fingerprint": context_fingerprint(ctx),
-                "slots": encrypted.slots,
-                "num-values": encrypted.num_values,
-                "chunks": len(encrypted.chunks),
+                "slots": codec_for(ctx).slots,
+                "num-values": layout.dim,
+                "chunks": int(packed.shape[0]),
                 "weight": weight,
                 "layout": layout_signature(layout),
                 "encrypt-seconds": seconds,
                 "decrypt-seconds": self._last_decrypt,
             }
         )
-        self.timings.append((self._last_decrypt, seconds, encrypted.nbytes))
+        self.timings.append((self._last_decrypt, seconds, int(packed.nbytes)))
         return Message(metadata=out.metadata, content=content)
 
 

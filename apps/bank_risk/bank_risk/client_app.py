@@ -144,7 +144,9 @@ def _metric_entries(prefix: str, metrics: RiskMetrics) -> dict[str, float]:
 
 def local_only_metrics(bank: BankData, settings: BankAppSettings) -> RiskMetrics:
     """Train a bank-only model for as many epochs as the federation ran, on the same split."""
-    model = build_model(bank.num_features, settings.model, settings.hidden_units)
+    model = build_model(
+        bank.num_features, settings.model, settings.hidden_units, seed=settings.seed
+    )
     mean = bank.x_train.mean(axis=0)
     std = bank.x_train.std(axis=0)
     std[std < 1e-8] = 1.0

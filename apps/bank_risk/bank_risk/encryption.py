@@ -7,12 +7,15 @@ the server gets only ``server-public.ckks`` (run config ``he-public-context``).
 
 Keys, in simulation: with both paths empty the server generates a throwaway key
 set for the run in :func:`flower_ext.crypto.simulation_key_dir` (owner-only),
-and the simulated banks find it there by run id. Or set ``he-secret-context``
+and the simulated banks find it there by run id; it is deleted when the server
+process exits. Or set ``he-secret-context``
 and ``he-public-context`` in the run config to files from ``flower-ext keygen``.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from logging import WARNING
@@ -42,6 +45,8 @@ def prepare_keys(settings: BankAppSettings, run_id: int) -> BankAppSettings:
     public = folder / PUBLIC_FILE
     if not public.is_file():
         write_keys(folder)
+        # Throwaway keys: gone when this process ends (the simulated banks end first).
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     log(
         WARNING,
         "[bank-risk] he = true with no he-public-context: generated a key set for this "

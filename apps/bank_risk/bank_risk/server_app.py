@@ -112,7 +112,7 @@ def centralized_ceiling(settings: BankAppSettings, epochs: int) -> tuple[float |
     y_tr = np.concatenate([b.y_train for b in banks])
     x_te = np.concatenate([b.x_test for b in banks])
     y_te = np.concatenate([b.y_test for b in banks])
-    model = build_model(x_tr.shape[1], settings.model, settings.hidden_units)
+    model = build_model(x_tr.shape[1], settings.model, settings.hidden_units, seed=settings.seed)
     std = x_tr.std(axis=0)
     std[std < 1e-8] = 1.0
     model.set_standardisation(x_tr.mean(axis=0), std)
@@ -275,7 +275,7 @@ def run_federation(
     started = time.perf_counter()
     nodes = wait_for_banks(metered, settings.data.num_banks, settings.wait_for_nodes)
     mean, std, features = federated_standardisation(metered, nodes, settings.round_timeout, audit)
-    model = build_model(len(features), settings.model, settings.hidden_units)
+    model = build_model(len(features), settings.model, settings.hidden_units, seed=settings.seed)
     model.set_standardisation(mean, std)
     metrics.update(
         model={
