@@ -5,7 +5,13 @@ Keys other features and the report rely on (never renamed): ``rounds[i].round``,
 ``rounds[i].bytes_down``, ``rounds[i].seconds``, ``final.auc``, ``final.ks``,
 ``per_bank[<bank>].federated_auc``, ``per_bank[<bank>].local_only_auc``,
 ``centralized_auc`` and ``config``. ``status`` is ``running`` until the run
-ends, then ``finished`` or ``failed`` (with ``error``).
+ends, then ``finished`` or ``failed`` (with ``error``). A resumed run (run config
+``resume-from``) keeps the rounds up to its checkpoint and lists each restart under
+``resumed``.
+
+``checkpoint.npz`` (:func:`save_checkpoint`) holds what a new ServerApp needs to
+continue a run: the global model after the last finished round, that round's
+number and the strategy's own state. It is replaced atomically after every round.
 """
 
 from __future__ import annotations
@@ -15,10 +21,15 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
 from .audit import _jsonable
+from .records import arrays_sha256
 
 DEFAULT_OUTPUT_DIR = "~/flower-ext-runs"
 
@@ -51,6 +62,34 @@ class MetricsFile:
         }
         self.write()
 
+    @classmethod
+    def resume(cls, run_dir: Path, config: Mapping[str, Any], last_round: int) -> MetricsFile:
+        """Reopen a run's ``metrics.json``: rounds up to ``last_round`` kept, later ones dropped."""
+        path = Path(run_dir) / "metrics.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        metrics = cls.__new__(cls)
+        metrics.path = path
+        metrics.data = {
+            "status": "running",
+            "started": data.get("started", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            "config": dict(config),
+            "rounds": [r for r in data.get("rounds", []) if int(r.get("round", 0)) <= last_round],
+            "final": {},
+            "per_bank": {},
+            "centralized_auc": None,
+            **{k: data[k] for k in ("setup", "model") if k in data},
+            "resumed": [
+                *data.get("resumed", []),
+                {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "from_round": last_round,
+                    "previous_status": data.get("status"),
+                },
+            ],
+        }
+        metrics.write()
+        return metrics
+
     def add_round(self, entry: Mapping[str, Any]) -> None:
         self.data["rounds"].append(dict(entry))
         self.write()
@@ -67,3 +106,68 @@ class MetricsFile:
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+CHECKPOINT_FILE = "checkpoint.npz"
+
+
+@dataclass
+class Checkpoint:
+    """The state a run continues from: the model after ``server_round``, and the rest."""
+
+    server_round: int
+    arrays: ArrayRecord
+    model_sha256: str
+    #: Strategy state (e.g. the server momentum ``velocity``), arrays by name.
+    state_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Anything JSON: run id, number of rounds, the strategy's labels, DP figures, ...
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``<run_dir>/checkpoint.npz`` atomically (temp file, fsync, rename)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    payload: dict[str, np.ndarray] = {}
+    keys = list(checkpoint.arrays.keys())
+    for i, key in enumerate(keys):
+        payload[f"model_{i}"] = checkpoint.arrays[key].numpy()
+    for name, value in checkpoint.state_arrays.items():
+        payload[f"state_{name}"] = np.asarray(value)
+    header = {
+        "round": checkpoint.server_round,
+        "model_sha256": checkpoint.model_sha256,
+        "model_keys": keys,
+        "state_keys": list(checkpoint.state_arrays),
+        "meta": _jsonable(checkpoint.meta),
+    }
+    payload["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **payload)  # type: ignore[arg-type]
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """Read ``<run_dir>/checkpoint.npz``; the model's hash is checked against the saved one."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {CHECKPOINT_FILE} in {run_dir}: the run never finished a round, or it is "
+            "not a bank-app run directory"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        header = json.loads(bytes(data["header"]).decode())
+        arrays = ArrayRecord(
+            {
+                key: Array(np.ascontiguousarray(data[f"model_{i}"]))
+                for i, key in enumerate(header["model_keys"])
+            }
+        )
+        state = {name: np.array(data[f"state_{name}"]) for name in header["state_keys"]}
+    sha = arrays_sha256(arrays)
+    if sha != header["model_sha256"]:
+        raise ValueError(f"{path}: the model does not match its recorded hash (corrupt file?)")
+    return Checkpoint(int(header["round"]), arrays, sha, state, dict(header.get("meta", {})))

@@ -12,10 +12,19 @@ A run goes:
    answers "is federation worth it for this bank?";
 5. where the data is reachable from the server (simulation), a centralized
    model on the pooled data gives the ceiling.
+
+After every round the server writes ``checkpoint.npz`` (global model, round,
+strategy state). A run started with ``resume-from=<run dir>`` continues that
+directory: same ``audit.jsonl`` chain (``run_resumed``, and ``round_abandoned``
+for a round the stopped server had begun but not checkpointed), same
+``metrics.json``, rounds r+1..N from the checkpointed model of round r, no
+standardisation query (the model carries it). With ``min-banks`` below
+``num-banks`` a round goes on without banks that dropped out.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from logging import INFO, WARNING
@@ -34,7 +43,13 @@ from flower_ext.model import build_model, combine_feature_moments, count_paramet
 from flower_ext.privacy import round_privacy
 from flower_ext.records import arrays_sha256
 from flower_ext.report import build_report
-from flower_ext.runlog import MetricsFile, resolve_run_dir
+from flower_ext.runlog import (
+    Checkpoint,
+    MetricsFile,
+    load_checkpoint,
+    resolve_run_dir,
+    save_checkpoint,
+)
 from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
 
@@ -46,14 +61,31 @@ from .strategy_wrappers import wrap_strategy
 app = ServerApp()
 
 
-def wait_for_banks(grid: Grid, num_banks: int, timeout: float) -> list[int]:
-    """Node ids once ``num_banks`` nodes are connected; a clear error after ``timeout``."""
+def wait_for_banks(
+    grid: Grid, num_banks: int, timeout: float, minimum: int | None = None
+) -> list[int]:
+    """Node ids once ``num_banks`` nodes are connected.
+
+    After ``timeout`` the run starts anyway if ``minimum`` (``min-banks``) are there;
+    otherwise a clear error.
+    """
     deadline = time.monotonic() + timeout
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) >= num_banks:
             return nodes
         if time.monotonic() > deadline:
+            if minimum is not None and len(nodes) >= minimum:
+                log(
+                    WARNING,
+                    "[bank-risk] %d of %d banks connected after %.0fs; starting with them "
+                    "(min-banks=%d)",
+                    len(nodes),
+                    num_banks,
+                    timeout,
+                    minimum,
+                )
+                return nodes
             raise RuntimeError(
                 f"only {len(nodes)} SuperNode(s) connected after {timeout:.0f}s but the run "
                 f"config says num-banks={num_banks}. In simulation run with "
@@ -134,14 +166,41 @@ class RoundRecorder:
         grid: MeteredGrid,
         metrics: MetricsFile,
         audit: AuditTrail,
+        run_dir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.strategy = strategy
         self.grid = grid
         self.metrics = metrics
         self.audit = audit
+        self.run_dir = run_dir  # where checkpoint.npz goes; None: no checkpoints
         self.last = time.perf_counter()
         self.privacy_by_bank: dict[str, dict[str, Any]] = {}  # latest DP figures per bank
+
+    def checkpoint(self, server_round: int, arrays: ArrayRecord, model_sha256: str) -> None:
+        """``checkpoint.npz`` after the round: model, round, strategy state, DP figures."""
+        if self.run_dir is None:
+            return
+        state_arrays, state_fields = self.strategy.export_state()
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                server_round,
+                arrays,
+                model_sha256,
+                state_arrays,
+                {
+                    "num_rounds": self.settings.num_rounds,
+                    "strategy": state_fields,
+                    "privacy_by_bank": self.privacy_by_bank,
+                },
+            ),
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Take over a checkpoint's strategy state (before the first resumed round)."""
+        self.strategy.import_state(checkpoint.state_arrays, checkpoint.meta.get("strategy", {}))
+        self.privacy_by_bank.update(checkpoint.meta.get("privacy_by_bank", {}))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         now = time.perf_counter()
@@ -194,6 +253,7 @@ class RoundRecorder:
             model_sha256=entry["model_sha256"],
             evaluate=eval_metrics,
         )
+        self.checkpoint(server_round, arrays, entry["model_sha256"])
         auc, ks = eval_metrics.get("auc"), eval_metrics.get("ks")
         log(
             INFO,
@@ -240,13 +300,21 @@ def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dic
 def main(grid: Grid, context: Context) -> None:
     settings = BankAppSettings.from_config(context.run_config)
     settings = prepare_keys(settings, context.run_id)  # HE in simulation: a run key set
-    run_dir = resolve_run_dir(settings.output_dir, settings.run_name, context.run_id)
-    audit = AuditTrail(run_dir / "audit.jsonl")
-    metrics = MetricsFile(run_dir, settings.raw)
-    audit.record("run_start", run_id=context.run_id, config=settings.raw)
+    checkpoint: Checkpoint | None = None
+    if settings.resume_from:
+        run_dir = Path(settings.resume_from).expanduser().resolve()
+        checkpoint = load_checkpoint(run_dir)
+        audit = AuditTrail(run_dir / "audit.jsonl")  # continues the chain
+        metrics = MetricsFile.resume(run_dir, settings.raw, checkpoint.server_round)
+        record_resume(audit, run_dir, checkpoint, context.run_id, settings)
+    else:
+        run_dir = resolve_run_dir(settings.output_dir, settings.run_name, context.run_id)
+        audit = AuditTrail(run_dir / "audit.jsonl")
+        metrics = MetricsFile(run_dir, settings.raw)
+        audit.record("run_start", run_id=context.run_id, config=settings.raw)
     log(INFO, "[bank-risk] writing metrics and audit trail to %s", run_dir)
     try:
-        run_federation(grid, settings, audit, metrics)
+        run_federation(grid, settings, audit, metrics, run_dir=run_dir, checkpoint=checkpoint)
     except Exception as err:
         metrics.update(status="failed", error=f"{type(err).__name__}: {err}")
         audit.record("run_failed", error=f"{type(err).__name__}: {err}")
@@ -256,6 +324,101 @@ def main(grid: Grid, context: Context) -> None:
         write_report(run_dir)
     log(INFO, "[bank-risk] metrics: %s", Path(metrics.path))
     log(INFO, "[bank-risk] audit trail: %s", run_dir / "audit.jsonl")
+
+
+def record_resume(
+    audit: AuditTrail,
+    run_dir: Path,
+    checkpoint: Checkpoint,
+    run_id: int,
+    settings: BankAppSettings,
+) -> None:
+    """Audit the restart: rounds begun after the checkpoint are abandoned (and redone)."""
+    started: dict[int, bool] = {}  # train round -> closed?
+    path = run_dir / "audit.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            kind, rnd = event.get("event"), event.get("round")
+            if kind == "run_resumed":
+                started = {r: c for r, c in started.items() if r <= int(event["from_round"])}
+            elif kind == "round_start" and event.get("phase", "train") == "train":
+                started[int(rnd)] = False
+            elif kind in ("round_aggregated", "round_skipped"):
+                started[int(rnd)] = True
+    for rnd in sorted(r for r in started if r > checkpoint.server_round):
+        audit.record(
+            "round_abandoned",
+            round=rnd,
+            closed=started[rnd],
+            reason="the server stopped before this round was checkpointed; it is redone",
+        )
+    if checkpoint.server_round >= settings.num_rounds:
+        log(WARNING, "[bank-risk] %s already finished all its rounds", run_dir)
+    audit.record(
+        "run_resumed",
+        run_id=run_id,
+        from_round=checkpoint.server_round,
+        model_sha256=checkpoint.model_sha256,
+        num_rounds=settings.num_rounds,
+        config=settings.raw,
+    )
+    log(
+        INFO,
+        "[bank-risk] resuming %s after round %d of %d",
+        run_dir,
+        checkpoint.server_round,
+        settings.num_rounds,
+    )
+
+
+def run_rounds(
+    strategy: UpdateAggregationStrategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    first_round: int,
+    num_rounds: int,
+    timeout: float,
+    recorder: RoundRecorder,
+) -> ArrayRecord:
+    """Rounds ``first_round``..``num_rounds``, exactly as ``Strategy.start`` runs each one.
+
+    ``Strategy.start`` always counts from round 1; a resumed run needs to begin
+    later, so this is its loop (train, client-side evaluate, then the
+    ``evaluate_fn`` hook: here the round recorder, which also checkpoints).
+    Every run uses it, fresh or resumed, so both behave the same.
+    """
+    config = {"num-server-rounds": num_rounds}
+    strategy.summary()
+    if first_round == 1:
+        recorder(0, arrays)  # the setup figures (standardisation query bytes, seconds)
+    for current_round in range(first_round, num_rounds + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+        replies = grid.send_and_receive(
+            messages=strategy.configure_train(
+                current_round, arrays, ConfigRecord(dict(config)), grid
+            ),
+            timeout=timeout,
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(current_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        if train_metrics is not None:
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+        replies = grid.send_and_receive(
+            messages=strategy.configure_evaluate(
+                current_round, arrays, ConfigRecord(dict(config)), grid
+            ),
+            timeout=timeout,
+        )
+        eval_metrics = strategy.aggregate_evaluate(current_round, replies)
+        if eval_metrics is not None:
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
+        recorder(current_round, arrays)
+    return arrays
 
 
 def write_report(run_dir: Path) -> None:
@@ -269,33 +432,51 @@ def write_report(run_dir: Path) -> None:
 
 
 def run_federation(
-    grid: Grid, settings: BankAppSettings, audit: AuditTrail, metrics: MetricsFile
+    grid: Grid,
+    settings: BankAppSettings,
+    audit: AuditTrail,
+    metrics: MetricsFile,
+    run_dir: Path | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     metered = MeteredGrid(grid)
     started = time.perf_counter()
-    nodes = wait_for_banks(metered, settings.data.num_banks, settings.wait_for_nodes)
-    mean, std, features = federated_standardisation(metered, nodes, settings.round_timeout, audit)
-    model = build_model(len(features), settings.model, settings.hidden_units, seed=settings.seed)
-    model.set_standardisation(mean, std)
-    metrics.update(
-        model={
-            "kind": settings.model,
-            "num_parameters": count_parameters(model),
-            "features": features,
-        }
+    minimum = settings.min_banks or None
+    nodes = wait_for_banks(
+        metered, settings.data.num_banks, settings.wait_for_nodes, minimum=minimum
     )
+    if checkpoint is None:
+        mean, std, features = federated_standardisation(
+            metered, nodes, settings.round_timeout, audit
+        )
+        model = build_model(
+            len(features), settings.model, settings.hidden_units, seed=settings.seed
+        )
+        model.set_standardisation(mean, std)
+        initial = ArrayRecord(model.state_dict())
+        metrics.update(
+            model={
+                "kind": settings.model,
+                "num_parameters": count_parameters(model),
+                "features": features,
+            }
+        )
+    else:  # the checkpointed model already holds the federation's standardisation
+        initial = checkpoint.arrays
 
-    strategy = wrap_strategy(build_strategy(settings, audit, num_nodes=len(nodes)), settings, audit)
-    recorder = RoundRecorder(settings, strategy, metered, metrics, audit)
+    # Robust rules check their f against the fewest banks a round may have.
+    inner = build_strategy(settings, audit, num_nodes=settings.min_banks or len(nodes))
+    if settings.min_banks:  # fewer valid replies than min-banks: the round is skipped
+        inner.min_valid_replies = settings.min_banks
+    strategy = wrap_strategy(inner, settings, audit)
+    recorder = RoundRecorder(settings, strategy, metered, metrics, audit, run_dir=run_dir)
+    first_round = 1
+    if checkpoint is not None:
+        recorder.restore(checkpoint)
+        first_round = checkpoint.server_round + 1
     num_rounds = settings.num_rounds
-    result = strategy.start(
-        grid=metered,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=num_rounds,
-        timeout=settings.round_timeout,
-        train_config=ConfigRecord({"num-server-rounds": num_rounds}),
-        evaluate_config=ConfigRecord({"num-server-rounds": num_rounds}),
-        evaluate_fn=recorder,
+    final_arrays = run_rounds(
+        strategy, metered, initial, first_round, num_rounds, settings.round_timeout, recorder
     )
     final_eval = dict(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
     per_bank = per_bank_table(strategy, num_rounds)
@@ -306,7 +487,7 @@ def run_federation(
     centralized, reason = (None, "disabled by centralized-baseline=false")
     if settings.centralized_baseline:
         centralized, reason = centralized_ceiling(settings, num_rounds * settings.local_epochs)
-    final_sha = arrays_sha256(result.arrays) if result.arrays is not None else None
+    final_sha = arrays_sha256(final_arrays)
     beats = [b for b, r in per_bank.items() if (r.get("federation_gain") or 0) > 0]
     metrics.update(
         status="finished",

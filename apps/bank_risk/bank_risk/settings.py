@@ -44,6 +44,10 @@ class BankAppSettings:
     seed: int
     data: DataSource
     raw: dict[str, object]
+    #: Fewest banks a round needs (sampled, and valid replies); 0 = all ``num-banks``.
+    min_banks: int = 0
+    #: A run directory whose ``checkpoint.npz`` this run continues; empty: a new run.
+    resume_from: str = ""
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> BankAppSettings:
@@ -68,6 +72,8 @@ class BankAppSettings:
                 seed=int(_get(cfg, "seed", 42)),  # type: ignore[arg-type]
                 data=DataSource.from_config(cfg),
                 raw=dict(cfg),
+                min_banks=int(_get(cfg, "min-banks", 0)),  # type: ignore[arg-type]
+                resume_from=str(_get(cfg, "resume-from", "") or ""),
             )
         except (TypeError, ValueError) as err:
             raise SettingsError(f"invalid run config: {err}") from err
@@ -92,12 +98,22 @@ class BankAppSettings:
             problems.append(str(err))
         if self.data.num_banks < 1:
             problems.append(f"num-banks must be >= 1, got {self.data.num_banks}")
+        if not 0 <= self.min_banks <= self.data.num_banks:
+            problems.append(
+                f"min-banks must be in [0, num-banks={self.data.num_banks}] "
+                f"(0 = all banks), got {self.min_banks}"
+            )
         try:
             self.privacy()
         except (TypeError, ValueError) as err:
             problems.append(str(err))
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    @property
+    def required_banks(self) -> int:
+        """Banks a round needs: ``min-banks``, or every bank when it is 0."""
+        return self.min_banks or self.data.num_banks
 
     def privacy(self) -> DPSGDConfig | UpdateDPConfig | None:
         """The DP settings (run config ``dp``, ``dp-*``); None when ``dp = "off"``."""
