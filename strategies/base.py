@@ -290,49 +290,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         else:
             updates, accepted, late_rejections = self.decode_updates(accepted)
         rejected += late_rejections
-        replied = {int(m.metadata.src_node_id) for m in replies}
-        report.missing = [n for n in report.sampled if n not in replied]
-        for node in report.missing:
-            self.audit.record(
-                "client_missing", round=server_round, node_id=node, label=self.labels.get(node, "")
-            )
-        for rej in rejected:
-            self._note_label(rej.node_id, rej.label)
-            report.rejected[rej.node_id] = rej.reason
-            self.audit.record(
-                "reply_rejected",
-                round=server_round,
-                node_id=rej.node_id,
-                label=self.labels.get(rej.node_id, ""),
-                reason=rej.reason,
-            )
-            log(
-                WARNING,
-                "Round %s: rejected reply from node %s: %s",
-                server_round,
-                rej.node_id,
-                rej.reason,
-            )
+        self.record_participation(server_round, report, replies, rejected, accepted)
         for rep in accepted:
-            self._note_label(rep.node_id, rep.label)
             report.client_metrics[rep.node_id] = {
                 k: v for k, v in rep.metrics.items() if not isinstance(v, list)
             }
-        report.accepted = [r.node_id for r in accepted]
-
-        need = self.min_replies()
-        if len(accepted) < need:
-            report.skipped_reason = (
-                f"{len(accepted)} valid replies, the rule needs at least {need}; global model kept"
-            )
-            report.model_sha256 = arrays_sha256(self._global)
-            self.audit.record(
-                "round_skipped",
-                round=server_round,
-                reason=report.skipped_reason,
-                model_sha256=report.model_sha256,
-            )
-            log(WARNING, "Round %s skipped: %s", server_round, report.skipped_reason)
+        if len(accepted) < self.min_replies():
+            self.skip_round(server_round, report, len(accepted))
             metrics = self._summary_metrics(report, accepted, None)
             report.train_metrics = dict(metrics)
             return None, metrics
@@ -370,6 +334,61 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         metrics = self._summary_metrics(report, accepted, result)
         report.train_metrics = dict(metrics)
         return new_arrays, metrics
+
+    def record_participation(
+        self,
+        server_round: int,
+        report: RoundReport,
+        replies: list[Message],
+        rejected: list[Rejection],
+        accepted: list[Any],
+    ) -> None:
+        """Audit who was missing and who was rejected (and why); note who was accepted.
+
+        ``accepted`` items need ``node_id`` and ``label`` attributes.
+        """
+        replied = {int(m.metadata.src_node_id) for m in replies}
+        report.missing = [n for n in report.sampled if n not in replied]
+        for node in report.missing:
+            self.audit.record(
+                "client_missing", round=server_round, node_id=node, label=self.labels.get(node, "")
+            )
+        for rej in rejected:
+            self._note_label(rej.node_id, rej.label)
+            report.rejected[rej.node_id] = rej.reason
+            self.audit.record(
+                "reply_rejected",
+                round=server_round,
+                node_id=rej.node_id,
+                label=self.labels.get(rej.node_id, ""),
+                reason=rej.reason,
+            )
+            log(
+                WARNING,
+                "Round %s: rejected reply from node %s: %s",
+                server_round,
+                rej.node_id,
+                rej.reason,
+            )
+        for rep in accepted:
+            self._note_label(rep.node_id, rep.label)
+        report.accepted = [r.node_id for r in accepted]
+
+    def skip_round(self, server_round: int, report: RoundReport, num_valid: int) -> None:
+        """Keep the global model for this round and audit why."""
+        assert self._global is not None
+        report.skipped_reason = (
+            f"{num_valid} valid replies, the rule needs at least {self.min_replies()}; "
+            "global model kept"
+        )
+        report.model_sha256 = arrays_sha256(self._global)
+        self.audit.record(
+            "round_skipped",
+            round=server_round,
+            reason=report.skipped_reason,
+            model_sha256=report.model_sha256,
+        )
+        log(WARNING, "Round %s skipped: %s", server_round, report.skipped_reason)
 
     def decode_updates(
         self, accepted: list[CheckedReply]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -325,46 +325,9 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             t_add += time.perf_counter() - t0
             accepted.append(rep)
         t_loaded = time.perf_counter()
-        replied = {int(m.metadata.src_node_id) for m in replies}
-        report.missing = [n for n in report.sampled if n not in replied]
-        for node in report.missing:
-            self.audit.record(
-                "client_missing", round=server_round, node_id=node, label=self.labels.get(node, "")
-            )
-        for rej in rejected:
-            self._note_label(rej.node_id, rej.label)
-            report.rejected[rej.node_id] = rej.reason
-            self.audit.record(
-                "reply_rejected",
-                round=server_round,
-                node_id=rej.node_id,
-                label=self.labels.get(rej.node_id, ""),
-                reason=rej.reason,
-            )
-            log(
-                WARNING,
-                "Round %s: rejected reply from node %s: %s",
-                server_round,
-                rej.node_id,
-                rej.reason,
-            )
-        for rep in accepted:
-            self._note_label(rep.node_id, rep.label)
-        report.accepted = [r.node_id for r in accepted]
-
+        self.record_participation(server_round, report, replies, rejected, accepted)
         if len(accepted) < self.min_replies():
-            report.skipped_reason = (
-                f"{len(accepted)} valid replies, at least {self.min_replies()} needed; "
-                "encrypted global model kept"
-            )
-            report.model_sha256 = arrays_sha256(self._global)
-            self.audit.record(
-                "round_skipped",
-                round=server_round,
-                reason=report.skipped_reason,
-                model_sha256=report.model_sha256,
-            )
-            log(WARNING, "Round %s skipped: %s", server_round, report.skipped_reason)
+            self.skip_round(server_round, report, len(accepted))
             metrics = self._encrypted_metrics(report, accepted)
             report.train_metrics = dict(metrics)
             return None, metrics
