@@ -115,6 +115,32 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 
 # --------------------------------------------------------------------------- ledger
+def _noise_problems(
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    delta: float,
+    accountant: str,
+    *,
+    zero_ok: bool,
+) -> list[str]:
+    """What is wrong with the noise settings both DP configurations share."""
+    problems = []
+    if (noise_multiplier is None) == (target_epsilon is None):
+        problems.append("give exactly one of noise_multiplier and target_epsilon")
+    if noise_multiplier is not None and (
+        noise_multiplier < 0 if zero_ok else not noise_multiplier > 0
+    ):
+        bound = ">= 0" if zero_ok else "> 0"
+        problems.append(f"noise_multiplier must be {bound}, got {noise_multiplier}")
+    if target_epsilon is not None and not target_epsilon > 0:
+        problems.append(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        problems.append(f"delta must be in (0, 1), got {delta}")
+    if accountant not in ACCOUNTANTS:
+        problems.append(f"accountant must be one of {ACCOUNTANTS}, got '{accountant}'")
+    return problems
+
+
 @dataclass
 class PrivacyLedger:
     """Cumulative privacy accounting of one client, persisted in ``context.state``.
@@ -295,19 +321,11 @@ class DPSGDConfig:
     fused_clipping: bool = True
 
     def __post_init__(self) -> None:
-        problems = []
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            problems.append("give exactly one of noise_multiplier and target_epsilon")
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            problems.append(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            problems.append(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if not 0 < self.delta < 1:
-            problems.append(f"delta must be in (0, 1), got {self.delta}")
+        problems = _noise_problems(
+            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant, zero_ok=True
+        )
         if not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.accountant not in ACCOUNTANTS:
-            problems.append(f"accountant must be one of {ACCOUNTANTS}, got '{self.accountant}'")
         if self.rounds < 1 or self.local_epochs < 1:
             problems.append("rounds and local_epochs must be >= 1")
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
@@ -355,19 +373,11 @@ class UpdateDPConfig:
     epsilon_budget: float | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            problems.append("give exactly one of noise_multiplier and target_epsilon")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            problems.append(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            problems.append(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if not 0 < self.delta < 1:
-            problems.append(f"delta must be in (0, 1), got {self.delta}")
+        problems = _noise_problems(
+            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant, zero_ok=False
+        )
         if not self.clip_norm > 0:
             problems.append(f"clip_norm must be > 0, got {self.clip_norm}")
-        if self.accountant not in ACCOUNTANTS:
-            problems.append(f"accountant must be one of {ACCOUNTANTS}, got '{self.accountant}'")
         if self.rounds < 1:
             problems.append("rounds must be >= 1")
         if problems:
