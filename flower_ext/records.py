@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -82,7 +83,7 @@ def array_view(array: Array) -> NDArray[np.generic]:
         raise RecordFormatError(
             f"array declares {array.dtype}{tuple(array.shape)} but its bytes hold {dtype}{shape}"
         )
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(data) - offset != count * dtype.itemsize:
         raise RecordFormatError(
             f"array payload has {len(data) - offset} bytes, expected {count * dtype.itemsize}"
