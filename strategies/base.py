@@ -402,8 +402,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             for i, rep in enumerate(accepted):
                 row = matrix[len(keep)]
                 assert rep.arrays is not None
-                self._layout.flatten_into(rep.arrays, row)
-                np.subtract(row, self._global_flat, out=row)
+                self.subtract_global_into(rep.arrays, row)
                 # One float32 pass (SIMD; 2.5x a float64-accumulated sum): NaN/Inf anywhere
                 # makes it non-finite; so does a sum past 3e38, which no real update has.
                 if not np.isfinite(row.sum()):
@@ -411,6 +410,19 @@ class UpdateAggregationStrategy(FlowerFedAvg):
                     continue
                 keep.append(i)
         return matrix[: len(keep)], [accepted[i] for i in keep], late
+
+    def subtract_global_into(self, arrays: ArrayRecord, row: np.ndarray) -> None:
+        """``row = reply - global`` in one pass, reading the reply's bytes in place."""
+        assert self._layout is not None and self._global_flat is not None
+        offsets = self._layout.offsets
+        for j, key in enumerate(self._layout.keys):
+            lo, hi = offsets[j], offsets[j + 1]
+            np.subtract(
+                array_view(arrays[key]).reshape(-1),
+                self._global_flat[lo:hi],
+                out=row[lo:hi],
+                casting="same_kind",
+            )
 
     def stream_weighted_mean(
         self, accepted: list[CheckedReply]
