@@ -199,7 +199,8 @@ def write_flwr_config(
     )
     path = home / "config.toml"
     path.write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\n{security}\n'
     )
     return path
 
@@ -258,28 +259,54 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def alive(pid: int) -> bool:
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name: state, ppid, pgrp, session, ..."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return state != "Z"
+        return None
+
+
+def alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def session_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[3]) if fields is not None else None
+
+
+def session_members(sessions: set[int]) -> list[int]:
+    """Live processes in any of ``sessions`` (orphans included: they keep their session)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            if session_of(pid) in sessions and alive(pid):
+                out.append(pid)
+    return out
 
 
 def kill_tree(pid: int, timeout: float = 10.0, first: int = signal.SIGTERM) -> None:
-    """Signal ``pid``'s whole tree (collected before anything dies), then SIGKILL leftovers.
+    """Signal ``pid``'s whole tree, then SIGKILL whatever is left of it.
 
-    SuperExec processes run in their own sessions and re-parent nothing, so the tree
-    has to be read while its root is still alive.
+    The tree is read while its root is alive (SuperExec processes run in sessions
+    of their own). A process the tree starts while it shuts down, orphaned when its
+    parent dies, is still found by its session: the root's session and every
+    session the tree's processes lead.
     """
     tree = [p for p in process_tree(pid) if alive(p)]
+    own = os.getsid(0)
+    sessions = {s for p in tree if (s := session_of(p)) is not None and s != own}
     for p in tree:
         with suppress(ProcessLookupError, ChildProcessError):
             os.kill(p, first)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(alive(p) for p in tree):
         time.sleep(0.1)
-    for p in tree:
+    time.sleep(0.3)  # a child started during the shutdown has its parent's session
+    for p in {*tree, *session_members(sessions)}:
         if alive(p):
             with suppress(ProcessLookupError, ChildProcessError):
                 os.kill(p, signal.SIGKILL)
@@ -529,6 +556,37 @@ class LocalDeployment:
             node_config_arg(node_config),
         ]
         return self.spawn(name, command)
+
+    def start_supernode_until_accepted(
+        self,
+        name: str,
+        node_config: Mapping[str, object],
+        *,
+        timeout: float = 120.0,
+        retry_every: float = 2.0,
+    ) -> subprocess.Popen:
+        """Start SuperNode ``name`` and retry until the SuperLink accepts it.
+
+        With node authentication a node keeps its node id (its registered key), and
+        the SuperLink activates that id only once the previous session is over: a
+        crashed SuperNode is marked offline after 2 missed heartbeats (up to 60 s in
+        flwr 1.42), and until then a restart is refused ("Failed to activate").
+        """
+        deadline = time.monotonic() + timeout
+        log = self.log_file(name)
+        while True:
+            offset = log.stat().st_size if log.is_file() else 0
+            proc = self.start_supernode(name, node_config)
+            while proc.poll() is None:
+                with log.open("rb") as fh:
+                    fh.seek(offset)
+                    if b"SuperNode ID:" in fh.read():
+                        return proc
+                time.sleep(0.25)
+            kill_tree(proc.pid, timeout=2.0)  # reap it, so its SuperExec sees it gone
+            if time.monotonic() + retry_every > deadline:
+                raise TimeoutError(f"the SuperLink did not accept {name} within {timeout:.0f}s")
+            time.sleep(retry_every)
 
     # -- the CLI
     def flwr(
