@@ -7,6 +7,7 @@ with the others. Nothing here mutates a reply.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -77,6 +78,20 @@ def check_weight(
     return weight, ""
 
 
+def reply_sender(message: Message, origins: Mapping[str, int] | None = None) -> int:
+    """The node a reply is about.
+
+    When a node drops out, the SuperLink answers in its place with an error reply
+    whose source is the SuperLink itself; ``origins`` (message id -> destination
+    node of the messages the strategy sent) maps such a reply back to the bank.
+    """
+    if origins:
+        node = origins.get(message.metadata.reply_to_message_id)
+        if node is not None:
+            return node
+    return int(message.metadata.src_node_id)
+
+
 def check_reply(
     message: Message,
     *,
@@ -84,9 +99,10 @@ def check_reply(
     layout: ArrayLayout | None,
     max_weight_value: float = 1e9,
     need_arrays: bool = True,
+    origins: Mapping[str, int] | None = None,
 ) -> CheckedReply | Rejection:
     """Structural checks on one reply; finiteness of values is checked when decoding."""
-    node_id = int(message.metadata.src_node_id)
+    node_id = reply_sender(message, origins)
     label = client_label(message)
     if message.has_error():
         return Rejection(
@@ -129,6 +145,7 @@ def check_replies(
     layout: ArrayLayout | None,
     max_weight_value: float = 1e9,
     need_arrays: bool = True,
+    origins: Mapping[str, int] | None = None,
 ) -> tuple[list[CheckedReply], list[Rejection]]:
     """Split replies into accepted and rejected; a second reply from a node is rejected."""
     accepted: list[CheckedReply] = []
@@ -141,6 +158,7 @@ def check_replies(
             layout=layout,
             max_weight_value=max_weight_value,
             need_arrays=need_arrays,
+            origins=origins,
         )
         if isinstance(result, CheckedReply):
             if result.node_id in seen:

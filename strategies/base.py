@@ -44,7 +44,7 @@ from flower_ext.aggregation import (
 from flower_ext.audit import AuditTrail
 from flower_ext.metrics import metrics_from_histograms
 from flower_ext.records import ArrayLayout, array_view, arrays_sha256
-from flower_ext.validation import CheckedReply, Rejection, check_replies
+from flower_ext.validation import CheckedReply, Rejection, check_replies, reply_sender
 
 PROXIMAL_MU_KEY = "proximal-mu"  # the config key Flower's own FedProx sends
 HIST_NEG_KEY = "hist-neg"
@@ -172,6 +172,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self._layout: ArrayLayout | None = None
         self._velocity: np.ndarray | None = None
         self._sampled: dict[int, list[int]] = {}
+        self._outgoing: dict[str, list[Message]] = {}
 
     # ------------------------------------------------------------------ kernel
     def aggregate_updates(
@@ -227,6 +228,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             config[PROXIMAL_MU_KEY] = float(self.proximal_mu)
         self.set_global_model(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._outgoing["train"] = messages  # their ids, set when sent, map error replies
         sampled = [int(m.metadata.dst_node_id) for m in messages]
         if server_round == 1 or not self._sampled:
             self.check_client_count(len(sampled))
@@ -239,6 +241,21 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             global_model_sha256=arrays_sha256(arrays),
         )
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._outgoing["evaluate"] = messages
+        return messages
+
+    def origins(self, phase: str) -> dict[str, int]:
+        """Message id -> destination node of this phase's messages (ids exist once sent)."""
+        return {
+            m.metadata.message_id: int(m.metadata.dst_node_id)
+            for m in self._outgoing.get(phase, [])
+            if m.metadata.message_id
+        }
 
     def set_global_model(self, arrays: ArrayRecord) -> None:
         """Remember the model sent this round: updates are measured against it."""
@@ -282,6 +299,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             weighted_by_key=self.weighted_by_key,
             layout=self._layout,
             max_weight_value=self.max_plausible_examples,
+            origins=self.origins("train"),
         )
         streamed: AggregationResult | None = None
         updates: np.ndarray | None = None
@@ -347,7 +365,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
 
         ``accepted`` items need ``node_id`` and ``label`` attributes.
         """
-        replied = {int(m.metadata.src_node_id) for m in replies}
+        origins = self.origins("train")
+        replied = {reply_sender(m, origins) for m in replies}
         report.missing = [n for n in report.sampled if n not in replied]
         for node in report.missing:
             self.audit.record(
@@ -512,6 +531,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             layout=None,
             max_weight_value=self.max_plausible_examples,
             need_arrays=False,
+            origins=self.origins("evaluate"),
         )
         for rej in rejected:
             self.audit.record(

@@ -68,7 +68,7 @@ from flower_ext.mods.he import (
     split_global,
 )
 from flower_ext.records import ArrayLayout, RecordFormatError, array_view, arrays_sha256
-from flower_ext.validation import Rejection, check_weight, client_label
+from flower_ext.validation import Rejection, check_weight, client_label, reply_sender
 
 from .base import RoundReport, UpdateAggregationStrategy, weighted_scalar_metrics
 
@@ -278,7 +278,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
                 f"{expected} (chunks, 2, N, bytes per coefficient) for {dim} values"
             )
         return EncryptedReply(
-            node_id=int(msg.metadata.src_node_id),
+            node_id=reply_sender(msg, self.origins("train")),
             label=client_label(msg),
             weight=weight,
             metrics=metrics,
@@ -310,7 +310,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
                 rep = self.check_encrypted_reply(msg)
                 scratch = codec.unpack(rep.packed, out=scratch)
             except CiphertextError as err:
-                node = int(msg.metadata.src_node_id)
+                node = reply_sender(msg, self.origins("train"))
                 rejected.append(Rejection(node, str(err), client_label(msg)))
                 continue
             t0 = time.perf_counter()

@@ -171,3 +171,23 @@ def test_weighted_sum_into_matches_the_matrix_product():
         )
     with pytest.raises(ValueError, match="weights"):
         weighted_sum_into(np.zeros(1000, np.float32), rows, weights[:3])
+
+
+def test_superlink_error_reply_is_attributed_to_the_dropped_bank(as_server):
+    from flwr.app import Error, Message
+
+    base = model()
+    strategy = FedAvg()
+    sent = start_round(strategy, arrays_of(base), [81, 82])
+    for node, msg in sent.items():  # what the Grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = f"msg-{node}"
+    ok = reply(sent[81], arrays_of(base), {"num-examples": 3})
+    # The SuperLink (node 1) answers for node 82, which went offline mid-round.
+    lost = Message(Error(code=3, reason="node unavailable"), reply_to=sent[82])
+    lost.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it
+    strategy.aggregate_train(1, [ok, lost])
+    report = strategy.round_reports[1]
+    assert "node unavailable" in report.rejected[82]
+    assert report.missing == []
+    event = next(e for e in strategy.audit.events if e["event"] == "reply_rejected")
+    assert event["node_id"] == 82
