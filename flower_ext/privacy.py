@@ -46,11 +46,14 @@ wraps is checked and rejected unless shaped (B,).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -850,6 +853,45 @@ def privatize_update(
 
 
 # --------------------------------------------------------------------------- client helpers
+class LedgerFile:
+    """A bank's privacy ledger kept on disk as well as in ``context.state``.
+
+    Flower 1.42 keeps ``context.state`` in the SuperNode's memory only: a restarted
+    SuperNode or a new run would start the ledger at zero and silently re-spend
+    the budget. With a ledger file the bank's spending survives both: it is read
+    into the state when the state has none, and written (atomically) after every
+    round. The file is per bank, not per run, so it accumulates over every run the
+    bank takes part in, which is what a privacy budget means; deleting it is the
+    data owner's decision.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: str = SAMPLE_LEDGER_KEY) -> None:
+        self.path = Path(path)
+        self.key = key
+
+    def restore(self, state: RecordDict) -> None:
+        if self.key in state or not self.path.is_file():
+            return
+        try:
+            values = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise PrivacyConfigError(
+                f"privacy ledger file {self.path} is unreadable ({err}); refusing to train "
+                "rather than restart the budget at zero"
+            ) from err
+        state[self.key] = ConfigRecord(values)
+
+    def persist(self, state: RecordDict) -> None:
+        if self.key not in state:
+            return
+        record = state[self.key]
+        assert isinstance(record, ConfigRecord)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(dict(record.items())))
+        os.replace(tmp, self.path)
+
+
 def train_local_private(
     model: nn.Module,
     x: np.ndarray,

@@ -359,3 +359,28 @@ def test_update_dp_mod_noises_accounts_and_refuses_past_budget(as_server):
     for _ in eps:
         reference.step(noise_multiplier=1.0, sample_rate=1.0)
     assert eps[-1] == pytest.approx(reference.get_epsilon(1e-5))
+
+
+def test_ledger_dir_keeps_the_budget_across_a_supernode_restart(as_server, tmp_path):
+    from bank_risk.client_app import app as client_app
+    from bank_risk.client_app import load_context_bank
+
+    first = _bank_context(APP_CONFIG)
+    first.node_config["ledger-dir"] = str(tmp_path)
+    _, bank = load_context_bank(first)
+    eps1 = client_app(_train_message(1, 100, bank.num_features), first).content["metrics"]
+    # The SuperNode restarts: a new Context with empty state, the same ledger dir.
+    second = _bank_context(APP_CONFIG)
+    second.node_config["ledger-dir"] = str(tmp_path)
+    out = client_app(_train_message(2, 100, bank.num_features), second)
+    assert out.content["metrics"]["dp-epsilon"] > eps1["dp-epsilon"]
+    assert PrivacyLedger.load(second.state, SAMPLE_LEDGER_KEY).rounds == 2
+    # Past the budget, the restarted bank still refuses: nothing was forgotten.
+    third = _bank_context(APP_CONFIG)
+    third.node_config["ledger-dir"] = str(tmp_path)
+    refused = client_app(_train_message(3, 100, bank.num_features), third)
+    assert refused.has_error() and refused.error.code == PRIVACY_BUDGET_ERROR_CODE
+    # Without the ledger dir a restart would have started at zero again.
+    forgetful = _bank_context(APP_CONFIG)
+    again = client_app(_train_message(2, 100, bank.num_features), forgetful)
+    assert again.content["metrics"]["dp-epsilon"] == pytest.approx(eps1["dp-epsilon"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,6 +22,7 @@ from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.mods.attack import training_labels
 from flower_ext.privacy import (
     DPSGDConfig,
+    LedgerFile,
     PrivacyBudgetExhausted,
     budget_refusal,
     train_local_private,
@@ -97,6 +99,14 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _ledger_file(context: Context, bank: BankData) -> LedgerFile | None:
+    """Node config ``ledger-dir``: keep the DP ledger on disk (survives restarts)."""
+    directory = str(context.node_config.get("ledger-dir", ""))
+    if not directory:
+        return None
+    return LedgerFile(Path(directory) / f"{bank.name}.privacy-ledger.json")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings, bank = load_context_bank(context)
@@ -113,12 +123,18 @@ def train(msg: Message, context: Context) -> Message:
     privacy = settings.privacy()
     dp_metrics: dict[str, float | int] = {}
     if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
+        ledger_file = _ledger_file(context, bank)
+        if ledger_file is not None:
+            ledger_file.restore(context.state)
         try:
             loss, spent = train_local_private(
                 model, bank.x_train, labels, train_cfg, privacy, context.state
             )
         except PrivacyBudgetExhausted as err:  # no training, no spending: the server audits it
             return budget_refusal(msg, err)
+        finally:
+            if ledger_file is not None:
+                ledger_file.persist(context.state)
         dp_metrics = spent.as_metrics()
     else:
         loss = train_local(model, bank.x_train, labels, train_cfg)
