@@ -45,7 +45,10 @@ def bank_name(i: int) -> str:
 
 
 def bank_node_config(dep: LocalDeployment, i: int, settings: dict) -> dict[str, object]:
-    config: dict[str, object] = {"bank-index": i}
+    # Each bank keeps its DP privacy ledger on its own disk, so a restarted
+    # SuperNode (or a resumed run) does not start its epsilon at zero.
+    ledger_dir = dep.workdir / "banks" / bank_name(i) / "privacy"
+    config: dict[str, object] = {"bank-index": i, "ledger-dir": str(ledger_dir)}
     if settings.get("csv_dir"):
         config["csv-path"] = str(Path(settings["csv_dir"]) / f"bank-{i}.csv")
     if settings.get("he_keys"):
