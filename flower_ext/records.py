@@ -158,7 +158,9 @@ class ArrayLayout:
         for i, key in enumerate(self.keys):
             chunk = vector[offsets[i] : offsets[i + 1]]
             arrays[key] = Array(
-                np.ascontiguousarray(chunk.reshape(self.shapes[i]).astype(self.dtypes[i]))
+                np.ascontiguousarray(
+                    chunk.reshape(self.shapes[i]).astype(self.dtypes[i], copy=False)
+                )
             )
         return ArrayRecord(arrays)
 

@@ -173,6 +173,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self._velocity: np.ndarray | None = None
         self._sampled: dict[int, list[int]] = {}
         self._outgoing: dict[str, list[Message]] = {}
+        self._streamed_mean: np.ndarray | None = None  # set by stream_weighted_mean
+        self._streamed_update: np.ndarray | None = None
 
     # ------------------------------------------------------------------ kernel
     def aggregate_updates(
@@ -326,7 +328,9 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         else:
             assert updates is not None
             result = self.aggregate_updates(updates, weights, server_round)
+        self._streamed_update = result.update if streamed is not None else None
         new_arrays = self.server_step(result.update)
+        self._streamed_mean = self._streamed_update = None
         report.aggregate_seconds = time.perf_counter() - start
         report.model_sha256 = arrays_sha256(new_arrays)
         for i, rep in enumerate(accepted):
@@ -467,6 +471,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             with np.errstate(over="ignore", invalid="ignore"):
                 if np.isfinite(mean.sum()):
                     reports = [ClientReport(selected=True, weight=float(x)) for x in shares]
+                    self._streamed_mean = mean
                     return AggregationResult(mean - self._global_flat, reports), accepted, late
             bad = [i for i, r in enumerate(accepted) if not _all_finite(r, layout)]
             reason = "update contains NaN or Inf"
@@ -485,7 +490,17 @@ class UpdateAggregationStrategy(FlowerFedAvg):
                 self._velocity = np.zeros_like(step)
             self._velocity = self.server_momentum * self._velocity + step
             step = self._velocity
-        new_flat = self._global_flat + np.float32(self.server_learning_rate) * step
+        if (
+            self.server_momentum == 0
+            and self.server_learning_rate == 1.0
+            and self._streamed_mean is not None
+            and aggregate is self._streamed_update
+        ):
+            # Plain FedAvg: the new model is the weighted mean itself (exact, and two
+            # fewer passes over the model than global + (mean - global)).
+            new_flat = self._streamed_mean
+        else:
+            new_flat = self._global_flat + np.float32(self.server_learning_rate) * step
         return self._layout.unflatten(new_flat)
 
     def _note_label(self, node_id: int, label: str) -> None:
