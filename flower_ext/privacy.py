@@ -892,6 +892,28 @@ class LedgerFile:
         os.replace(tmp, self.path)
 
 
+def ledger_file_for(context: Any, key: str = SAMPLE_LEDGER_KEY) -> LedgerFile | None:
+    """The ledger file of this node (node config ``ledger-dir``), or None if not configured.
+
+    The file is named after the node's bank (``bank-index``, or the simulation's
+    ``partition-id``), which stays the same when the SuperNode restarts.
+    """
+    node = context.node_config
+    directory = str(node.get("ledger-dir", ""))
+    if not directory:
+        return None
+    if "bank-index" in node:
+        ident = f"bank-{node['bank-index']}"
+    elif "partition-id" in node:
+        ident = f"partition-{node['partition-id']}"
+    else:
+        raise PrivacyConfigError(
+            "node config sets ledger-dir but neither bank-index nor partition-id, so the "
+            "ledger file cannot be tied to this bank across restarts"
+        )
+    return LedgerFile(Path(directory) / f"{ident}.{key}.json", key)
+
+
 def train_local_private(
     model: nn.Module,
     x: np.ndarray,

@@ -321,7 +321,7 @@ def test_privatize_update_clips_the_whole_update_and_adds_calibrated_noise():
     assert noised[0].std() == pytest.approx(1.0, rel=0.02)
 
 
-def test_update_dp_mod_noises_accounts_and_refuses_past_budget(as_server):
+def test_update_dp_mod_noises_accounts_and_refuses_past_budget(as_server, tmp_path):
     from flwr.app import Message, MetricRecord
 
     model = build_model(N_FEAT, "logreg")
@@ -329,6 +329,7 @@ def test_update_dp_mod_noises_accounts_and_refuses_past_budget(as_server):
     cfg = UpdateDPConfig(noise_multiplier=1.0, clip_norm=0.1, rounds=5, epsilon_budget=5.0)
     mod = UpdateDPMod(cfg, frozen_keys=("feature_mean", "feature_std"), seed=0)
     ctx = _bank_context({})
+    ctx.node_config["ledger-dir"] = str(tmp_path)
     calls = []
 
     def handler(msg, context):
@@ -344,7 +345,10 @@ def test_update_dp_mod_noises_accounts_and_refuses_past_budget(as_server):
 
     msg = outgoing(glob, 100, MessageType.TRAIN)
     eps = []
-    for _ in range(10):
+    for i in range(10):
+        if i == 1:  # the SuperNode restarts: empty state, its ledger comes back from disk
+            ctx = _bank_context({})
+            ctx.node_config["ledger-dir"] = str(tmp_path)
         out = mod(msg, ctx, handler)
         if out.has_error():
             break

@@ -33,6 +33,7 @@ from flower_ext.privacy import (
     PrivacyLedger,
     UpdateDPConfig,
     budget_refusal,
+    ledger_file_for,
     privacy_config_from_run_config,
     privatize_update,
 )
@@ -79,6 +80,9 @@ class UpdateDPMod:
             return call_next(msg, context)
         if len(msg.content.array_records) != 1:
             raise ValueError("update_dp_mod: the train message must hold exactly one ArrayRecord")
+        ledger_file = ledger_file_for(context, UPDATE_LEDGER_KEY)
+        if ledger_file is not None:  # node config ledger-dir: survives SuperNode restarts
+            ledger_file.restore(context.state)
         ledger = PrivacyLedger.load(
             context.state, UPDATE_LEDGER_KEY, accountant=cfg.accountant, unit="client"
         )
@@ -113,6 +117,8 @@ class UpdateDPMod:
         ledger.record(sigma, 1.0, 1)
         ledger.rounds += 1
         ledger.save(context.state, UPDATE_LEDGER_KEY)
+        if ledger_file is not None:
+            ledger_file.persist(context.state)
         content = RecordDict()
         for key, record in out.content.items():
             if key == arrays_key:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,9 +21,9 @@ from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.mods.attack import training_labels
 from flower_ext.privacy import (
     DPSGDConfig,
-    LedgerFile,
     PrivacyBudgetExhausted,
     budget_refusal,
+    ledger_file_for,
     train_local_private,
 )
 from flower_ext.training import evaluate_model, train_local
@@ -99,14 +98,6 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _ledger_file(context: Context, bank: BankData) -> LedgerFile | None:
-    """Node config ``ledger-dir``: keep the DP ledger on disk (survives restarts)."""
-    directory = str(context.node_config.get("ledger-dir", ""))
-    if not directory:
-        return None
-    return LedgerFile(Path(directory) / f"{bank.name}.privacy-ledger.json")
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings, bank = load_context_bank(context)
@@ -123,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy = settings.privacy()
     dp_metrics: dict[str, float | int] = {}
     if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
-        ledger_file = _ledger_file(context, bank)
+        ledger_file = ledger_file_for(context)
         if ledger_file is not None:
             ledger_file.restore(context.state)
         try:
