@@ -217,6 +217,10 @@ class RoundRecorder:
         report = self.strategy.round_reports.get(server_round)
         evaluation = self.strategy.evaluation_reports.get(server_round, {})
         eval_metrics = dict(evaluation.get("metrics", {}))
+        # The app's "auc"/"ks" are the pooled figures (the banks send histograms only).
+        for pooled, key in (("pooled-auc", "auc"), ("pooled-ks", "ks")):
+            if pooled in eval_metrics:
+                eval_metrics[key] = eval_metrics.pop(pooled)
         entry: dict[str, Any] = {
             "round": server_round,
             "evaluate": eval_metrics,
