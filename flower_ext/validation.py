@@ -7,7 +7,7 @@ with the others. Nothing here mutates a reply.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -92,6 +92,81 @@ def reply_sender(message: Message, origins: Mapping[str, int] | None = None) -> 
     return int(message.metadata.src_node_id)
 
 
+def bind_replies(
+    replies: list[Message],
+    *,
+    origins: Mapping[str, int] | None,
+    sampled: Collection[int] | None = None,
+) -> tuple[list[tuple[Message, int]], list[Rejection]]:
+    """Bind each reply to a message this strategy sent in this round, one reply per node.
+
+    A reply is kept only if it answers one of this round's outgoing messages
+    (``origins``: message id -> destination node, filled once the Grid has sent
+    them) and comes from that message's destination node. Error replies may come
+    from the SuperLink in a dropped node's place; they are attributed to the node
+    they answer. When the outgoing messages carry no ids (messages never sent
+    through a Grid, as in unit tests) the sender must be one of ``sampled``.
+
+    Rejected: replays of an earlier round's or another strategy's messages, replies
+    from nodes that were not sampled, a reply whose sender is not the node the
+    message was sent to, and every reply after the first from the same node.
+
+    Returns
+    -------
+    (bound, rejected)
+        ``bound`` holds ``(reply, node_id)`` pairs in arrival order.
+    """
+    bound: list[tuple[Message, int]] = []
+    rejected: list[Rejection] = []
+    seen: set[int] = set()
+    sampled_set = None if sampled is None else {int(n) for n in sampled}
+    for message in replies:
+        label = _safe_label(message)
+        try:
+            src = int(message.metadata.src_node_id)
+            answers = str(message.metadata.reply_to_message_id)
+        except Exception as err:  # a reply whose metadata cannot even be read
+            rejected.append(Rejection(0, f"unreadable reply metadata ({type(err).__name__})"))
+            continue
+        if origins:
+            node = origins.get(answers)
+            if node is None:
+                rejected.append(
+                    Rejection(
+                        src,
+                        "reply does not answer a message sent in this round "
+                        "(a replay, or a reply to another round or strategy)",
+                        label,
+                    )
+                )
+                continue
+            if src != node and not message.has_error():
+                rejected.append(
+                    Rejection(node, f"reply to node {node}'s message was sent by node {src}", label)
+                )
+                continue
+        else:
+            node = src
+            if sampled_set is not None and node not in sampled_set:
+                rejected.append(Rejection(node, "node was not sampled in this round", label))
+                continue
+        if node in seen:
+            rejected.append(
+                Rejection(node, "second reply from this node in this round (duplicate)", label)
+            )
+            continue
+        seen.add(node)
+        bound.append((message, node))
+    return bound, rejected
+
+
+def _safe_label(message: Message) -> str:
+    try:
+        return client_label(message)[:100]
+    except Exception:
+        return ""
+
+
 def check_reply(
     message: Message,
     *,
@@ -103,7 +178,7 @@ def check_reply(
 ) -> CheckedReply | Rejection:
     """Structural checks on one reply; finiteness of values is checked when decoding."""
     node_id = reply_sender(message, origins)
-    label = client_label(message)
+    label = _safe_label(message)
     if message.has_error():
         return Rejection(
             node_id, f"client error {message.error.code}: {message.error.reason}", label
@@ -146,28 +221,58 @@ def check_replies(
     max_weight_value: float = 1e9,
     need_arrays: bool = True,
     origins: Mapping[str, int] | None = None,
+    sampled: Collection[int] | None = None,
 ) -> tuple[list[CheckedReply], list[Rejection]]:
-    """Split replies into accepted and rejected; a second reply from a node is rejected."""
+    """Split replies into accepted and rejected, never raising.
+
+    Replies are first bound to this round's outgoing messages (:func:`bind_replies`:
+    replays, unsampled senders and second replies are rejected), then each is
+    checked (:func:`check_reply`). Anything unexpected while reading a reply is a
+    rejection with the exception's type and a short message.
+    """
+    bound, rejected = bind_replies(replies, origins=origins, sampled=sampled)
     accepted: list[CheckedReply] = []
-    rejected: list[Rejection] = []
-    seen: set[int] = set()
-    for message in replies:
-        result = check_reply(
-            message,
-            weighted_by_key=weighted_by_key,
-            layout=layout,
-            max_weight_value=max_weight_value,
-            need_arrays=need_arrays,
-            origins=origins,
-        )
+    for message, node_id in bound:
+        try:
+            result = check_reply(
+                message,
+                weighted_by_key=weighted_by_key,
+                layout=layout,
+                max_weight_value=max_weight_value,
+                need_arrays=need_arrays,
+                origins=origins,
+            )
+        except Exception as err:  # a malformed reply must never stop the round
+            result = Rejection(
+                node_id,
+                f"malformed reply ({type(err).__name__}: {err})"[:300],
+                _safe_label(message),
+            )
         if isinstance(result, CheckedReply):
-            if result.node_id in seen:
-                rejected.append(
-                    Rejection(result.node_id, "duplicate reply from this node", result.label)
-                )
-                continue
-            seen.add(result.node_id)
+            result.node_id = node_id
             accepted.append(result)
         else:
+            result.node_id = node_id
             rejected.append(result)
     return accepted, rejected
+
+
+def finite_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, object], list[str]]:
+    """``metrics`` without the values that are not finite numbers, and their keys.
+
+    A client's NaN, Inf or non-numeric metric is left out of the round's
+    metrics (and reported), never averaged into them.
+    """
+    clean: dict[str, object] = {}
+    dropped: list[str] = []
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        ok = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        )
+        if ok:
+            clean[key] = value
+        else:
+            dropped.append(key)
+    return clean, dropped

@@ -14,18 +14,20 @@ from .encrypted_fedavg import EncryptedFedAvg
 from .fedavg import FedAvg
 from .geometric_median import GeometricMedian
 from .krum import Krum
-from .median import Median
+from .median import FedMedian, Median
 from .multikrum import MultiKrum
 from .norm_bound import NormBound
 from .robust import RobustStrategy
 from .topk import TopKCompression
-from .trimmed_mean import TrimmedMean
+from .trimmed_mean import FedTrimmedAvg, TrimmedMean
 
 __all__ = [
     "Bulyan",
     "CenteredClipping",
     "EncryptedFedAvg",
     "FedAvg",
+    "FedMedian",
+    "FedTrimmedAvg",
     "GeometricMedian",
     "Krum",
     "Median",

@@ -22,6 +22,7 @@ Replies are never mutated.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,12 +44,23 @@ from flower_ext.aggregation import (
 )
 from flower_ext.audit import AuditTrail
 from flower_ext.metrics import metrics_from_histograms
-from flower_ext.records import ArrayLayout, array_view, arrays_sha256
-from flower_ext.validation import CheckedReply, Rejection, check_replies, reply_sender
+from flower_ext.records import ArrayLayout, FlatModel, array_view, arrays_sha256
+from flower_ext.validation import (
+    CheckedReply,
+    Rejection,
+    check_replies,
+    finite_metrics,
+    reply_sender,
+)
 
 PROXIMAL_MU_KEY = "proximal-mu"  # the config key Flower's own FedProx sends
 HIST_NEG_KEY = "hist-neg"
 HIST_POS_KEY = "hist-pos"
+POOLED_AUC_KEY = "pooled-auc"  # flower-ext's extras, next to whatever the clients sent
+POOLED_KS_KEY = "pooled-ks"
+#: Default bound on the L2 norm of one update: no model's update comes near it, and
+#: below it no float32 sum or squared distance of a round can overflow.
+MAX_UPDATE_NORM = 1e18
 
 
 @dataclass
@@ -95,6 +107,10 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         Cap at this multiple of the round's median ``num-examples``.
     max_plausible_examples : float (default: 1e9)
         Replies claiming more examples than this are rejected as absurd.
+    max_update_norm : float (default: 1e18)
+        A reply whose update (for streamed FedAvg: whose values) has a larger L2 norm
+        is rejected as implausible, so one reply can never overflow the round's sums
+        and veto the honest replies.
     min_valid_replies : int (default: 1)
         Fewer accepted replies than this (or than the rule's own minimum) skip
         the round: the global model is kept and the reason audited.
@@ -127,6 +143,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         max_weight: float | None = None,
         max_weight_median_multiple: float | None = None,
         max_plausible_examples: float = 1e9,
+        max_update_norm: float = MAX_UPDATE_NORM,
         min_valid_replies: int = 1,
         audit: AuditTrail | None = None,
     ) -> None:
@@ -162,16 +179,21 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self.max_weight = max_weight
         self.max_weight_median_multiple = max_weight_median_multiple
         self.max_plausible_examples = max_plausible_examples
+        if not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        self.max_update_norm = float(max_update_norm)
         self.min_valid_replies = max(1, min_valid_replies)
         self.audit = audit if audit is not None else AuditTrail()
         self.round_reports: dict[int, RoundReport] = {}
         self.evaluation_reports: dict[int, dict[str, Any]] = {}
         self.labels: dict[int, str] = {}  # node id -> bank label seen in replies
         self._global: ArrayRecord | None = None
+        self._model: FlatModel | None = None
         self._global_flat: np.ndarray | None = None
         self._layout: ArrayLayout | None = None
         self._velocity: np.ndarray | None = None
         self._sampled: dict[int, list[int]] = {}
+        self._evaluate_sampled: list[int] = []
         self._outgoing: dict[str, list[Message]] = {}
         self._streamed_mean: np.ndarray | None = None  # set by stream_weighted_mean
         self._streamed_update: np.ndarray | None = None
@@ -232,7 +254,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._outgoing["train"] = messages  # their ids, set when sent, map error replies
         sampled = [int(m.metadata.dst_node_id) for m in messages]
-        if server_round == 1 or not self._sampled:
+        if sampled and (server_round == 1 or not self._sampled):
+            # No messages (fraction_train=0: evaluation only) is Flower's "skip training".
             self.check_client_count(len(sampled))
         self._sampled[server_round] = sampled
         self.audit.record(
@@ -249,6 +272,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._outgoing["evaluate"] = messages
+        self._evaluate_sampled = [int(m.metadata.dst_node_id) for m in messages]
         return messages
 
     def origins(self, phase: str) -> dict[str, int]:
@@ -261,12 +285,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
 
     def set_global_model(self, arrays: ArrayRecord) -> None:
         """Remember the model sent this round: updates are measured against it."""
-        layout = ArrayLayout.of(arrays)
-        if self._layout is not None and layout != self._layout:
+        model = FlatModel(arrays)
+        if self._layout is not None and model.layout != self._layout:
             self._velocity = None  # model architecture changed: momentum is meaningless
-        self._layout = layout
+        self._model = model
+        self._layout = model.layout
         self._global = arrays
-        self._global_flat = layout.flatten(arrays, dtype=np.float32)
+        self._global_flat = model.flat
 
     # ------------------------------------------------------------------ resume
     def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -281,19 +306,20 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     def import_state(self, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> None:
         """Restore :meth:`export_state`'s output (call before the first resumed round)."""
         velocity = arrays.get("velocity")
-        self._velocity = None if velocity is None else np.asarray(velocity, dtype=np.float32)
+        self._velocity = None if velocity is None else np.asarray(velocity)
         self.labels.update({int(k): str(v) for k, v in fields.get("labels", {}).items()})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._global is None or self._layout is None or self._global_flat is None:
+        if self._global is None or self._layout is None or self._model is None:
             raise RuntimeError(
                 "aggregate_train called before configure_train: the strategy does not know "
                 "which global model the updates are relative to"
             )
         start = time.perf_counter()
         replies = list(replies)
+        log_received(replies, "aggregate_train")
         report = RoundReport(server_round, sampled=list(self._sampled.get(server_round, [])))
         self.round_reports[server_round] = report
         accepted, rejected = check_replies(
@@ -302,6 +328,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             layout=self._layout,
             max_weight_value=self.max_plausible_examples,
             origins=self.origins("train"),
+            sampled=report.sampled or None,
         )
         streamed: AggregationResult | None = None
         updates: np.ndarray | None = None
@@ -331,6 +358,16 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self._streamed_update = result.update if streamed is not None else None
         new_arrays = self.server_step(result.update)
         self._streamed_mean = self._streamed_update = None
+        if new_arrays is None:
+            self.skip_round(
+                server_round,
+                report,
+                len(accepted),
+                reason="the aggregated model is not finite (NaN or Inf); global model kept",
+            )
+            metrics = self._summary_metrics(report, accepted, None)
+            report.train_metrics = dict(metrics)
+            return None, metrics
         report.aggregate_seconds = time.perf_counter() - start
         report.model_sha256 = arrays_sha256(new_arrays)
         for i, rep in enumerate(accepted):
@@ -397,10 +434,12 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             self._note_label(rep.node_id, rep.label)
         report.accepted = [r.node_id for r in accepted]
 
-    def skip_round(self, server_round: int, report: RoundReport, num_valid: int) -> None:
+    def skip_round(
+        self, server_round: int, report: RoundReport, num_valid: int, reason: str = ""
+    ) -> None:
         """Keep the global model for this round and audit why."""
         assert self._global is not None
-        report.skipped_reason = (
+        report.skipped_reason = reason or (
             f"{num_valid} valid replies, the rule needs at least {self.min_replies()}; "
             "global model kept"
         )
@@ -416,36 +455,59 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     def decode_updates(
         self, accepted: list[CheckedReply]
     ) -> tuple[np.ndarray, list[CheckedReply], list[Rejection]]:
-        """Stack accepted replies as updates (float32), dropping non-finite ones."""
-        assert self._layout is not None and self._global_flat is not None
-        matrix = np.empty((len(accepted), self._layout.dim), dtype=np.float32)
+        """Stack accepted replies as updates (the layout's compute dtype).
+
+        A reply whose update has NaN/Inf or a norm above ``max_update_norm`` is
+        rejected here, with the reason, before any kernel sees it.
+        """
+        assert self._layout is not None and self._model is not None
+        matrix = np.empty((len(accepted), self._layout.dim), dtype=self._layout.compute_dtype)
         keep: list[int] = []
         late: list[Rejection] = []
-        with np.errstate(over="ignore", invalid="ignore"):
-            for i, rep in enumerate(accepted):
-                row = matrix[len(keep)]
-                assert rep.arrays is not None
+        for i, rep in enumerate(accepted):
+            row = matrix[len(keep)]
+            assert rep.arrays is not None
+            try:
                 self.subtract_global_into(rep.arrays, row)
-                # One float32 pass (SIMD; 2.5x a float64-accumulated sum): NaN/Inf anywhere
-                # makes it non-finite; so does a sum past 3e38, which no real update has.
-                if not np.isfinite(row.sum()):
-                    late.append(Rejection(rep.node_id, "update contains NaN or Inf", rep.label))
-                    continue
-                keep.append(i)
+            except Exception as err:  # validated already; anything left is still the reply's
+                late.append(Rejection(rep.node_id, f"unreadable arrays ({err})"[:200], rep.label))
+                continue
+            problem = self.magnitude_problem([row], "update")
+            if problem:
+                late.append(Rejection(rep.node_id, problem, rep.label))
+                continue
+            keep.append(i)
         return matrix[: len(keep)], [accepted[i] for i in keep], late
+
+    def magnitude_problem(self, parts: list[np.ndarray], what: str) -> str:
+        """Why the vector made of ``parts`` cannot be aggregated ("" if it can).
+
+        One dot product per part (one BLAS pass in float32): non-finite when a value
+        is NaN/Inf or the squared norm overflows, which is then told apart.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = 0.0
+            for part in parts:
+                if part.size:
+                    flat = part.reshape(-1)
+                    if flat.dtype.kind != "f" or flat.dtype.itemsize < 4:
+                        flat = flat.astype(np.float64)
+                    squared += float(np.dot(flat, flat))
+        if math.isfinite(squared) and squared <= self.max_update_norm**2:
+            return ""
+        if not all(bool(np.isfinite(p).all()) for p in parts if p.dtype.kind == "f"):
+            return f"{what} contains NaN or Inf"
+        with np.errstate(over="ignore"):
+            norm = math.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts))
+        return (
+            f"{what} values too large: L2 norm {norm:.3g} exceeds max_update_norm "
+            f"{self.max_update_norm:.3g}"
+        )
 
     def subtract_global_into(self, arrays: ArrayRecord, row: np.ndarray) -> None:
         """``row = reply - global`` in one pass, reading the reply's bytes in place."""
-        assert self._layout is not None and self._global_flat is not None
-        offsets = self._layout.offsets
-        for j, key in enumerate(self._layout.keys):
-            lo, hi = offsets[j], offsets[j + 1]
-            np.subtract(
-                array_view(arrays[key]).reshape(-1),
-                self._global_flat[lo:hi],
-                out=row[lo:hi],
-                casting="same_kind",
-            )
+        assert self._model is not None
+        self._model.subtract_into(arrays, row)
 
     def stream_weighted_mean(
         self, accepted: list[CheckedReply]
@@ -453,43 +515,75 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         """The weighted-mean update straight from the replies' zero-copy views.
 
         Used by linear rules (``streams_weighted_mean = True``): ``sum_i w_i r_i - g``
-        equals ``sum_i w_i (r_i - g)``, so each reply is read once and no (n, d)
-        matrix is built. NaN/Inf in any reply makes the sum non-finite; only then
-        are replies checked one by one, the bad ones rejected and the sum redone.
+        equals ``sum_i w_i (r_i - g)``, so each reply is read once for the sum and
+        once for its norm (both single BLAS passes in float32), and no (n, d) matrix
+        is built. Each reply is checked on its own (NaN/Inf, norm above
+        ``max_update_norm``) before it is summed, so one reply can never overflow
+        the sum and make the honest ones look bad. Integer arrays are averaged in
+        float64 and rebuilt from the global model exactly (:class:`FlatModel`).
         """
-        assert self._layout is not None and self._global_flat is not None
-        layout, offsets = self._layout, self._layout.offsets
+        assert self._layout is not None and self._model is not None
+        layout, offsets, model = self._layout, self._layout.offsets, self._model
         late: list[Rejection] = []
-        while accepted:
-            raw = np.array([r.weight for r in accepted], dtype=np.float64)
-            capped, _ = cap_weights(raw, self.max_weight, self.max_weight_median_multiple)
-            shares = normalised(capped)
-            mean = np.empty(layout.dim, dtype=np.float32)
-            for j, key in enumerate(layout.keys):
-                views = [array_view(r.arrays[key]).reshape(-1) for r in accepted]  # type: ignore[index]
-                weighted_sum_into(mean[offsets[j] : offsets[j + 1]], views, shares)
-            with np.errstate(over="ignore", invalid="ignore"):
-                if np.isfinite(mean.sum()):
-                    reports = [ClientReport(selected=True, weight=float(x)) for x in shares]
-                    self._streamed_mean = mean
-                    return AggregationResult(mean - self._global_flat, reports), accepted, late
-            bad = [i for i, r in enumerate(accepted) if not _all_finite(r, layout)]
-            reason = "update contains NaN or Inf"
-            if not bad:  # every value finite but the sum overflowed: nobody can be trusted
-                bad, reason = list(range(len(accepted))), "update values overflow float32"
-            late += [Rejection(accepted[i].node_id, reason, accepted[i].label) for i in bad]
-            accepted = [r for i, r in enumerate(accepted) if i not in set(bad)]
-        return None, [], late
+        good: list[CheckedReply] = []
+        views_of: list[list[np.ndarray]] = []
+        for rep in accepted:
+            assert rep.arrays is not None
+            try:
+                views = [array_view(rep.arrays[key]).reshape(-1) for key in layout.keys]
+            except Exception as err:
+                late.append(Rejection(rep.node_id, f"unreadable arrays ({err})"[:200], rep.label))
+                continue
+            problem = self.magnitude_problem(views, "reply")
+            if problem:
+                late.append(Rejection(rep.node_id, problem, rep.label))
+                continue
+            good.append(rep)
+            views_of.append(views)
+        if not good:
+            return None, [], late
+        raw = np.array([r.weight for r in good], dtype=np.float64)
+        capped, _ = cap_weights(raw, self.max_weight, self.max_weight_median_multiple)
+        shares = normalised(capped)
+        mean = np.empty(layout.dim, dtype=layout.compute_dtype)
+        update = np.empty(layout.dim, dtype=layout.compute_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for j in range(len(layout.keys)):
+                lo, hi = offsets[j], offsets[j + 1]
+                if lo == hi:
+                    continue
+                parts = [views[j] for views in views_of]
+                exact = model.exact.get(j)
+                if exact is not None:
+                    seg = weighted_sum_into(np.empty(hi - lo), parts, shares)
+                    mean[lo:hi] = seg
+                    update[lo:hi] = seg - exact
+                else:
+                    weighted_sum_into(mean[lo:hi], parts, shares)
+                    np.subtract(mean[lo:hi], model.flat[lo:hi], out=update[lo:hi])
+        reports = [ClientReport(selected=True, weight=float(x)) for x in shares]
+        self._streamed_mean = mean
+        return AggregationResult(update, reports), good, late
 
-    def server_step(self, aggregate: np.ndarray) -> ArrayRecord:
-        """``w += lr * v`` with ``v = momentum * v + aggregate`` (FedAvgM)."""
-        assert self._layout is not None and self._global_flat is not None
-        step = aggregate.astype(np.float32, copy=False)
+    def server_step(self, aggregate: np.ndarray) -> ArrayRecord | None:
+        """``w += lr * v`` with ``v = momentum * v + aggregate`` (FedAvgM).
+
+        Returns ``None`` (the caller skips the round) if the new model would not be
+        finite. Arrays come back in the global model's shapes and dtypes.
+        """
+        assert self._layout is not None and self._model is not None
+        dtype = self._layout.compute_dtype
+        step = aggregate.astype(dtype, copy=False)
         if self.server_momentum > 0:
             if self._velocity is None or self._velocity.shape != step.shape:
                 self._velocity = np.zeros_like(step)
-            self._velocity = self.server_momentum * self._velocity + step
-            step = self._velocity
+            velocity = self.server_momentum * self._velocity.astype(dtype, copy=False) + step
+            if self.magnitude_problem([velocity], "momentum"):
+                return None
+            self._velocity = velocity
+            step = velocity
+        if self.magnitude_problem([step], "aggregate"):
+            return None
         if (
             self.server_momentum == 0
             and self.server_learning_rate == 1.0
@@ -498,10 +592,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         ):
             # Plain FedAvg: the new model is the weighted mean itself (exact, and two
             # fewer passes over the model than global + (mean - global)).
-            new_flat = self._streamed_mean
-        else:
-            new_flat = self._global_flat + np.float32(self.server_learning_rate) * step
-        return self._layout.unflatten(new_flat)
+            return self._model.with_values(self._streamed_mean, step)
+        return self._model.apply(step, self.server_learning_rate)
 
     def _note_label(self, node_id: int, label: str) -> None:
         if label:
@@ -513,33 +605,77 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         accepted: list[CheckedReply],
         result: AggregationResult | None,
     ) -> MetricRecord:
-        """Weighted train metrics of the clients used, plus the round's decision counts."""
-        if self._custom_train_metrics:
-            metrics = (
-                self.train_metrics_aggr_fn(
-                    [r.message.content for r in accepted], self.weighted_by_key
-                )
-                if accepted
-                else MetricRecord()
-            )
-        else:
-            metrics = MetricRecord()
-            if result is not None:
-                used = [(r, rep.weight) for r, rep in zip(accepted, result.reports, strict=True)]
-                metrics = weighted_scalar_metrics(
-                    [(r.metrics, w) for r, w in used if w > 0], skip={self.weighted_by_key}
-                )
+        """Flower's train metrics for the accepted replies, plus the round's decision counts.
+
+        Like Flower's ``FedAvg``: every metric weighted by the reply's reported
+        ``num-examples`` (whatever share the rule gave the reply), lists element-wise,
+        or the user's ``train_metrics_aggr_fn``. ``clients-*`` are flower-ext's
+        additions.
+        """
+        metrics = self._client_metrics(report.server_round, accepted, "train")
         metrics["clients-accepted"] = len(report.accepted)
         metrics["clients-rejected"] = len(report.rejected)
         metrics["clients-missing"] = len(report.missing)
         metrics["clients-selected"] = report.num_selected
         return metrics
 
+    def _client_metrics(
+        self, server_round: int, accepted: list[CheckedReply], phase: str
+    ) -> MetricRecord:
+        """Aggregate the accepted replies' metrics (user function, or Flower's rule)."""
+        if not accepted:
+            return MetricRecord()
+        custom = self._custom_train_metrics if phase == "train" else self._custom_evaluate_metrics
+        if custom:
+            fn = self.train_metrics_aggr_fn if phase == "train" else self.evaluate_metrics_aggr_fn
+            try:
+                return fn([r.message.content for r in accepted], self.weighted_by_key)
+            except Exception as err:  # the user's function met a client's metrics
+                self.audit.record(
+                    "metrics_not_aggregated",
+                    round=server_round,
+                    phase=phase,
+                    reason=f"{phase}_metrics_aggr_fn raised {type(err).__name__}: {err}"[:300],
+                )
+                log(WARNING, "Round %s: %s metrics not aggregated: %s", server_round, phase, err)
+                return MetricRecord()
+        items = []
+        for rep in accepted:
+            clean, dropped = finite_metrics(rep.metrics)
+            for key in dropped:
+                self.audit.record(
+                    "client_metric_dropped",
+                    round=server_round,
+                    phase=phase,
+                    node_id=rep.node_id,
+                    label=self.labels.get(rep.node_id, rep.label),
+                    reason=f"metric '{key}' is not a finite number",
+                )
+            items.append((clean, rep.weight))
+        metrics, partial = weighted_metrics(items, skip={self.weighted_by_key})
+        for key, count in partial.items():
+            log(
+                WARNING,
+                "Round %s: %s metric '%s' sent by %s of %s replies; averaged over those",
+                server_round,
+                phase,
+                key,
+                count,
+                len(items),
+            )
+        return metrics
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Weighted metrics plus pooled AUC/KS from the banks' score histograms."""
+        """Flower's weighted evaluate metrics, plus pooled AUC/KS from score histograms.
+
+        The pooled figures (``pooled-auc``, ``pooled-ks``) are added when every
+        accepted reply carries ``hist-neg``/``hist-pos`` of one length; whatever the
+        clients sent (``auc`` included) is averaged as Flower's ``FedAvg`` would.
+        """
         replies = list(replies)
+        log_received(replies, "aggregate_evaluate")
         accepted, rejected = check_replies(
             replies,
             weighted_by_key=self.weighted_by_key,
@@ -547,6 +683,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             max_weight_value=self.max_plausible_examples,
             need_arrays=False,
             origins=self.origins("evaluate"),
+            sampled=self._evaluate_sampled or None,
         )
         for rej in rejected:
             self.audit.record(
@@ -560,19 +697,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             return None
         for rep in accepted:
             self._note_label(rep.node_id, rep.label)
-        if self._custom_evaluate_metrics:
-            metrics = self.evaluate_metrics_aggr_fn(
-                [r.message.content for r in accepted], self.weighted_by_key
-            )
-        else:
-            metrics = weighted_scalar_metrics(
-                [(r.metrics, r.weight) for r in accepted],
-                skip={self.weighted_by_key, "auc", "ks"},
-            )
-        pooled = pooled_histogram_metrics([r.metrics for r in accepted])
+        metrics = self._client_metrics(server_round, accepted, "evaluate")
+        try:
+            pooled = pooled_histogram_metrics([r.metrics for r in accepted])
+        except Exception:  # malformed histograms: no pooled figure, the rest stands
+            pooled = None
         if pooled is not None:
-            metrics["auc"], metrics["ks"] = pooled
-        metrics[self.weighted_by_key] = float(sum(r.weight for r in accepted))
+            metrics[POOLED_AUC_KEY], metrics[POOLED_KS_KEY] = pooled
         self.evaluation_reports[server_round] = {
             "metrics": dict(metrics),
             "clients": {
@@ -588,9 +719,46 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         return metrics
 
 
-def _all_finite(reply: CheckedReply, layout: ArrayLayout) -> bool:
-    assert reply.arrays is not None
-    return all(bool(np.isfinite(array_view(reply.arrays[k])).all()) for k in layout.keys)
+def log_received(replies: list[Message], phase: str) -> None:
+    """Flower's own "Received N results and M failures" line."""
+    failures = sum(1 for m in replies if m.has_error())
+    log(INFO, "%s: Received %s results and %s failures", phase, len(replies) - failures, failures)
+
+
+def weighted_metrics(
+    items: list[tuple[dict[str, Any], float]],
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+) -> tuple[MetricRecord, dict[str, int]]:
+    """Flower's metric rule: each metric's mean weighted by the replies' weights.
+
+    Scalars and equal-length lists (element-wise) are averaged over the replies
+    that carry the key; ``partial`` maps each key some replies lacked to how many
+    sent it (Flower stops the run in that case; flower-ext averages what it has
+    and says so). Lists of different lengths are left out.
+    """
+    out = MetricRecord()
+    partial: dict[str, int] = {}
+    keys: list[str] = []
+    for m, _ in items:
+        keys += [k for k in m if k not in keys and k not in skip]
+    for key in keys:
+        values = [(m[key], w) for m, w in items if key in m]
+        if len(values) < len(items):
+            partial[key] = len(values)
+        total = sum(w for _, w in values)
+        if total <= 0:
+            continue
+        if all(isinstance(v, list) for v, _ in values):
+            lengths = {len(v) for v, _ in values}
+            if len(lengths) != 1:
+                continue
+            acc = np.zeros(lengths.pop(), dtype=np.float64)
+            for v, w in values:
+                acc += (w / total) * np.asarray(v, dtype=np.float64)
+            out[key] = [float(x) for x in acc]
+        elif not any(isinstance(v, list) for v, _ in values):
+            out[key] = float(sum((w / total) * float(v) for v, w in values))
+    return out, partial
 
 
 def weighted_scalar_metrics(
@@ -615,11 +783,20 @@ def pooled_histogram_metrics(records: list[MetricRecord]) -> tuple[float, float]
     """Pooled (AUC, KS) from per-bank score histograms, if every bank sent them."""
     if not records or not all(HIST_NEG_KEY in m and HIST_POS_KEY in m for m in records):
         return None
-    lengths = {len(m[HIST_NEG_KEY]) for m in records} | {len(m[HIST_POS_KEY]) for m in records}  # type: ignore[arg-type]
+    hists = [(m[HIST_NEG_KEY], m[HIST_POS_KEY]) for m in records]
+    if not all(isinstance(n, list) and isinstance(p, list) for n, p in hists):
+        return None
+    lengths = {len(n) for n, _ in hists} | {len(p) for _, p in hists}
     if len(lengths) != 1:
         return None
-    neg = np.sum([np.asarray(m[HIST_NEG_KEY], dtype=np.float64) for m in records], axis=0)
-    pos = np.sum([np.asarray(m[HIST_POS_KEY], dtype=np.float64) for m in records], axis=0)
+    neg = np.sum([np.asarray(n, dtype=np.float64) for n, _ in hists], axis=0)
+    pos = np.sum([np.asarray(p, dtype=np.float64) for _, p in hists], axis=0)
+    if (
+        not (np.isfinite(neg).all() and np.isfinite(pos).all())
+        or (neg < 0).any()
+        or (pos < 0).any()
+    ):
+        return None
     auc, ks = metrics_from_histograms(neg, pos)
     if auc is None or ks is None:
         return None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from flower_ext.aggregation import AggregationResult, bulyan, bulyan_min_clients
 
-from .robust import RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class Bulyan(RobustStrategy):
@@ -24,9 +25,13 @@ class Bulyan(RobustStrategy):
 
     Parameters
     ----------
-    *args, **kwargs
-        ``flwr.serverapp.strategy.FedAvg``'s arguments, plus the keyword arguments
-        of :class:`~flower_ext.strategies.UpdateAggregationStrategy`.
+    fraction_train, ..., evaluate_metrics_aggr_fn
+        ``flwr.serverapp.strategy.Bulyan``'s arguments, in its positional order
+        (``num_malicious_nodes`` 6th); ``**kwargs`` are the keyword arguments of
+        :class:`~flower_ext.strategies.UpdateAggregationStrategy`.
+    selection_rule : None
+        Accepted for Flower's signature; only ``None`` (Krum) is supported, any
+        other value raises ``ValueError`` saying why.
     num_malicious_nodes : int (default: 0)
         f. Needs ``n >= 4f + 3``.
 
@@ -38,8 +43,44 @@ class Bulyan(RobustStrategy):
     uses_weights = False
     rule_name = "bulyan"
 
-    def __init__(self, *args: Any, num_malicious_nodes: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, num_malicious_nodes=num_malicious_nodes, **kwargs)
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        num_malicious_nodes: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        selection_rule: Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Flower's positional order: num_malicious_nodes 6th, selection_rule last.
+        if selection_rule is not None:
+            raise ValueError(
+                "flower-ext's Bulyan always selects with Krum on float64 distances of centred "
+                "updates (El Mhamdi et al. 2018); a custom selection_rule over RecordDicts is "
+                "not supported. Use flwr.serverapp.strategy.Bulyan for a custom rule, or "
+                "MultiKrum / TrimmedMean from flower_ext.strategies."
+            )
+        super().__init__(
+            fraction_train,
+            fraction_evaluate,
+            min_train_nodes,
+            min_evaluate_nodes,
+            min_available_nodes,
+            weighted_by_key,
+            arrayrecord_key,
+            configrecord_key,
+            train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn,
+            num_malicious_nodes=num_malicious_nodes,
+            **kwargs,
+        )
 
     def min_clients(self) -> int:
         return bulyan_min_clients(self.num_malicious_nodes)

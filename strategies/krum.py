@@ -8,7 +8,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum, krum_min_clients
 
-from .robust import RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class Krum(RobustStrategy):
@@ -26,9 +26,10 @@ class Krum(RobustStrategy):
 
     Parameters
     ----------
-    *args, **kwargs
-        ``flwr.serverapp.strategy.FedAvg``'s arguments, plus the keyword arguments
-        of :class:`~flower_ext.strategies.UpdateAggregationStrategy` (weight caps,
+    fraction_train, ..., evaluate_metrics_aggr_fn
+        ``flwr.serverapp.strategy.Krum``'s arguments, in its positional order
+        (``num_malicious_nodes`` 6th); ``**kwargs`` are the keyword arguments of
+        :class:`~flower_ext.strategies.UpdateAggregationStrategy` (weight caps,
         server learning rate / momentum, audit).
     num_malicious_nodes : int (default: 0)
         f. Needs ``n > 2f + 2`` valid replies; fewer sampled nodes raise
@@ -43,8 +44,36 @@ class Krum(RobustStrategy):
     uses_weights = False
     rule_name = "krum"
 
-    def __init__(self, *args: Any, num_malicious_nodes: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, num_malicious_nodes=num_malicious_nodes, **kwargs)
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        num_malicious_nodes: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Flower's positional order: num_malicious_nodes is the 6th argument.
+        super().__init__(
+            fraction_train,
+            fraction_evaluate,
+            min_train_nodes,
+            min_evaluate_nodes,
+            min_available_nodes,
+            weighted_by_key,
+            arrayrecord_key,
+            configrecord_key,
+            train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn,
+            num_malicious_nodes=num_malicious_nodes,
+            **kwargs,
+        )
 
     def min_clients(self) -> int:
         return krum_min_clients(self.num_malicious_nodes)

@@ -8,7 +8,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, coordinate_median, median_min_clients
 
-from .robust import RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class Median(RobustStrategy):
@@ -64,3 +64,39 @@ class Median(RobustStrategy):
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         return coordinate_median(updates, weights, report_distances=self.report_distances)
+
+
+class FedMedian(Median):
+    """Flower's name for :class:`Median`, with ``flwr.serverapp.strategy.FedMedian``'s signature.
+
+    The positional arguments are Flower's (``FedAvg``'s); flower-ext's options
+    (``num_malicious_nodes``, weight caps, audit, ...) are keyword-only.
+    """
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            fraction_train,
+            fraction_evaluate,
+            min_train_nodes,
+            min_evaluate_nodes,
+            min_available_nodes,
+            weighted_by_key,
+            arrayrecord_key,
+            configrecord_key,
+            train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn,
+            **kwargs,
+        )

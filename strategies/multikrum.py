@@ -8,7 +8,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum_min_clients, multi_krum
 
-from .robust import RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class MultiKrum(RobustStrategy):
@@ -22,13 +22,16 @@ class MultiKrum(RobustStrategy):
 
     Parameters
     ----------
-    *args, **kwargs
-        ``flwr.serverapp.strategy.FedAvg``'s arguments, plus the keyword arguments
-        of :class:`~flower_ext.strategies.UpdateAggregationStrategy`.
+    fraction_train, ..., evaluate_metrics_aggr_fn
+        ``flwr.serverapp.strategy.MultiKrum``'s arguments, in its positional order
+        (``num_malicious_nodes`` 6th, ``num_nodes_to_select`` 7th); ``**kwargs`` are
+        the keyword arguments of :class:`~flower_ext.strategies.UpdateAggregationStrategy`.
     num_malicious_nodes : int (default: 0)
         f. Needs ``n > 2f + 2``.
     num_nodes_to_select : int, optional
         m in ``[1, n]``; ``None`` (default) selects ``n - f`` of the n valid replies.
+        **Differs from Flower on purpose**: Flower's default is 1 (which is Krum);
+        pass ``num_nodes_to_select=1`` for Flower's behaviour. ``summary()`` says which.
 
     Weights
     -------
@@ -41,12 +44,35 @@ class MultiKrum(RobustStrategy):
 
     def __init__(
         self,
-        *args: Any,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
         num_malicious_nodes: int = 0,
         num_nodes_to_select: int | None = None,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, num_malicious_nodes=num_malicious_nodes, **kwargs)
+        # Flower's positional order: num_malicious_nodes 6th, num_nodes_to_select 7th.
+        super().__init__(
+            fraction_train,
+            fraction_evaluate,
+            min_train_nodes,
+            min_evaluate_nodes,
+            min_available_nodes,
+            weighted_by_key,
+            arrayrecord_key,
+            configrecord_key,
+            train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn,
+            num_malicious_nodes=num_malicious_nodes,
+            **kwargs,
+        )
         if num_nodes_to_select is not None and (
             isinstance(num_nodes_to_select, bool)
             or not isinstance(num_nodes_to_select, (int, np.integer))
@@ -67,7 +93,11 @@ class MultiKrum(RobustStrategy):
         return f"Multi-Krum needs n > 2f + 2 and n >= m = {self.num_nodes_to_select}"
 
     def rule_summary(self) -> str:
-        m = "n - f" if self.num_nodes_to_select is None else str(self.num_nodes_to_select)
+        m = (
+            "n - f (flower-ext's default; Flower's MultiKrum defaults to m = 1)"
+            if self.num_nodes_to_select is None
+            else str(self.num_nodes_to_select)
+        )
         return (
             f"Multi-Krum (f={self.num_malicious_nodes}, m={m}): weighted mean of the m updates "
             "with the smallest Krum scores (weights not used in the selection)"

@@ -21,17 +21,21 @@ rules (``Krum``, ``MultiKrum``, ``Median``, ``TrimmedMean``, ``Bulyan``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord
+from flwr.app import MetricRecord, RecordDict
 from flwr.supercore import log
 
 from flower_ext.aggregation import AggregationResult
 from flower_ext.validation import CheckedReply
 
 from .base import RoundReport, UpdateAggregationStrategy
+
+#: Flower's type of ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``.
+MetricsAggregationFn = Callable[[list[RecordDict], str], MetricRecord]
 
 
 def check_num_malicious(value: object) -> int:

@@ -14,7 +14,7 @@ from flower_ext.aggregation import (
     trimmed_mean_min_clients,
 )
 
-from .robust import RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class TrimmedMean(RobustStrategy):
@@ -81,4 +81,43 @@ class TrimmedMean(RobustStrategy):
         assert k >= self.num_malicious_nodes  # min_replies() guarantees it
         return trimmed_mean(
             updates, weights, beta=self.beta, report_trim_fraction=self.report_trim_fraction
+        )
+
+
+class FedTrimmedAvg(TrimmedMean):
+    """Flower's name for :class:`TrimmedMean`, with ``flwr.serverapp.strategy.FedTrimmedAvg``'s
+    signature: ``FedAvg``'s arguments, then ``beta`` (11th, the fraction cut from each tail).
+
+    flower-ext's options (``num_malicious_nodes``, weight caps, audit, ...) are
+    keyword-only.
+    """
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        beta: float = 0.2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            fraction_train,
+            fraction_evaluate,
+            min_train_nodes,
+            min_evaluate_nodes,
+            min_available_nodes,
+            weighted_by_key,
+            arrayrecord_key,
+            configrecord_key,
+            train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn,
+            beta=beta,
+            **kwargs,
         )

@@ -47,6 +47,18 @@ def outgoing(arrays: ArrayRecord, node_id: int, message_type: str = MessageType.
     )
 
 
+def sent(messages):
+    """Give outgoing messages the ids a Grid gives them when it sends them (their object id).
+
+    Replies built afterwards answer these ids, so strategies can bind replies to the
+    round's messages as they do in the real runtime.
+    """
+    messages = list(messages)
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    return messages
+
+
 def reply(
     to: Message,
     arrays: ArrayRecord | None = None,

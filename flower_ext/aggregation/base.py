@@ -121,6 +121,8 @@ def weighted_sum_into(
     if len(vectors) != len(weights):
         raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
     out[...] = 0
+    if out.size == 0:  # BLAS rejects empty vectors; a zero-size array's mean is itself
+        return out
     if out.dtype == np.float32:
         from scipy.linalg.blas import saxpy
 
