@@ -105,9 +105,12 @@ def test_csv_natural_iid_and_dirichlet_splits(tmp_path):
     ("mutate", "message"),
     [
         (lambda f: f.drop(columns=["y"]), "label column 'y' not found"),
-        (lambda f: f.assign(income=["abc"] * len(f)), "not numeric"),
-        (lambda f: f.assign(y=f["y"] + 5), "0/1"),
-        (lambda f: f.assign(income=[np.nan] + [1.0] * (len(f) - 1)), "empty values"),
+        (lambda f: f.assign(income=["abc"] * len(f)), "column 'income', row 2: 'abc' is not a"),
+        (lambda f: f.assign(y=f["y"] + 5), "column 'y', row 2: the label must be 0 or 1"),
+        (
+            lambda f: f.assign(income=[1.0, np.nan] + [1.0] * (len(f) - 2)),
+            "column 'income', row 3: empty value",
+        ),
         (lambda f: f.iloc[:0], "no rows"),
     ],
 )

@@ -7,12 +7,24 @@ Three ways to split, all through flwr-datasets partitioners:
 - ``dirichlet``: label-skewed banks, Dirichlet(alpha) over the label per bank;
 - ``iid``: uniform random banks.
 
-Every problem a user can make with a CSV is reported as :class:`DataError`
-naming the file, the column and what to do, never as a traceback from pandas.
+Every problem a user can make with a CSV is found when the file is loaded and
+reported as :class:`DataError` naming the file, the column and the row, never as
+a traceback from pandas and never later, in training. Rows are counted as a
+spreadsheet shows them: the header is row 1, the first data row is row 2 (a
+quoted value spanning lines counts as the line it starts on).
+
+What the loader accepts: UTF-8 text (a byte-order mark is fine), comma-separated,
+a header of unique, non-empty names on the first line, the same number of fields
+on every row, and in every used column a finite number that fits float32 (the
+model's precision). Blank lines are skipped. Anything else is refused; nothing
+is guessed (a duplicated header name, which pandas would silently rename to
+``y.1``, could otherwise put the label among the features).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +33,14 @@ import numpy as np
 import pandas as pd
 
 SPLITS = ("natural", "iid", "dirichlet")
+
+#: Fewest rows a bank needs: a stratified train/test split needs a few of each.
+MIN_BANK_ROWS = 4
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MISSING_WORDS = {"nan", "-nan", "na", "n/a", "null", "none", "nil", "?", "-"}
+_INF_WORDS = {"inf", "infinity"}
+_OTHER_DELIMITERS = (";", "\t", "|")
 
 
 class DataError(ValueError):
@@ -42,53 +62,239 @@ class CsvSpec:
     seed: int = 42
 
 
+def _short(value: str, limit: int = 40) -> str:
+    """A cell value for a message: quoted, and cut if long (a stray blob, not a number)."""
+    shown = value if len(value) <= limit else value[: limit - 3] + "..."
+    return repr(shown)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; refuses what is not a UTF-8 text file."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"CSV file '{path}' cannot be read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8) is dropped
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"CSV file '{path}', row {line}: not UTF-8 text (byte {data[err.start]:#04x}); "
+            "save the file as UTF-8"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(f"CSV file '{path}', row {line}: contains NUL bytes; not a text CSV")
+    if not text.strip():
+        raise DataError(f"CSV file '{path}' is empty")
+    return text
+
+
+def _scan_records(text: str, path: Path) -> tuple[list[str], list[int]]:
+    """Header names and the file row each data record starts on; checks field counts.
+
+    Only for the structure and row numbers; pandas parses the values.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows: list[int] = []
+    start = 1
+    try:
+        for record in reader:
+            if header is None:
+                if not record:
+                    raise DataError(
+                        f"CSV file '{path}', row {start}: the first line is empty; "
+                        "the header must be on row 1"
+                    )
+                header = record
+                _check_header(header, path)
+            elif record:  # blank lines are skipped, as pandas does
+                if len(record) != len(header) and any("\n" in f for f in record):
+                    raise DataError(
+                        f"CSV file '{path}', row {start}: a quoted value opened here runs to "
+                        f"row {reader.line_num}; is a closing quote missing?"
+                    )
+                if len(record) != len(header):
+                    raise DataError(
+                        f"CSV file '{path}', row {start}: {len(record)} field(s) but the header "
+                        f"has {len(header)}"
+                    )
+                rows.append(start)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise DataError(f"CSV file '{path}', row {reader.line_num}: {err}") from None
+    assert header is not None  # the text is not blank
+    return header, rows
+
+
+def _check_header(header: list[str], path: Path) -> None:
+    if len(header) == 1:
+        found = [d for d in _OTHER_DELIMITERS if d in header[0]]
+        if found:
+            raise DataError(
+                f"CSV file '{path}', row 1: the header is one column {_short(header[0])}; the file "
+                f"looks {found[0]!r}-separated, but columns must be separated by commas"
+            )
+    seen: dict[str, int] = {}
+    for position, name in enumerate(header, start=1):
+        key = name.strip()
+        if not key:
+            raise DataError(
+                f"CSV file '{path}', row 1: column {position} has an empty name; "
+                "every column needs a name"
+            )
+        if key in seen:
+            raise DataError(
+                f"CSV file '{path}', row 1: column name {key!r} appears twice (columns "
+                f"{seen[key]} and {position}); rename or remove one (a duplicated label "
+                "would leak into the features)"
+            )
+        seen[key] = position
+    for name in header:  # after the duplicates: 'y ' next to 'y' is a duplicate first
+        if name.strip() != name:
+            raise DataError(
+                f"CSV file '{path}', row 1: column name {name!r} has spaces around it; "
+                f"write it as {name.strip()!r}"
+            )
+
+
+def _check_columns(columns: list[str], spec: CsvSpec, path: Path) -> list[str]:
+    """The columns the model uses (label included), after checking the spec against them."""
+    label = spec.label_column
+    if label not in columns:
+        hint = [c for c in columns if c.lower() == label.lower()]
+        raise DataError(
+            f"CSV file '{path}': label column '{label}' not found"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; columns are {columns}"
+        )
+    if label in spec.drop_columns:
+        raise DataError(
+            f"CSV file '{path}': the label column '{label}' is listed in csv-drop-columns; "
+            "remove it from there"
+        )
+    unknown_drops = [c for c in spec.drop_columns if c not in columns]
+    if unknown_drops:
+        raise DataError(
+            f"CSV file '{path}': columns to drop {unknown_drops} are not in the file; "
+            f"columns are {columns}"
+        )
+    partition = spec.partition_column
+    if spec.split == "natural" and partition:
+        if partition in spec.drop_columns:
+            raise DataError(
+                f"CSV file '{path}': the partition column '{partition}' is listed in "
+                "csv-drop-columns, but the natural split needs it; remove it from there"
+            )
+        if partition not in columns:
+            raise DataError(
+                f"CSV file '{path}': partition column '{partition}' not found; "
+                f"columns are {columns}"
+            )
+        if partition == label:
+            raise DataError(
+                f"CSV file '{path}': the partition column is the label '{label}'; every bank "
+                "would hold one class only"
+            )
+    used = [c for c in columns if c not in spec.drop_columns]
+    if len(used) < 2:
+        raise DataError(
+            f"CSV file '{path}': no feature columns left besides the label '{label}' "
+            f"(columns {columns}, dropped {list(spec.drop_columns)})"
+        )
+    return used
+
+
+def _numeric_column(cells: pd.Series, column: str, rows: list[int] | None, path: Path) -> pd.Series:
+    """``cells`` (strings) as numbers; the first bad cell is named with its row."""
+    text = cells.str.strip()
+    values = pd.to_numeric(text, errors="coerce").astype(np.float64)
+    bad = ~np.isfinite(values.to_numpy()) | (values.abs() > _FLOAT32_MAX).to_numpy()
+    if bad.any():
+        where = np.flatnonzero(bad)
+        first = int(where[0])
+        row = rows[first] if rows is not None else f"{first + 2} (approximately)"
+        raw = str(text.iloc[first])
+        word = raw.lower().lstrip("+-")
+        if raw == "":
+            problem = "empty value; impute or drop such rows first"
+        elif raw.lower() in _MISSING_WORDS:
+            problem = f"missing value {_short(raw)}; impute or drop such rows first"
+        elif word in _INF_WORDS:
+            problem = f"{_short(raw)} is infinite; only finite numbers can be used"
+        elif np.isnan(values.iloc[first]):
+            problem = (
+                f"{_short(raw)} is not a number (the column is not numeric); "
+                "encode it as numbers or list the column in csv-drop-columns"
+            )
+        else:
+            problem = (
+                f"{_short(raw)} is out of range: beyond float32's ±{_FLOAT32_MAX:.2e}, the "
+                "model's precision; rescale the column"
+            )
+        more = f" ({len(where) - 1} more such row(s) in this column)" if len(where) > 1 else ""
+        raise DataError(f"CSV file '{path}', column '{column}', row {row}: {problem}{more}")
+    integral = np.all(np.mod(values.to_numpy(), 1) == 0) and values.abs().max() < 2**53
+    return values.astype(np.int64) if integral else values
+
+
 def read_table(spec: CsvSpec) -> pd.DataFrame:
-    """Read and check the CSV: a numeric table with a binary label column."""
+    """Read and check the CSV: a numeric table with a 0/1 label column.
+
+    Returns the table without the dropped columns; integral columns as int64,
+    others as float64, the label as int64.
+
+    Raises
+    ------
+    DataError
+        For anything that would not train as given (see the module docstring),
+        naming the file, the column and the row.
+    """
     path = Path(spec.path).expanduser()
     if not path.is_file():
         raise DataError(f"CSV file '{path}' does not exist")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"CSV file '{path}' is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"CSV file '{path}' could not be parsed: {err}") from None
-    if frame.empty:
+    text = _read_text(path)
+    header, rows = _scan_records(text, path)
+    if not rows:
         raise DataError(f"CSV file '{path}' has a header but no rows")
-    if spec.label_column not in frame.columns:
-        raise DataError(
-            f"label column '{spec.label_column}' not found in '{path}'; "
-            f"columns are {list(frame.columns)}"
+    used = _check_columns(header, spec, path)
+    try:
+        raw = pd.read_csv(
+            io.StringIO(text),
+            dtype=str,
+            keep_default_na=False,  # every cell stays text: the checks below name bad ones
+            na_filter=False,
+            index_col=False,
+            skip_blank_lines=True,
         )
-    unknown_drops = [c for c in spec.drop_columns if c not in frame.columns]
-    if unknown_drops:
-        raise DataError(f"columns to drop {unknown_drops} are not in '{path}'")
-    frame = frame.drop(columns=list(spec.drop_columns))
+    except (pd.errors.ParserError, ValueError) as err:
+        raise DataError(f"CSV file '{path}' could not be parsed: {err}") from None
+    if list(raw.columns) != header:  # pandas and the row scan must agree on the columns
+        raise DataError(f"CSV file '{path}', row 1: the header could not be read consistently")
+    # Row numbers from the scan when both counted the same records; else approximate.
+    row_of: list[int] | None = rows if len(rows) == len(raw) else None
+    if len(raw) < MIN_BANK_ROWS:
+        raise DataError(
+            f"CSV file '{path}' has {len(raw)} data row(s); at least {MIN_BANK_ROWS} are needed "
+            "(each bank holds out a test split)"
+        )
+    frame = pd.DataFrame(
+        {c: _numeric_column(raw[c], c, row_of, path) for c in used}, index=raw.index
+    )
     label = frame[spec.label_column]
-    if label.isna().any():
+    not_binary = ~label.isin([0, 1]).to_numpy()
+    if not_binary.any():
+        first = int(np.flatnonzero(not_binary)[0])
+        row = row_of[first] if row_of is not None else f"{first + 2} (approximately)"
+        shown = sorted({str(v) for v in label[not_binary]})[:5]
         raise DataError(
-            f"label column '{spec.label_column}' has {int(label.isna().sum())} empty values"
+            f"CSV file '{path}', column '{spec.label_column}', row {row}: the label must be "
+            f"0 or 1, found {raw[spec.label_column].iloc[first].strip()!r} "
+            f"(values outside 0/1: {shown})"
         )
-    values = set(pd.unique(label))
-    if not values <= {0, 1}:
-        shown = sorted(map(str, values))[:5]
-        raise DataError(f"label column '{spec.label_column}' must hold 0/1 values, found {shown}")
-    non_numeric = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
-    if non_numeric:
-        column = non_numeric[0]
-        bad = frame[column][pd.to_numeric(frame[column], errors="coerce").isna()]
-        example = f" (e.g. {bad.iloc[0]!r} in data row {int(bad.index[0]) + 1})" if len(bad) else ""
-        raise DataError(
-            f"column(s) {non_numeric} in '{path}' are not numeric{example}; "
-            "encode them or list them in csv-drop-columns"
-        )
-    missing = frame.columns[frame.isna().any()].tolist()
-    if missing:
-        raise DataError(
-            f"column(s) {missing} in '{path}' have empty values; impute or drop them first"
-        )
-    frame[spec.label_column] = frame[spec.label_column].astype(np.int64)
-    return frame
+    frame[spec.label_column] = label.astype(np.int64)
+    return frame.reset_index(drop=True)
 
 
 def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFrame]:
@@ -113,9 +319,12 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
                 f"partition column '{column}' not found; columns are {list(frame.columns)}"
             )
         if spec.partition_values:
-            wanted = [float(v) for v in spec.partition_values]
+            wanted = [_partition_value(v, column) for v in spec.partition_values]
             kept = frame[column].astype(float).isin(wanted)
-            absent = [v for v in spec.partition_values if float(v) not in set(frame[column])]
+            present = set(frame[column].astype(float))
+            absent = [
+                v for v, w in zip(spec.partition_values, wanted, strict=True) if w not in present
+            ]
             if absent:
                 raise DataError(
                     f"bank(s) {[f'{column}={v}' for v in absent]} would have no rows: "
@@ -165,8 +374,26 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
             name = f"bank-{bank_index}"
         if len(part) == 0:
             raise DataError(f"{name} was left with no rows by the '{spec.split}' split")
+        if len(part) < MIN_BANK_ROWS:
+            raise DataError(
+                f"{name} has {len(part)} row(s) after the '{spec.split}' split; a bank needs "
+                f"at least {MIN_BANK_ROWS} (it holds out a test split)"
+            )
         banks[name] = part
     return banks
+
+
+def _partition_value(text: str, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(
+            f"csv-partition-values: {text!r} is not a number; '{column}' holds numbers "
+            '(e.g. csv-partition-values = "1,2,3")'
+        ) from None
+    if not np.isfinite(value):
+        raise DataError(f"csv-partition-values: {text!r} is not a finite number")
+    return value
 
 
 def _fmt(value: object) -> str:
