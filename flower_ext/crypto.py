@@ -183,6 +183,18 @@ def context_data_bits(ctx: ts.Context) -> int:
     return int(ctx.seal_context().data.first_context_data().total_coeff_modulus_bit_count())
 
 
+def max_abs_sum(ctx: ts.Context) -> float:
+    """Largest ``|value|`` per slot that a ciphertext, or a sum of them, holds without wrapping.
+
+    Values are encoded as ``round(x * scale)`` under the data modulus ``q``;
+    beyond ``q / 2`` they wrap around and decrypt to garbage with no error. Three
+    bits are kept as headroom for the encoding and the encryption noise, so the
+    bound is ``2^(log2 q - log2 scale - 3)`` (2^21, about 2.1e6, for the defaults).
+    It applies to the *sum* the server builds, not to each bank's ciphertext alone.
+    """
+    return float(2.0 ** (context_data_bits(ctx) - math.log2(ctx.global_scale) - 3))
+
+
 def context_parameters(ctx: ts.Context) -> CKKSParameters:
     """The parameters of ``ctx`` (the special prime's size is not recoverable: given as total)."""
     sc = ctx.seal_context().data
@@ -303,14 +315,27 @@ class KeyFiles:
     params: CKKSParameters
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never world-readable, even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_private_file(path: str | Path, data: bytes) -> Path:
+    """Write ``path`` owner-only (0600), atomically, whatever was there before.
+
+    The bytes go to a fresh 0600 temporary file in the same directory, which then
+    replaces ``path``: a file that existed with wider permissions is replaced, not
+    truncated in place (``open(..., "w")`` would keep its old mode), and a reader
+    never sees half a key.
+    """
+    target = Path(os.path.expanduser(str(path)))
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.fchmod(fd, 0o600)  # mkstemp already uses 0600; say so rather than rely on it
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-    finally:
-        os.chmod(path, 0o600)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def write_keys(
@@ -348,9 +373,7 @@ def write_keys(
         f"{SECRET_FILE}: banks only (secret key)\n{PUBLIC_FILE}: the server (no secret key)\n"
     )
     for path, data in zip(targets, [secret_bytes, public_bytes, info.encode()], strict=True):
-        if path.exists():
-            path.unlink()
-        _write_private(path, data)
+        write_private_file(path, data)
     return KeyFiles(targets[0], targets[1], targets[2], fingerprint, params)
 
 

@@ -32,6 +32,9 @@ sends different coordinates per bank: both are refused (the latter when a
 
 from __future__ import annotations
 
+import hashlib
+import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -59,16 +62,18 @@ from flower_ext.mods.he import (
     CIPHERTEXTS,
     FINGERPRINT_KEY,
     FORMAT_KEY,
+    NUM_BANKS_KEY,
     RECORD_KEY,
     SLOTS_KEY,
     TOPK_RATIO_KEY,
     WEIGHT_KEY_KEY,
+    WEIGHT_SCALE_KEY,
     WEIGHT_TOTAL,
     layout_signature,
     split_global,
 )
-from flower_ext.records import ArrayLayout, RecordFormatError, array_view, arrays_sha256
-from flower_ext.validation import Rejection, check_weight, client_label, reply_sender
+from flower_ext.records import ArrayLayout, array_view, arrays_sha256
+from flower_ext.validation import Rejection, bind_replies, check_weight, client_label
 
 from .base import RoundReport, UpdateAggregationStrategy, weighted_scalar_metrics
 
@@ -81,6 +86,48 @@ class EncryptedReply:
     metrics: MetricRecord
     packed: np.ndarray  # uint8 (chunks, 2, N, coeff_bytes): a zero-copy view on the reply
     nbytes: int
+    digest: bytes = b""
+
+
+#: Attribute that marks an ``evaluate_fn`` as knowing it receives the encrypted model.
+ENCRYPTED_HOOK_ATTR = "__flower_ext_reads_encrypted_model__"
+
+
+def encrypted_model_hook(fn: Callable[[int, ArrayRecord], MetricRecord | None]) -> Callable:
+    """Mark ``fn`` as an ``evaluate_fn`` that expects the *encrypted* global model.
+
+    :meth:`EncryptedFedAvg.start` refuses an ordinary ``evaluate_fn`` (it would get
+    ciphertexts, not weights). A hook that only records or checkpoints what the
+    server holds (the bank app's round recorder does) is marked with this and passes.
+    """
+    setattr(fn, ENCRYPTED_HOOK_ATTR, True)
+    return fn
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _short(text: object, limit: int = 300) -> str:
+    """One audit-sized line: no terminal escapes, no newlines, at most ``limit`` characters."""
+    clean = _ANSI.sub("", str(text)).replace("\n", " ").strip()
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def _safe_label(msg: Message) -> str:
+    try:
+        return client_label(msg)[:100]
+    except Exception:
+        return ""
+
+
+def _real(value: object, what: str) -> float:
+    """A finite real number from a client record, or ``CiphertextError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CiphertextError(f"'{what}' must be one number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise CiphertextError(f"'{what}' is not finite ({number})")
+    return number
 
 
 class EncryptedFedAvg(UpdateAggregationStrategy):
@@ -100,11 +147,33 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
     context : str | Path | bytes | tenseal.Context
         The *public* context (``server-public.ckks`` from ``flower-ext keygen``).
         A context holding the secret key is refused.
+    weight_scale : float (default: 1.0)
+        A public factor ``s`` every bank multiplies its weight by: banks encrypt
+        ``s * n_i * (local_i - base)`` and the server sums ``W = sum_i s * n_i``, so
+        ``s`` cancels in ``sum / W``. Large federations lower it (e.g. 1e-3 for
+        banks with a million rows) so the encrypted sum stays in the CKKS range;
+        a bank refuses, naming the largest ``s`` that fits, rather than let the
+        sum wrap. Precision is about ``2e-7 * sqrt(banks) / W`` per parameter.
     proximal_mu, max_plausible_examples, min_valid_replies, audit
         As in :class:`UpdateAggregationStrategy`.
     server_learning_rate, server_momentum, max_weight, max_weight_median_multiple
         Accepted for signature compatibility; anything but the defaults is
         refused (each needs a ciphertext multiplication).
+
+    Notes
+    -----
+    Sum range: the server announces each round the number of banks sampled
+    (``he-num-banks``, k) and the weight scale; each bank checks
+    ``k * max|s n_i (local_i - base)|`` against the context's range
+    (:func:`flower_ext.crypto.max_abs_sum`) before encrypting. The server adds at
+    most one ciphertext per sampled bank (replies are bound to this round's
+    messages, :func:`flower_ext.validation.bind_replies`), so the sum of honest
+    contributions cannot wrap. A bank that sends garbage can still spoil the sum:
+    CKKS has no integrity.
+
+    Central evaluation: :meth:`start` refuses an ``evaluate_fn`` (the server holds
+    ciphertexts); banks evaluate, and a key-holding bank gets the final model
+    with :func:`flower_ext.mods.he.decrypt_result`.
     """
 
     def __init__(
@@ -129,7 +198,15 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         max_plausible_examples: float = 1e9,
         min_valid_replies: int = 1,
         audit: AuditTrail | None = None,
+        weight_scale: float = 1.0,
     ) -> None:
+        if (
+            isinstance(weight_scale, bool)
+            or not isinstance(weight_scale, (int, float))
+            or not math.isfinite(weight_scale)
+            or weight_scale <= 0
+        ):
+            raise ValueError(f"weight_scale must be a positive finite number, got {weight_scale!r}")
         refused = []
         if server_learning_rate != 1.0:
             refused.append(f"server_learning_rate={server_learning_rate}")
@@ -166,6 +243,9 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         except CryptoError as err:
             raise ValueError(f"EncryptedFedAvg cannot use this context: {err}") from err
         self.slots = self.codec.slots
+        self.weight_scale = float(weight_scale)
+        #: Digests of every ciphertext accepted so far (exact replays are refused).
+        self._seen_digests: dict[bytes, int] = {}
         self._base: ArrayRecord | None = None
         self._base_layout: ArrayLayout | None = None
         #: Per round: seconds deserializing+checking, adding, serializing.
@@ -181,6 +261,51 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t\t└── Encrypted: the server holds the public context only")
+        log(
+            INFO,
+            "\t\t└── Weight scale: %g (banks encrypt scale x num-examples x update)",
+            self.weight_scale,
+        )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Any:
+        """Flower's ``Strategy.start``, refusing a central ``evaluate_fn`` before any round.
+
+        The server only ever holds the encrypted global model, so an ``evaluate_fn``
+        would be handed ciphertext arrays. Evaluate on the banks instead
+        (``fraction_evaluate > 0`` and the ClientApp's ``@app.evaluate``), and decrypt
+        the returned ``Result`` at a bank with :func:`flower_ext.mods.he.decrypt_result`.
+        A hook that knows it gets the encrypted record (to save or log it) can be
+        marked with :func:`encrypted_model_hook`.
+        """
+        if evaluate_fn is not None and not getattr(evaluate_fn, ENCRYPTED_HOOK_ATTR, False):
+            raise ValueError(
+                "EncryptedFedAvg cannot run a central evaluate_fn: the server holds only the "
+                "encrypted global model (public base + ciphertexts), never the weights, so "
+                "evaluate_fn would receive ciphertext arrays. Evaluate on the banks "
+                "(fraction_evaluate > 0, the ClientApp's evaluate), and after the run let a "
+                "bank holding bank-secret.ckks call "
+                "flower_ext.mods.he.decrypt_result(result, secret_context) for the plaintext "
+                "model. A hook that only saves or logs the encrypted record can be passed as "
+                "encrypted_model_hook(fn)."
+            )
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
 
     # ------------------------------------------------------------------ global model
     def set_global_model(self, arrays: ArrayRecord) -> None:
@@ -205,7 +330,17 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         config[SLOTS_KEY] = self.slots
         config[FORMAT_KEY] = FORMAT
         config[WEIGHT_KEY_KEY] = self.weighted_by_key
+        config[WEIGHT_SCALE_KEY] = self.weight_scale
         return config
+
+    def _construct_messages(
+        self, record: RecordDict, node_ids: list[int], message_type: str
+    ) -> Iterable[Message]:
+        # Sampling is done: every bank learns how many ciphertexts the sum may hold.
+        config = record.get(self.configrecord_key)
+        if isinstance(config, ConfigRecord):
+            config[NUM_BANKS_KEY] = max(1, len(node_ids))
+        return super()._construct_messages(record, node_ids, message_type)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -218,10 +353,17 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         return super().configure_evaluate(server_round, arrays, self._he_config(config), grid)
 
     # ------------------------------------------------------------------ aggregation
-    def check_encrypted_reply(self, msg: Message) -> EncryptedReply:
-        """Read and check one reply; raises ``CiphertextError`` with the reason."""
+    def check_encrypted_reply(
+        self, msg: Message, node_id: int, num_banks: int | None = None
+    ) -> EncryptedReply:
+        """Check one reply bound to ``node_id``; raises ``CiphertextError`` with the reason.
+
+        Only the checks on the reply itself; binding to this round's messages comes
+        first (:func:`flower_ext.validation.bind_replies`), the coefficient range
+        check after (:meth:`CKKSCodec.unpack`).
+        """
         if msg.has_error():
-            raise CiphertextError(f"error reply: {msg.error.reason}")
+            raise CiphertextError(f"error reply: {_short(msg.error.reason, 250)}")
         if not msg.has_content():
             raise CiphertextError("empty reply")
         assert self._base_layout is not None
@@ -231,22 +373,29 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
                 "reply is not encrypted (no 'he' record): every bank must run he_mod"
             )
         if he.get("format") != FORMAT:
-            raise CiphertextError(f"format {he.get('format')!r}, expected {FORMAT!r}")
+            raise CiphertextError(
+                f"format {_short(repr(he.get('format')), 60)}, expected {FORMAT!r}"
+            )
         if he.get("fingerprint") != self.fingerprint:
             raise CiphertextError(
                 f"ciphertexts made under a different context (key fingerprint "
-                f"{str(he.get('fingerprint'))[:16]}..., the federation's is "
+                f"{_short(he.get('fingerprint'), 16)}..., the federation's is "
                 f"{self.fingerprint[:16]}...)"
             )
-        if he.get("slots") != self.slots:
+        if he.get("slots") != self.slots or isinstance(he.get("slots"), bool):
             raise CiphertextError(
-                f"ciphertexts with {he.get('slots')} slots, the federation's context has "
-                f"{self.slots}"
+                f"ciphertexts with {_short(he.get('slots'), 40)} slots, the federation's "
+                f"context has {self.slots}"
             )
         dim = self._base_layout.dim
-        if he.get("num-values") != dim or he.get("layout") != layout_signature(self._base_layout):
+        values = he.get("num-values")
+        if (
+            isinstance(values, bool)
+            or values != dim
+            or he.get("layout") != layout_signature(self._base_layout)
+        ):
             raise CiphertextError(
-                f"encrypted update of {he.get('num-values')} values in another layout; the "
+                f"encrypted update of {_short(values, 40)} values in another layout; the "
                 f"model has {dim}"
             )
         metrics = msg.content.metric_records.get("metrics")
@@ -256,21 +405,37 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             raise CiphertextError("reply has no MetricRecord")
         weight, why = check_weight(metrics, self.weighted_by_key, self.max_plausible_examples)
         if why or weight is None:
-            raise CiphertextError(why)
-        if float(he.get("weight", -1.0)) != weight:  # type: ignore[arg-type]
+            raise CiphertextError(why or f"metric '{self.weighted_by_key}' is unusable")
+        he_weight = _real(he.get("weight"), "he.weight")
+        if he_weight != weight:
             raise CiphertextError(
-                f"the bank multiplied by {he.get('weight')} but reports "
-                f"{self.weighted_by_key}={weight}"
+                f"the bank multiplied by {he_weight:g} but reports "
+                f"{self.weighted_by_key}={weight:g}"
             )
+        scale = _real(he.get("weight-scale"), "he.weight-scale")
+        if scale != self.weight_scale:
+            raise CiphertextError(
+                f"the bank used weight scale {scale:g}, the server announced {self.weight_scale:g}"
+            )
+        if num_banks is not None:
+            used = _real(he.get("num-banks"), "he.num-banks")
+            if used < num_banks:
+                raise CiphertextError(
+                    f"the bank bounded its update for {used:g} banks, but {num_banks} were "
+                    "sampled: its ciphertext could make the sum overflow"
+                )
         if len(msg.content.array_records) != 1:
             raise CiphertextError("reply has no single ArrayRecord")
         record = next(iter(msg.content.array_records.values()))
         if set(record.keys()) != {CIPHERTEXTS}:
-            raise CiphertextError(f"encrypted reply holds {sorted(record.keys())}")
+            raise CiphertextError(
+                f"encrypted reply holds {_short(sorted(record.keys()), 120)}, "
+                f"expected only {CIPHERTEXTS!r}"
+            )
         try:
             packed = array_view(record[CIPHERTEXTS])
-        except RecordFormatError as err:
-            raise CiphertextError(f"unreadable ciphertext array: {err}") from err
+        except Exception as err:  # forged .npy headers raise ValueError, TypeError, ...
+            raise CiphertextError(f"unreadable ciphertext array: {_short(err, 200)}") from err
         expected = self.codec.wire_shape(num_chunks(dim, self.slots))
         if packed.dtype != np.uint8 or tuple(packed.shape) != expected:
             raise CiphertextError(
@@ -278,12 +443,13 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
                 f"{expected} (chunks, 2, N, bytes per coefficient) for {dim} values"
             )
         return EncryptedReply(
-            node_id=reply_sender(msg, self.origins("train")),
-            label=client_label(msg),
+            node_id=node_id,
+            label=_safe_label(msg),
             weight=weight,
             metrics=metrics,
             packed=packed,
             nbytes=int(packed.nbytes),
+            digest=hashlib.blake2b(np.ascontiguousarray(packed).data, digest_size=16).digest(),
         )
 
     def aggregate_train(
@@ -293,10 +459,15 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             raise RuntimeError("aggregate_train called before configure_train")
         start = time.perf_counter()
         replies = list(replies)
-        report = RoundReport(server_round, sampled=list(self._sampled.get(server_round, [])))
+        sampled = list(self._sampled.get(server_round, []))
+        report = RoundReport(server_round, sampled=sampled)
         self.round_reports[server_round] = report
+        # One reply per sampled node, answering this round's messages: duplicates and
+        # replays never reach the sum (under HE a duplicate would be added twice).
+        bound, rejected = bind_replies(
+            replies, origins=self.origins("train"), sampled=sampled or None
+        )
         accepted: list[EncryptedReply] = []
-        rejected: list[Rejection] = []
         # Check each reply whole (metadata, then every coefficient < q while widening it
         # into a scratch buffer) before its coefficients touch the sum: a malformed
         # reply is rejected and never half-added.
@@ -305,14 +476,35 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         scratch: np.ndarray | None = None
         pending = 0
         t_add = 0.0
-        for msg in replies:
+        this_round: dict[bytes, int] = {}
+        for msg, node in bound:
             try:
-                rep = self.check_encrypted_reply(msg)
+                rep = self.check_encrypted_reply(msg, node, num_banks=len(sampled) or None)
+                earlier = self._seen_digests.get(rep.digest)
+                if earlier is not None:
+                    raise CiphertextError(
+                        f"ciphertext identical to one accepted in round {earlier} "
+                        "(a replayed update)"
+                    )
+                if rep.digest in this_round:
+                    raise CiphertextError(
+                        f"ciphertext identical to node {this_round[rep.digest]}'s in this "
+                        "round (a copied update)"
+                    )
                 scratch = codec.unpack(rep.packed, out=scratch)
             except CiphertextError as err:
-                node = reply_sender(msg, self.origins("train"))
-                rejected.append(Rejection(node, str(err), client_label(msg)))
+                rejected.append(Rejection(node, _short(err), _safe_label(msg)))
                 continue
+            except Exception as err:  # anything a client can provoke is its rejection
+                rejected.append(
+                    Rejection(
+                        node,
+                        _short(f"malformed reply ({type(err).__name__}: {err})"),
+                        _safe_label(msg),
+                    )
+                )
+                continue
+            this_round[rep.digest] = node
             t0 = time.perf_counter()
             if acc is None:
                 acc, scratch, pending = scratch, None, 1
@@ -325,7 +517,8 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             t_add += time.perf_counter() - t0
             accepted.append(rep)
         t_loaded = time.perf_counter()
-        self.record_participation(server_round, report, replies, rejected, accepted)
+        # Missing: sampled nodes with no reply bound to them (a replay is not an answer).
+        self.record_participation(server_round, report, [m for m, _ in bound], rejected, accepted)
         if len(accepted) < self.min_replies():
             self.skip_round(server_round, report, len(accepted))
             metrics = self._encrypted_metrics(report, accepted)
@@ -333,10 +526,12 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             return None, metrics
 
         assert acc is not None
+        for rep in accepted:
+            self._seen_digests[rep.digest] = server_round
         t_reduce = time.perf_counter()
         np.remainder(acc, np.uint64(codec.q), out=acc)
         t_added = time.perf_counter()
-        total = float(sum(r.weight for r in accepted))
+        total = float(sum(r.weight for r in accepted)) * self.weight_scale
         packed = codec.pack(acc)
         new_arrays = ArrayRecord(
             {
@@ -353,10 +548,11 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         }
         report.aggregate_seconds = end - start
         report.model_sha256 = arrays_sha256(new_arrays)
+        weight_sum = float(sum(r.weight for r in accepted))
         for rep in accepted:
             client_report = {
                 "selected": True,
-                "weight": rep.weight / total,
+                "weight": rep.weight / weight_sum,
                 "num_examples": rep.weight,
                 "ciphertext_bytes": rep.nbytes,
                 "label": self.labels.get(rep.node_id, ""),
@@ -374,6 +570,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             missing=len(report.missing),
             selected=len(accepted),
             weight_total=total,
+            weight_scale=self.weight_scale,
             ciphertext_bytes_in=sum(r.nbytes for r in accepted),
             ciphertext_bytes_out=int(packed.nbytes),
             aggregate_seconds=report.aggregate_seconds,
