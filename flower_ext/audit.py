@@ -8,13 +8,23 @@ reordering any line breaks the chain from that line on, which
 detects accidental or careless tampering; it is not a signature (whoever can
 rewrite the whole file can recompute it), so ship ``audit.jsonl`` to a
 write-once store where the threat model demands it.
+
+Text written into the trail is sanitised in one place, :meth:`AuditTrail.record`,
+so every writer benefits: terminal escape sequences (ANSI colours) and control
+characters are removed from every string, and a ``reason`` or ``error`` field is
+one line of at most :data:`MAX_REASON_CHARS` characters (a Python or Ray traceback
+is cut to the exception it ends with). Where a reason had to be shortened, its
+full text goes to ``audit-details.log`` next to ``audit.jsonl`` (not chained: a
+debugging aid, not evidence).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -24,18 +34,99 @@ from typing import Any
 
 GENESIS = "0" * 64
 
+#: Longest ``reason`` / ``error`` text an audit event keeps (longer ones end in "…").
+MAX_REASON_CHARS = 300
+#: Field names whose text is a reason: one line, capped at MAX_REASON_CHARS.
+REASON_FIELDS = frozenset({"reason", "error"})
 
-def _jsonable(value: Any) -> Any:
-    """Make ``value`` JSON-safe: NaN/inf become null, numpy scalars become Python."""
+_LOG = logging.getLogger(__name__)
+# ANSI/VT100 escape sequences: CSI (colours, cursor moves), OSC (titles, links) and
+# the two-character ones; then whatever control characters remain.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL or ST
+    r"|\x1b[@-Z\\-_]"  # two-character escapes
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def strip_terminal_codes(text: str) -> str:
+    """``text`` without terminal escape sequences and control characters.
+
+    Newlines and tabs are kept (they are harmless in JSON); everything else below
+    0x20, DEL and the C1 range is dropped, so an audit line printed in a terminal
+    cannot recolour, move the cursor, retitle the window or hide text.
+    """
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def _exception_tail(text: str) -> str:
+    """The last exception of a traceback: the lines after its last ``File`` frame."""
+    lines = text.splitlines()
+    last_frame = max(
+        (i for i, line in enumerate(lines) if line.lstrip().startswith('File "')), default=-1
+    )
+    tail = []
+    for line in lines[last_frame + 1 :]:
+        # Skip the frame's source line(s) (indented) and caret markers.
+        if line.startswith((" ", "\t")) and not tail:
+            continue
+        tail.append(line.strip())
+    return " ".join(t for t in tail if t)
+
+
+def short_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """One line of at most ``limit`` characters saying why, from any error text.
+
+    Terminal codes go; a traceback (Python's, or Ray's around it) is replaced by
+    the exception it ends with, after what preceded it (e.g. "client error 0:");
+    whitespace runs become one space; a longer result is cut and ends in "…".
+    """
+    clean = strip_terminal_codes(str(text))
+    if _TRACEBACK in clean:
+        head = clean.split(_TRACEBACK, 1)[0]
+        clean = f"{head.strip()} {_exception_tail(clean)}"
+    clean = " ".join(clean.split())
+    if len(clean) > limit:
+        clean = clean[: limit - 1].rstrip() + "…"
+    return clean
+
+
+def _sanitise(value: Any, key: str = "") -> Any:
+    """JSON-safe and terminal-safe: NaN/inf become null, numpy scalars Python, text clean."""
+    if isinstance(value, str):
+        return short_reason(value) if key in REASON_FIELDS else strip_terminal_codes(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {
+            strip_terminal_codes(str(k)): _sanitise(v, strip_terminal_codes(str(k)))
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_sanitise(v, key) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalar
-        return _jsonable(value.item())
+        return _sanitise(value.item(), key)
     return value
+
+
+def _jsonable(value: Any) -> Any:
+    """Make ``value`` JSON-safe and terminal-safe (see :func:`_sanitise`)."""
+    return _sanitise(value)
+
+
+def _shortened(fields: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, str]:
+    """Top-level reason fields whose written text lost more than terminal codes."""
+    out = {}
+    for key in REASON_FIELDS & fields.keys():
+        original = fields[key]
+        if isinstance(original, str) and body.get(key) != " ".join(
+            strip_terminal_codes(original).split()
+        ):
+            out[key] = strip_terminal_codes(original)
+    return out
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
@@ -73,13 +164,19 @@ class AuditTrail:
                         self._seq = event["seq"] + 1
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append one event and return it (with its chain values)."""
+        """Append one event and return it (with its chain values).
+
+        Every string is stripped of terminal escapes and control characters;
+        ``reason`` and ``error`` become one line of at most
+        :data:`MAX_REASON_CHARS` characters (see :func:`short_reason`), their
+        full text kept in ``audit-details.log`` when it was shortened.
+        """
         with self._lock:
             body: dict[str, Any] = {
                 "seq": self._seq,
                 "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
                 + f".{int((time.time() % 1) * 1000):03d}Z",
-                "event": event,
+                "event": strip_terminal_codes(str(event)),
                 **_jsonable(fields),
                 "prev": self._prev,
             }
@@ -90,7 +187,20 @@ class AuditTrail:
             if self.path is not None:
                 with self.path.open("a", encoding="utf-8") as fh:
                     fh.write(canonical_json(body) + "\n")
+            self._keep_details(body, _shortened(fields, body))
             return body
+
+    @property
+    def details_path(self) -> Path | None:
+        """``audit-details.log`` beside the trail: full texts of shortened reasons."""
+        return self.path.with_name("audit-details.log") if self.path is not None else None
+
+    def _keep_details(self, body: Mapping[str, Any], full: Mapping[str, str]) -> None:
+        for key, text in full.items():
+            _LOG.debug("audit seq %s %s %s in full: %s", body["seq"], body["event"], key, text)
+            if self.details_path is not None:
+                with self.details_path.open("a", encoding="utf-8") as fh:
+                    fh.write(f"--- seq {body['seq']} {body['event']} {key}\n{text.rstrip()}\n")
 
     def of_round(self, server_round: int) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("round") == server_round]
