@@ -57,7 +57,10 @@ _GAP_DTYPES: dict[str, type[np.unsignedinteger]] = {
     "gap-u32": np.uint32,
 }
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 INT8_LEVELS = 127
+#: The largest int8 scale whose decoded values (|q| <= 127) stay finite in float32.
+INT8_MAX_SCALE = float(np.finfo(np.float32).max) / INT8_LEVELS / (1 + 1e-6)
 
 
 class SparsePayloadError(ValueError):
@@ -207,13 +210,15 @@ def quantize_values(
         return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), 0.0
     if value_dtype == "int8":
         peak = float(np.max(np.abs(values))) if values.size else 0.0
-        if peak == 0.0:
+        scale32 = np.float32(peak / INT8_LEVELS)
+        if not scale32 >= FLOAT32_TINY:
+            # Zero, or so small that the scale would be subnormal: send zeros (the values stay
+            # in the residual) rather than a scale the decoder rejects or divides by.
             return np.zeros(values.shape, dtype=np.int8), 0.0
-        scale = peak / INT8_LEVELS
         rng = rng if rng is not None else np.random.default_rng()
-        scaled = values / np.float32(scale) + rng.random(values.shape, dtype=np.float32)
+        scaled = values / scale32 + rng.random(values.shape, dtype=np.float32)
         q = np.clip(np.floor(scaled), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
-        return q, scale
+        return q, float(scale32)
     raise ValueError(f"value dtype must be one of {VALUE_DTYPES}, got {value_dtype!r}")
 
 
@@ -228,13 +233,31 @@ def dequantize_values(
     if data.dtype != np.dtype(value_dtype):
         raise SparsePayloadError(f"values declared {value_dtype} but hold {data.dtype}")
     if value_dtype == "int8":
-        if not (math.isfinite(scale) and scale >= 0.0):
-            raise SparsePayloadError(f"int8 scale must be finite and >= 0, got {scale}")
+        check_int8_scale(scale)
         return data.astype(np.float32) * np.float32(scale)
+    if scale != 0.0:
+        raise SparsePayloadError(f"scale must be 0 for {value_dtype} values, got {scale:.3g}")
     out = data.astype(np.float32)
     if not np.isfinite(out.sum(dtype=np.float64)):  # one pass; float64 cannot overflow here
         raise SparsePayloadError("values contain NaN or Inf")
     return out
+
+
+def check_int8_scale(scale: float) -> None:
+    """Reject an int8 scale that is not finite, negative, subnormal or absurd.
+
+    Absurd means ``127 * scale`` overflows float32: every decoded value must be a
+    finite float32, and an encoder never produces a scale above ``max|v| / 127``.
+    """
+    if not math.isfinite(scale) or scale < 0.0:
+        raise SparsePayloadError(f"int8 scale must be finite and >= 0, got {scale:.3g}")
+    if scale > INT8_MAX_SCALE:
+        raise SparsePayloadError(
+            f"int8 scale {scale:.3g} is absurd: 127 x scale overflows float32 "
+            f"(at most {INT8_MAX_SCALE:.3g})"
+        )
+    if 0.0 < scale < FLOAT32_TINY:
+        raise SparsePayloadError(f"int8 scale {scale:.3g} is subnormal in float32")
 
 
 # --------------------------------------------------------------------------- payload
@@ -262,7 +285,11 @@ class SparsePayload:
         """Validated ``(indices, float32 values)``; raises :class:`SparsePayloadError`."""
         if self.dim < 0:
             raise SparsePayloadError(f"dimension must be >= 0, got {self.dim}")
+        if self.value_dtype == "int8" and self.values.dtype == np.int8:
+            check_int8_consistency(self.values, self.scale)
         values = dequantize_values(self.values, self.value_dtype, self.scale)
+        if not np.isfinite(values.sum(dtype=np.float64)):
+            raise SparsePayloadError("decoded values are not finite")
         indices = decode_indices(self.index_encoding, self.indices, self.dim, values.shape[0])
         return indices, values
 
@@ -286,6 +313,27 @@ def encode_sparse(
     encoding, encoded = encode_indices(indices, dim, index_encoding)
     data, scale = quantize_values(values, value_dtype, rng)
     return SparsePayload(dim, encoding, encoded, value_dtype, data, scale)
+
+
+def check_int8_consistency(data: NDArray[np.int8], scale: float) -> None:
+    """The encoder's invariants: a zero scale sends zeros; a positive one reaches |q| >= 126.
+
+    With ``scale = max|v| / 127`` the largest entry quantises to 127, or to 126 when float32
+    rounding puts it a hair below 127 and the random offset is 0; a payload whose largest
+    ``|q|`` is smaller carries an inflated scale.
+    """
+    if not data.size:
+        if scale != 0.0:
+            raise SparsePayloadError(f"int8 scale {scale:.3g} for an empty payload (must be 0)")
+        return
+    peak = int(np.abs(data.astype(np.int16)).max())
+    if scale == 0.0 and peak:
+        raise SparsePayloadError("int8 values are nonzero but the scale is 0")
+    if scale > 0.0 and peak < INT8_LEVELS - 1:
+        raise SparsePayloadError(
+            f"int8 scale {scale:.3g} does not match the values (largest |q| is {peak}; "
+            f"the encoder always reaches {INT8_LEVELS - 1} or {INT8_LEVELS})"
+        )
 
 
 @dataclass(frozen=True)
@@ -347,6 +395,8 @@ def layout_signature(keys: tuple[str, ...], shapes: tuple, dtypes: tuple[str, ..
 # (stype RAW_STYPE) rather than ``.npy``: the 128-byte ``.npy`` header per array
 # would be 5-10% of a small payload.
 RECORD_KEY = "topk"
+#: ConfigRecord a reply carries when topk_mod had to send it dense: {"reason": str}.
+DENSE_RECORD_KEY = "topk.dense"
 INDICES_KEY = "topk.indices"
 VALUES_KEY = "topk.values"
 RAW_STYPE = "flower_ext.raw-le"
@@ -454,3 +504,201 @@ def payload_from_records(arrays: Any, config: Any) -> tuple[SparsePayload, dict[
         scale=fields["scale"],
     )
     return payload, fields
+
+
+# --------------------------------------------------------------------------- dense models
+# Both sides read the round's global model into a GlobalModel: the client from what it
+# received, the server from what it sent. They agree on the flat order (arrays in key
+# order, each in C order whatever its memory order), the dimension and the fingerprint.
+# Arrays are read with ``Array.numpy()``: the global model and the client's own weights
+# are trusted input, and ``numpy()`` accepts every layout Flower's FedAvg accepts
+# (0-d, Fortran order, zero-size); untrusted client bytes only ever go through
+# :func:`raw_view`.
+class ModelFormatError(ValueError):
+    """A model (or a reply's weights) that top-k cannot compress or rebuild."""
+
+
+def expected_count(sizes: tuple[int, ...], ratio: float, scope: str) -> int:
+    """How many entries a client sends for arrays of ``sizes`` at ``ratio`` and ``scope``."""
+    if scope == "global":
+        return num_selected(int(sum(sizes)), ratio)
+    if scope == "layer":
+        return int(sum(num_selected(size, ratio) for size in sizes))
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def _numeric(key: str, array: Any) -> NDArray[np.generic]:
+    try:
+        value = np.asarray(array.numpy())
+    except Exception as err:
+        raise ModelFormatError(f"array '{key}' is unreadable ({type(err).__name__})") from err
+    if value.dtype.kind not in "biuf" or value.dtype.itemsize > 8:
+        raise ModelFormatError(
+            f"array '{key}' has dtype {value.dtype}; top-k handles bool, integer and "
+            "float16/32/64 arrays"
+        )
+    return value
+
+
+def _int_bounds(dtype: np.dtype) -> tuple[float, float]:
+    """The integer range of ``dtype`` as floats that convert back without overflow."""
+    info = np.iinfo(dtype)
+    low, high = float(info.min), float(info.max)
+    if high > info.max:  # 2**63 - 1 rounds up to 2**63 in float64
+        high = float(np.nextafter(high, 0.0))
+    return low, high
+
+
+def _float_to(values: NDArray[np.floating], dtype: np.dtype) -> NDArray[np.generic]:
+    """``values`` in ``dtype``: integers rounded half-to-even and saturated, bools rounded
+    and clipped to {0, 1}, floats rounded (may overflow to Inf; the caller checks)."""
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            return values.astype(dtype)
+    if dtype.kind == "b":
+        return np.rint(values) >= 1.0
+    low, high = _int_bounds(dtype)
+    return np.clip(np.rint(values), low, high).astype(dtype)
+
+
+def _all_finite(values: NDArray[np.generic]) -> bool:
+    if values.dtype.kind != "f":
+        return True
+    if values.dtype.itemsize <= 4:  # one pass, no temporary; a float64 sum cannot overflow
+        return bool(np.isfinite(values.sum(dtype=np.float64)))
+    return bool(np.isfinite(values).all())
+
+
+class GlobalModel:
+    """A round's global model, read once: its arrays, layout and fingerprint.
+
+    Handles every array Flower's FedAvg averages: bool, signed and unsigned integer and
+    float16/32/64 dtypes, 0-d, zero-size and Fortran-ordered arrays.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The global model.
+
+    Raises
+    ------
+    ModelFormatError
+        If an array is unreadable or of a dtype top-k cannot carry (complex, object, ...).
+    """
+
+    def __init__(self, record: Any) -> None:
+        arrays = {str(key): _numeric(str(key), array) for key, array in record.items()}
+        self.keys: tuple[str, ...] = tuple(arrays)
+        self.arrays: tuple[NDArray[np.generic], ...] = tuple(arrays.values())
+        self.shapes: tuple[tuple[int, ...], ...] = tuple(a.shape for a in self.arrays)
+        self.dtypes: tuple[str, ...] = tuple(str(a.dtype) for a in self.arrays)
+        self.sizes: tuple[int, ...] = tuple(int(a.size) for a in self.arrays)
+        self.offsets: tuple[int, ...] = (0, *itertools.accumulate(self.sizes))
+        self.dim = self.offsets[-1]
+        self.signature = layout_signature(self.keys, self.shapes, self.dtypes)
+
+    def mismatch(self, record: Any) -> str | None:
+        """Why ``record`` cannot be an update of this model (keys or shapes), or ``None``.
+
+        Dtypes may differ: the update is computed in float and rebuilt in the model's dtypes.
+        """
+        keys = tuple(record.keys())
+        if keys != self.keys:
+            missing = sorted(set(self.keys) - set(keys))
+            extra = sorted(set(keys) - set(self.keys))
+            if missing or extra:
+                return f"array keys differ: missing {missing[:5]}, unexpected {extra[:5]}"
+            return "array keys are in a different order"
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            got = tuple(record[key].shape)
+            if got != shape:
+                return f"array '{key}' has shape {got}, expected {shape}"
+        return None
+
+    def update_of(self, record: Any) -> NDArray[np.float32]:
+        """``record - self`` as one flat float32 vector (each difference taken in float64,
+        so an int64 counter or a float64 weight loses nothing before the final rounding)."""
+        why = self.mismatch(record)
+        if why:
+            raise ModelFormatError(why)
+        out = np.empty(self.dim, dtype=np.float32)
+        for i, key in enumerate(self.keys):
+            local = _numeric(key, record[key])
+            start, stop = self.offsets[i], self.offsets[i + 1]
+            if local.dtype == self.arrays[i].dtype == np.float32:
+                np.subtract(local, self.arrays[i], out=out[start:stop].reshape(local.shape))
+                continue
+            diff = local.astype(np.float64) - self.arrays[i].astype(np.float64)
+            with np.errstate(over="ignore"):
+                out[start:stop] = diff.reshape(-1)
+        return out
+
+    def apply(self, update: NDArray[np.float32]) -> Any:
+        """A new ArrayRecord ``self + update`` in this model's keys, shapes and dtypes.
+
+        Floats are added at least in float32 (float64 arrays in float64); integer and bool
+        arrays are added in float64, rounded half-to-even and saturated to their range.
+
+        Raises
+        ------
+        SparsePayloadError
+            If a float array would overflow its dtype (a value beyond float16's 65504, say).
+        """
+        from flwr.app import Array, ArrayRecord
+
+        if update.shape != (self.dim,):
+            raise SparsePayloadError(f"update has shape {update.shape}, model needs ({self.dim},)")
+        out = {}
+        for i, key in enumerate(self.keys):
+            base = self.arrays[i]
+            chunk = update[self.offsets[i] : self.offsets[i + 1]].reshape(base.shape)
+            if base.dtype == np.float32:
+                new = np.ascontiguousarray(base + chunk)
+            elif base.dtype == np.float64:
+                new = np.ascontiguousarray(base + chunk.astype(np.float64))
+            elif base.dtype.kind == "f":
+                new = _float_to(base.astype(np.float32) + chunk, base.dtype)
+            else:
+                new = _float_to(base.astype(np.float64) + chunk, base.dtype)
+            if not _all_finite(new):
+                raise SparsePayloadError(f"update makes array '{key}' overflow {base.dtype}")
+            out[key] = Array(np.ascontiguousarray(new))
+        return ArrayRecord(out)
+
+    def cast(self, record: Any) -> tuple[Any, list[str]]:
+        """``record`` with every array of this model's keys in this model's shape and dtype.
+
+        What an inner strategy returns may differ from the model it was given: Flower's
+        FedAvg returns an int64 or bool buffer as float64. Such arrays are cast back
+        (integers rounded half-to-even and saturated; bools rounded); arrays already right
+        are kept as they are, unknown keys pass through. Returns the record and a note for
+        each array that could not be cast (wrong size, non-finite values for an integer).
+        """
+        from flwr.app import Array, ArrayRecord
+
+        index = {key: i for i, key in enumerate(self.keys)}
+        notes: list[str] = []
+        changed = False
+        out = {}
+        for key, array in record.items():
+            i = index.get(key)
+            if i is None or (
+                tuple(array.shape) == self.shapes[i] and str(array.dtype) == self.dtypes[i]
+            ):
+                out[key] = array
+                continue
+            value = np.asarray(array.numpy())
+            if value.size != self.sizes[i] or value.dtype.kind not in "biuf":
+                notes.append(f"'{key}' is {value.dtype}{value.shape}, not {self.dtypes[i]}")
+                out[key] = array
+                continue
+            target = np.dtype(self.dtypes[i])
+            if target.kind != "f" and not _all_finite(value):
+                notes.append(f"'{key}' holds NaN or Inf and cannot become {target}")
+                out[key] = array
+                continue
+            source = value.astype(np.float64) if value.dtype.kind != "f" else value
+            new = _float_to(source.reshape(self.shapes[i]), target)
+            out[key] = Array(np.ascontiguousarray(new))
+            changed = True
+        return (ArrayRecord(out) if changed else record), notes

@@ -7,9 +7,19 @@ sends the ``k`` largest-magnitude entries (:func:`flower_ext.compression.topk_co
 and keeps what it did not send as the new residual. The reply's ArrayRecord is
 replaced by a sparse payload (``topk.indices`` + ``topk.values``) and a
 ``topk`` ConfigRecord marks it, so :class:`flower_ext.strategies.TopKCompression`
-can validate and densify it before any strategy aggregates. Other message types,
-error replies and replies whose arrays do not match the model received pass
-through untouched; the incoming message is never modified.
+can validate and densify it before any strategy aggregates. Other message types
+and error replies pass through untouched; the incoming message is never modified.
+
+Any model Flower's FedAvg averages works: bool, integer and float16/32/64 arrays,
+0-d arrays (BatchNorm's ``num_batches_tracked``), zero-size and Fortran-ordered
+arrays. The reply must have the keys and shapes of the model received; its dtypes
+may differ (an app that returns float64 for a float32 model, say): the update is
+computed in float64, sent as float32/float16/int8, and the server rebuilds it in
+the dtypes of the model it sent. A reply that cannot be compressed (no single
+ArrayRecord, other keys or shapes, a non-numeric dtype, a non-finite update) is
+never dropped and never sent dense silently: it goes out dense with a WARNING and
+a ``topk.dense`` ConfigRecord ``{"reason": ...}`` that :class:`TopKCompression`
+writes to its audit trail.
 
 Where the settings come from, first match wins:
 
@@ -25,12 +35,14 @@ per node for the whole run (across rounds, in simulation and in deployment). A
 SuperNode restart starts with an empty state; pass ``residual_dir`` (run config
 ``topk-residual-dir``) to also write the residual to disk after every round and
 read it back after a restart. The file is named after the run id and the node
-config (stable across restarts, unlike the node id). A residual whose model
-layout differs from the current model is discarded.
+config (stable across restarts, unlike the node id) and is readable by its owner
+only (0o600). A residual whose model layout differs from the current model, or
+that is not finite, is discarded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -53,15 +65,17 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
 from flower_ext.compression import (
+    DENSE_RECORD_KEY,
     RECORD_KEY,
     SCOPES,
     VALUE_DTYPES,
+    GlobalModel,
+    ModelFormatError,
     check_ratio,
-    layout_signature,
     payload_to_records,
     topk_compress,
 )
-from flower_ext.records import ArrayLayout, array_view
+from flower_ext.records import array_view
 
 RATIO_KEY = "topk-ratio"
 ERROR_FEEDBACK_KEY = "topk-error-feedback"
@@ -70,6 +84,7 @@ SCOPE_KEY = "topk-scope"
 RESIDUAL_DIR_KEY = "topk-residual-dir"
 STATE_ARRAYS_KEY = "topk.residual"
 STATE_INFO_KEY = "topk.residual-info"
+MAX_REASON_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -151,7 +166,14 @@ class TopKMod:
 
     # ------------------------------------------------------------------ settings
     def settings(self, msg: Message, context: Context) -> TopKSettings:
-        """Settings for this message: server config, then arguments, then run config."""
+        """Settings for this message: server config, then arguments, then run config.
+
+        Raises
+        ------
+        ValueError
+            If a setting is of the wrong type or out of range (raised before training, so
+            the server gets an error reply naming the setting instead of a wasted round).
+        """
         server: dict[str, object] = {}
         if msg.has_content():
             for record in msg.content.config_records.values():
@@ -165,8 +187,14 @@ class TopKMod:
                 return own
             return run.get(key, default)
 
+        ratio = pick(RATIO_KEY, self.ratio, 0.0)
+        if isinstance(ratio, str):
+            with contextlib.suppress(ValueError):  # a run config may hold "0.01"
+                ratio = float(ratio)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ValueError(f"{RATIO_KEY} must be a number in (0, 1] or 0, got {ratio!r}")
         settings = TopKSettings(
-            ratio=float(pick(RATIO_KEY, self.ratio, 0.0)),  # type: ignore[arg-type]
+            ratio=float(ratio),
             error_feedback=as_bool(pick(ERROR_FEEDBACK_KEY, self.error_feedback, True)),
             values=str(pick(VALUES_KEY, self.values, "float32")),
             scope=str(pick(SCOPE_KEY, self.scope, "global")),
@@ -186,29 +214,43 @@ class TopKMod:
         settings = self.settings(msg, context)
         if settings.ratio <= 0.0:
             return call_next(msg, context)
-        if len(msg.content.array_records) != 1:
-            log(WARNING, "topk_mod: train message has no single ArrayRecord; sending dense")
-            return call_next(msg, context)
-        global_arrays = next(iter(msg.content.array_records.values()))
+        received = list(msg.content.array_records.values())
         out = call_next(msg, context)
-        if out.has_error() or not out.has_content() or len(out.content.array_records) != 1:
+        if out.has_error() or not out.has_content():
             return out
+        try:
+            return self.compress(received, out, context, settings)
+        except (ModelFormatError, _SendDense) as why:
+            return send_dense(out, str(why))
+        except Exception as err:  # the bank's reply must go out, even if compression breaks
+            return send_dense(out, f"compression failed ({type(err).__name__}: {err})")
+
+    def compress(
+        self, received: list[ArrayRecord], out: Message, context: Context, settings: TopKSettings
+    ) -> Message:
+        """The sparse version of the reply ``out``; raises when it must go out dense."""
+        if len(received) != 1:
+            raise _SendDense(
+                f"the train message carries {len(received)} ArrayRecords; "
+                "top-k needs exactly one (the global model)"
+            )
+        if len(out.content.array_records) != 1:
+            raise _SendDense(
+                f"the reply carries {len(out.content.array_records)} ArrayRecords; "
+                "top-k compresses exactly one"
+            )
         arrays_key, local_arrays = next(iter(out.content.array_records.items()))
-        layout = ArrayLayout.of(global_arrays)
-        mismatch = layout.mismatch(local_arrays)
-        if mismatch:
-            log(WARNING, "topk_mod: reply does not match the model received (%s)", mismatch)
-            return out
         start = time.perf_counter()
-        update = layout.flatten(local_arrays, dtype=np.float32)
-        update -= layout.flatten(global_arrays, dtype=np.float32)
+        model = GlobalModel(received[0])
+        mismatch = model.mismatch(local_arrays)
+        if mismatch:
+            raise _SendDense(f"reply does not match the model received ({mismatch})")
+        update = model.update_of(local_arrays)
         if not np.isfinite(update.sum(dtype=np.float64)):
             # Let the server reject it; a NaN must not poison the residual for good.
-            log(WARNING, "topk_mod: update is not finite; sending it dense, residual kept")
-            return out
-        signature = layout_signature(layout.keys, layout.shapes, layout.dtypes)
+            raise _SendDense("update is not finite in float32 (residual kept)")
         residual = (
-            load_residual(context, signature, layout.dim, settings.residual_dir)
+            load_residual(context, model.signature, model.dim, settings.residual_dir)
             if settings.error_feedback
             else None
         )
@@ -218,18 +260,40 @@ class TopKMod:
             residual,
             value_dtype=settings.values,
             scope=settings.scope,
-            offsets=layout.offsets,
+            offsets=model.offsets,
             rng=self._rng,
         )
         if settings.error_feedback:
-            store_residual(context, result.residual, signature, settings.residual_dir)
-        sparse, marker = payload_to_records(result.payload, signature)
+            store_residual(context, result.residual, model.signature, settings.residual_dir)
+        sparse, marker = payload_to_records(result.payload, model.signature)
         content = RecordDict()
         for key, record in out.content.items():
-            content[key] = sparse if key == arrays_key else record
+            if key != DENSE_RECORD_KEY:
+                content[key] = sparse if key == arrays_key else record
         content[RECORD_KEY] = marker
         self.timings.append(time.perf_counter() - start)
         return Message(metadata=out.metadata, content=content)
+
+
+class _SendDense(Exception):
+    """This reply cannot be compressed; the message says why."""
+
+
+def send_dense(out: Message, reason: str) -> Message:
+    """``out`` as it is, plus a ``topk.dense`` ConfigRecord saying why it is not sparse.
+
+    The reason travels in a ConfigRecord rather than the MetricRecord: it is text, and
+    an extra metric key in some replies only would make Flower's FedAvg refuse the round
+    (it requires the same metric keys in every reply). :class:`TopKCompression` strips
+    the record before aggregating and writes the reason to its audit trail.
+    """
+    reason = " ".join(reason.split())[:MAX_REASON_CHARS]
+    log(WARNING, "topk_mod: sending this train reply dense, not top-k: %s", reason)
+    content = RecordDict()
+    for key, record in out.content.items():
+        content[key] = record
+    content[DENSE_RECORD_KEY] = ConfigRecord({"reason": reason})
+    return Message(metadata=out.metadata, content=content)
 
 
 #: The ready-made mod: everything from the server's train config or the run config.
@@ -253,15 +317,20 @@ def load_residual(
     arrays = context.state.array_records.get(STATE_ARRAYS_KEY)
     if info is not None and arrays is not None and info.get("layout") == signature:
         vector = array_view(arrays["residual"])
-        if vector.shape == (dim,):
+        if vector.shape == (dim,) and vector.dtype == np.float32:
             return vector  # read-only view; topk_compress does not write to it
     if residual_dir:
         path = _residual_file(context, residual_dir)
         if path.exists():
             try:
                 with np.load(path) as saved:
-                    if str(saved["layout"]) == signature and saved["residual"].shape == (dim,):
-                        return saved["residual"].astype(np.float32)
+                    vector = saved["residual"]
+                    if (
+                        str(saved["layout"]) == signature
+                        and vector.shape == (dim,)
+                        and np.isfinite(vector.sum(dtype=np.float64))
+                    ):
+                        return vector.astype(np.float32)
             except (OSError, ValueError, KeyError) as err:
                 log(WARNING, "topk_mod: ignoring unreadable residual file %s: %s", path, err)
     return None
@@ -270,11 +339,27 @@ def load_residual(
 def store_residual(
     context: Context, residual: np.ndarray, signature: str, residual_dir: str = ""
 ) -> None:
+    """Keep the residual in ``context.state`` and, with ``residual_dir``, on disk.
+
+    The file is written owner-only (0o600, in a 0o700 directory when created here): a
+    residual is the part of the bank's update not yet sent, as sensitive as the update.
+    It is written to a temporary file and renamed, so a crash never leaves half a file.
+    """
     context.state[STATE_ARRAYS_KEY] = ArrayRecord({"residual": Array(residual)})
     context.state[STATE_INFO_KEY] = ConfigRecord({"layout": signature})
-    if residual_dir:
-        path = _residual_file(context, residual_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, residual=residual, layout=np.array(signature))
+    if not residual_dir:
+        return
+    path = _residual_file(context, residual_dir)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o600)  # a stale temporary file keeps its old mode
+            np.savez(fh, residual=residual, layout=np.array(signature))
         os.replace(tmp, path)
+    except OSError as err:  # the residual in state still carries error feedback this run
+        log(WARNING, "topk_mod: could not write the residual file %s: %s", path, err)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
