@@ -8,22 +8,38 @@ Two mechanisms, two threats:
   (each row independently with probability ``q = batch_size / N``), as the
   analysis of Abadi et al. (CCS 2016) and Mironov et al. (RDP, 2019) assumes.
   *Guarantee:* (epsilon, delta)-DP per bank with respect to adding or removing
-  one customer row of that bank's training data, over everything the bank
-  ever sends (all its updates, all rounds), whoever looks: the server, the
-  other banks, anyone who gets the final model. *Not* guaranteed: protection
-  of a customer with many rows (the unit is one row), of the bank's data as a
-  whole (its portfolio mix, default rate), of data used outside the training
-  loop (e.g. the standardisation moments the app sends, or evaluation
-  metrics), and nothing holds once the budget is reset or the ledger lost.
+  one customer row of that bank's training data, for the model updates the
+  bank sends over all rounds (and anything computed from them, e.g. the final
+  model), against the server, the other banks and whoever gets the model,
+  provided the noise and the batches cannot be predicted (see below). *Not*
+  covered: values released in clear next to the updates (the row count, the
+  standardisation moments, evaluation metrics on held-out rows: declared
+  public in the README), a customer with many rows as a whole (the unit is one
+  row), and nothing holds once the budget is reset or the ledger lost.
 * **Update level (client level)**, :func:`privatize_update`: the bank clips its
   whole update ``local - global`` to L2 norm ``clip_norm`` and adds
   ``N(0, (noise_multiplier * clip_norm)^2)`` to every coordinate before it
   leaves the bank (local, no trust in the server). *Guarantee:* per round a
-  Gaussian mechanism over the bank's entire contribution (neighbouring = the
-  bank's data vs. no contribution, sensitivity ``clip_norm``), composed over
-  rounds with sample rate 1. It hides whether the bank took part and what its
-  whole portfolio looks like, but needs far more noise for the same epsilon
-  (one bank's update is a single "sample").
+  Gaussian mechanism over the bank's update with neighbouring relation
+  "replace the bank's whole contribution by any other" (sensitivity
+  ``2 * clip_norm``: two clipped updates can lie ``2C`` apart), so the ledger
+  accounts each release at noise multiplier ``noise_multiplier / 2``, composed
+  over rounds with sample rate 1. It protects only what the update reveals:
+  the bank's row count, its standardisation moments and its evaluation
+  metrics are sent in clear and are outside the guarantee (README).
+
+Noise nobody else can predict: unless Opacus's ``secure_mode`` is on (it needs
+torchcsprng), every DP-SGD round draws its Gaussian noise *and* its Poisson
+batches from a fresh ``torch.Generator`` seeded with 64 bits from the OS
+CSPRNG (:func:`secure_torch_generator`), and every update-level release draws
+from a fresh PCG64 seeded with 128 bits (:func:`secure_numpy_generator`). These
+never touch the run seed or torch's global generator, so the server, which
+knows the run config, cannot replay them, and no two banks share a stream; the
+seed still makes everything else (initial model, splits) reproducible. Opacus
+warns "Secure RNG turned off" because the draws themselves are Mersenne
+Twister / PCG output, not CSPRNG output, and the floating-point attack on
+Gaussian sampling (Mironov, CCS 2012) is only mitigated in ``secure_mode``;
+the warning is left visible on purpose.
 
 The privacy ledger (:class:`PrivacyLedger`) is what Flower's Opacus example
 lacks: it keeps the accountant's full history ``[(noise_multiplier,
@@ -34,22 +50,28 @@ and a round that would overspend the budget is refused *before* any step.
 
 Grad-sample modes: ``"ew"`` (expanded weights) with :class:`FlatClipDPOptimizer`
 is the default, the fastest mode that matches a one-sample-at-a-time reference
-on the bank model (``benchmarks/bench_dp_speed.py``). ``"ew"`` cannot run an
-empty Poisson batch, which is handled by a noise-only step (still one
-accounted step, as in DP-SGD's analysis); ``"hooks"`` and ``"functorch"`` are
-correct but slower; ``"ghost"`` (fast gradient clipping) computes wrong
-gradients when the per-sample loss is not one value per row (e.g. (B, 1)
-logits against (B, 1) targets broadcast the clip coefficients), so the loss it
-wraps is checked and rejected unless shaped (B,).
+on the bank model (``benchmarks/bench_dp_speed.py``); models with an
+``nn.Embedding``, whose integer inputs ``ew`` cannot expand, are switched to
+``"hooks"``. ``"ew"`` cannot run an empty Poisson batch, which is handled by a
+noise-only step (still one accounted step, as in DP-SGD's analysis);
+``"hooks"`` and ``"functorch"`` are correct but slower; ``"ghost"`` (fast
+gradient clipping) computes wrong gradients when the per-sample loss is not
+one value per row (e.g. (B, 1) logits against (B, 1) targets broadcast the
+clip coefficients), so the loss it wraps is checked and rejected unless
+shaped (B,).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
+import secrets
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,6 +101,8 @@ from .training import TrainConfig, make_loader  # noqa: E402
 for _handler in logging.getLogger().handlers[:]:
     if _handler not in _root_handlers:
         logging.getLogger().removeHandler(_handler)
+
+logger = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -118,25 +142,29 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 
 # --------------------------------------------------------------------------- ledger
+def _positive(name: str, value: float | None) -> list[str]:
+    """``[]`` if ``value`` is None or a finite number > 0, else the problem in words."""
+    if value is None or (math.isfinite(value) and value > 0):
+        return []
+    return [f"{name} must be a finite number > 0, got {value}"]
+
+
 def _noise_problems(
     noise_multiplier: float | None,
     target_epsilon: float | None,
     delta: float,
     accountant: str,
-    *,
-    zero_ok: bool,
 ) -> list[str]:
-    """What is wrong with the noise settings both DP configurations share."""
+    """What is wrong with the noise settings both DP configurations share.
+
+    A noise multiplier of 0 is refused: it is no privacy at all, and the
+    accountants answer it with an overflow (PRV) or an infinite epsilon (RDP).
+    """
     problems = []
     if (noise_multiplier is None) == (target_epsilon is None):
         problems.append("give exactly one of noise_multiplier and target_epsilon")
-    if noise_multiplier is not None and (
-        noise_multiplier < 0 if zero_ok else not noise_multiplier > 0
-    ):
-        bound = ">= 0" if zero_ok else "> 0"
-        problems.append(f"noise_multiplier must be {bound}, got {noise_multiplier}")
-    if target_epsilon is not None and not target_epsilon > 0:
-        problems.append(f"target_epsilon must be > 0, got {target_epsilon}")
+    problems += _positive("noise_multiplier", noise_multiplier)
+    problems += _positive("target_epsilon", target_epsilon)
     if not 0 < delta < 1:
         problems.append(f"delta must be in (0, 1), got {delta}")
     if accountant not in ACCOUNTANTS:
@@ -190,33 +218,63 @@ class PrivacyLedger:
         rec = state[key]
         if not isinstance(rec, ConfigRecord):
             raise PrivacyConfigError(f"context.state['{key}'] is not a privacy ledger")
-        stored = str(rec["accountant"])
+        return cls.from_values(dict(rec.items()), accountant, unit)
+
+    @classmethod
+    def from_values(
+        cls, values: Mapping[str, Any], accountant: str = "rdp", unit: str = "sample"
+    ) -> PrivacyLedger:
+        """The ledger held in ``values`` (the fields :meth:`values` writes).
+
+        A ledger kept under the older add/remove relation for update-level DP
+        (unit ``"client"``, sensitivity C) is converted to the replace relation
+        (unit ``"bank-replace"``, sensitivity 2C) by halving its noise
+        multipliers, which is exactly what those releases cost under it.
+        """
+        stored = str(values.get("accountant", accountant))
         if stored != accountant:
             raise PrivacyConfigError(
                 f"the privacy ledger was kept with the '{stored}' accountant; switching to "
                 f"'{accountant}' mid-run would restart the accounting"
             )
-        sigmas = [float(v) for v in rec.get("noise-multiplier", [])]  # type: ignore[union-attr]
-        rates = [float(v) for v in rec.get("sample-rate", [])]  # type: ignore[union-attr]
-        steps = [int(v) for v in rec.get("steps", [])]  # type: ignore[union-attr]
+        sigmas = [float(v) for v in values.get("noise-multiplier", [])]
+        rates = [float(v) for v in values.get("sample-rate", [])]
+        steps = [int(v) for v in values.get("steps", [])]
+        stored_unit = str(values.get("unit", unit))
+        if stored_unit == "client" and unit == UPDATE_LEDGER_UNIT:
+            sigmas = [s / UPDATE_SENSITIVITY for s in sigmas]
+            stored_unit = unit
+        if stored_unit != unit:
+            raise PrivacyConfigError(
+                f"the privacy ledger counts '{stored_unit}'-level releases, this round would "
+                f"charge '{unit}'-level ones; they cannot share one ledger"
+            )
         return cls(
             accountant=stored,
             history=list(zip(sigmas, rates, steps, strict=True)),
-            rounds=int(rec.get("rounds", 0)),  # type: ignore[arg-type]
-            unit=str(rec.get("unit", unit)),
+            rounds=int(values.get("rounds", 0)),
+            unit=stored_unit,
         )
 
+    def values(self) -> dict[str, Any]:
+        """The ledger as plain values (what :meth:`save` and :class:`LedgerFile` store)."""
+        return {
+            "accountant": self.accountant,
+            "unit": self.unit,
+            "rounds": self.rounds,
+            "noise-multiplier": [float(h[0]) for h in self.history],
+            "sample-rate": [float(h[1]) for h in self.history],
+            "steps": [int(h[2]) for h in self.history],
+        }
+
+    def copy(self) -> PrivacyLedger:
+        return PrivacyLedger(
+            self.accountant, [tuple(h) for h in self.history], self.rounds, self.unit
+        )  # type: ignore[misc]
+
     def save(self, state: RecordDict, key: str = SAMPLE_LEDGER_KEY) -> None:
-        state[key] = ConfigRecord(
-            {
-                "accountant": self.accountant,
-                "unit": self.unit,
-                "rounds": self.rounds,
-                "noise-multiplier": [float(h[0]) for h in self.history],
-                "sample-rate": [float(h[1]) for h in self.history],
-                "steps": [int(h[2]) for h in self.history],
-            }
-        )
+        """Store the ledger under ``key`` in ``state`` (a ``ConfigRecord``)."""
+        state[key] = ConfigRecord(self.values())
 
     # -- accounting ----------------------------------------------------------
     def make_accountant(self) -> IAccountant:
@@ -325,14 +383,12 @@ class DPSGDConfig:
 
     def __post_init__(self) -> None:
         problems = _noise_problems(
-            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant, zero_ok=True
+            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant
         )
-        if not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        problems += _positive("max_grad_norm", self.max_grad_norm)
         if self.rounds < 1 or self.local_epochs < 1:
             problems.append("rounds and local_epochs must be >= 1")
-        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
-            problems.append(f"epsilon_budget must be > 0, got {self.epsilon_budget}")
+        problems += _positive("epsilon_budget", self.epsilon_budget)
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             problems.append(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
@@ -363,9 +419,24 @@ class DPSGDConfig:
         )
 
 
+#: Sensitivity of a clipped update, in units of the clip norm, under "replace one bank's
+#: whole contribution by any other": two updates of norm <= C can be 2C apart.
+UPDATE_SENSITIVITY = 2.0
+
+#: Ledger unit of update-level DP (the neighbouring relation the accountant uses).
+UPDATE_LEDGER_UNIT = "bank-replace"
+
+
 @dataclass(frozen=True)
 class UpdateDPConfig:
-    """Update-level (client-level, local) DP: clip the update, add Gaussian noise."""
+    """Update-level (client-level, local) DP: clip the update, add Gaussian noise.
+
+    ``noise_multiplier`` is the noise std over the clip norm (``std = sigma * C``),
+    as in Opacus. The accountant sees the *effective* multiplier
+    ``sigma / UPDATE_SENSITIVITY`` (std over the sensitivity ``2C`` of the
+    replace-one-bank relation), so with ``target_epsilon`` the noise is twice
+    what an add/remove accounting would pick.
+    """
 
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
@@ -377,32 +448,48 @@ class UpdateDPConfig:
 
     def __post_init__(self) -> None:
         problems = _noise_problems(
-            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant, zero_ok=False
+            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant
         )
-        if not self.clip_norm > 0:
-            problems.append(f"clip_norm must be > 0, got {self.clip_norm}")
+        problems += _positive("clip_norm", self.clip_norm)
         if self.rounds < 1:
             problems.append("rounds must be >= 1")
+        problems += _positive("epsilon_budget", self.epsilon_budget)
         if problems:
             raise PrivacyConfigError("invalid update-level DP settings: " + "; ".join(problems))
 
     @property
     def budget(self) -> float | None:
+        """The enforced epsilon budget (None: none)."""
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
     def noise(self) -> float:
+        """Noise std over the clip norm, ``sigma`` in ``N(0, (sigma C)^2)``."""
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         assert self.target_epsilon is not None
-        return float(
-            _quiet_noise_multiplier(
-                target_epsilon=self.target_epsilon,
-                target_delta=self.delta,
-                sample_rate=1.0,
-                steps=self.rounds,
-                accountant=self.accountant,
-            )
+        effective = _quiet_noise_multiplier(
+            target_epsilon=self.target_epsilon,
+            target_delta=self.delta,
+            sample_rate=1.0,
+            steps=self.rounds,
+            accountant=self.accountant,
         )
+        return float(effective) * UPDATE_SENSITIVITY
+
+    def accounted_noise(self) -> float:
+        """The multiplier the ledger records: noise std over the sensitivity ``2C``."""
+        return self.noise() / UPDATE_SENSITIVITY
+
+
+def _run_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise PrivacyConfigError(f"run config {key} must be a number, got {value!r}") from err
+    if not math.isfinite(out):
+        raise PrivacyConfigError(f"run config {key} must be finite, got {value!r}")
+    return out
 
 
 def privacy_config_from_run_config(
@@ -410,34 +497,67 @@ def privacy_config_from_run_config(
 ) -> DPSGDConfig | UpdateDPConfig | None:
     """The DP settings of a Flower run config (keys ``dp``, ``dp-*``); None when off.
 
-    ``dp-target-epsilon`` > 0 picks the noise for the whole run; 0 uses
-    ``dp-noise-multiplier``. ``dp-epsilon-budget`` > 0 is the enforced budget
-    (default: the target epsilon, or none).
+    ``dp-target-epsilon`` > 0 picks the noise for the whole run; 0 (the app's
+    default, meaning "not set") uses ``dp-noise-multiplier``, which must then
+    be > 0. ``dp-epsilon-budget`` > 0 is the enforced budget; 0 means the target
+    epsilon (or none). Every impossible value is refused here, before any
+    training, with the run-config key named.
+
+    Raises
+    ------
+    PrivacyConfigError
+        Naming every bad ``dp-*`` key and value.
     """
     mode = str(cfg.get("dp", "off"))
     if mode not in DP_MODES:
         raise PrivacyConfigError(f"dp must be one of {DP_MODES}, got '{mode}'")
     if mode == "off":
         return None
-    target = float(cfg.get("dp-target-epsilon", 0.0))  # type: ignore[arg-type]
-    budget = float(cfg.get("dp-epsilon-budget", 0.0))  # type: ignore[arg-type]
-    sigma = float(cfg.get("dp-noise-multiplier", 1.0))  # type: ignore[arg-type]
+    target = _run_float(cfg, "dp-target-epsilon", 0.0)
+    budget = _run_float(cfg, "dp-epsilon-budget", 0.0)
+    sigma = _run_float(cfg, "dp-noise-multiplier", 1.0)
+    delta = _run_float(cfg, "dp-delta", 1e-5)
+    norm = _run_float(cfg, "dp-max-grad-norm", 1.0)
+    accountant = str(cfg.get("dp-accountant", "rdp"))
+    mode_name = str(cfg.get("dp-grad-sample-mode", DEFAULT_GRAD_SAMPLE_MODE))
+    problems = []
+    if target < 0:
+        problems.append(
+            f"dp-target-epsilon must be > 0 (or 0 to use dp-noise-multiplier), got {target:g}"
+        )
+    if target == 0 and not sigma > 0:
+        problems.append(
+            f"dp-noise-multiplier must be > 0 when dp-target-epsilon is not set, got {sigma:g} "
+            "(0 would be no privacy at all)"
+        )
+    if budget < 0:
+        problems.append(f"dp-epsilon-budget must be > 0 (or 0 for none), got {budget:g}")
+    if not 0 < delta < 1:
+        problems.append(f"dp-delta must be in (0, 1), got {delta:g}")
+    if not norm > 0:
+        problems.append(f"dp-max-grad-norm must be > 0, got {norm:g}")
+    if accountant not in ACCOUNTANTS:
+        problems.append(f"dp-accountant must be one of {ACCOUNTANTS}, got '{accountant}'")
+    if mode == "dp-sgd" and mode_name not in GRAD_SAMPLE_MODES:
+        problems.append(
+            f"dp-grad-sample-mode must be one of {GRAD_SAMPLE_MODES}, got '{mode_name}'"
+        )
+    if int(rounds) < 1 or int(local_epochs) < 1:
+        problems.append("num-server-rounds and local-epochs must be >= 1")
+    if problems:
+        raise PrivacyConfigError(f"invalid DP settings (dp='{mode}'): " + "; ".join(problems))
     common: dict[str, Any] = {
         "noise_multiplier": None if target > 0 else sigma,
         "target_epsilon": target if target > 0 else None,
-        "delta": float(cfg.get("dp-delta", 1e-5)),  # type: ignore[arg-type]
-        "accountant": str(cfg.get("dp-accountant", "rdp")),
+        "delta": delta,
+        "accountant": accountant,
         "rounds": int(rounds),
         "epsilon_budget": budget if budget > 0 else None,
     }
-    norm = float(cfg.get("dp-max-grad-norm", 1.0))  # type: ignore[arg-type]
     if mode == "update":
         return UpdateDPConfig(clip_norm=norm, **common)
     return DPSGDConfig(
-        max_grad_norm=norm,
-        local_epochs=int(local_epochs),
-        grad_sample_mode=str(cfg.get("dp-grad-sample-mode", DEFAULT_GRAD_SAMPLE_MODE)),
-        **common,
+        max_grad_norm=norm, local_epochs=int(local_epochs), grad_sample_mode=mode_name, **common
     )
 
 
@@ -515,11 +635,16 @@ class PrivateTraining:
     steps_per_epoch: int
     planned_epsilon: float
     original_module: nn.Module
+    mode: str = DEFAULT_GRAD_SAMPLE_MODE
+    planned_steps: int = 0
+    ledger_file: LedgerFile | None = None
+    default_criterion: bool = True
     _finished: bool = False
 
     @property
     def grad_sample_mode(self) -> str:
-        return self.config.grad_sample_mode
+        """The per-sample-gradient mode in use (``"ew"`` may have become ``"hooks"``)."""
+        return self.mode
 
     def epsilon(self) -> float:
         """Epsilon including the steps taken so far this round."""
@@ -549,6 +674,17 @@ class PrivateTraining:
             self.ledger.absorb(self.accountant)
             self.ledger.rounds += 1
             self._finished = True
+            if self.ledger_file is not None:  # the file holds the reservation (and others')
+                taken = self.ledger.total_steps - steps_before
+                settled = self.ledger_file.settle(
+                    taken - self.planned_steps,
+                    noise_multiplier=self.noise_multiplier,
+                    sample_rate=self.sample_rate,
+                    accountant=self.ledger.accountant,
+                    unit=self.ledger.unit,
+                )
+                self.ledger.history, self.ledger.rounds = settled.history, settled.rounds
+                steps_before = self.ledger.total_steps - taken
             cleanup = getattr(self.module, "_close", None) or getattr(
                 self.module, "remove_hooks", None
             )
@@ -616,6 +752,37 @@ def poisson_loader(
     return DataLoader(dataset, sampler=sampler, batch_size=None)
 
 
+def secure_torch_generator(device: torch.device | str | None = None) -> torch.Generator:
+    """A fresh ``torch.Generator`` seeded with 64 bits from the OS CSPRNG.
+
+    Independent of the run seed and of torch's global generator, and different
+    for every call, so no other party can replay what it draws.
+    """
+    generator = torch.Generator(device=device if device is not None else "cpu")
+    generator.manual_seed(secrets.randbits(64))
+    return generator
+
+
+def secure_numpy_generator() -> np.random.Generator:
+    """A fresh NumPy PCG64 generator seeded with 128 bits from the OS CSPRNG."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def resolve_grad_sample_mode(module: nn.Module, mode: str) -> str:
+    """``mode``, except ``"ew"`` becomes ``"hooks"`` for models with embeddings.
+
+    PyTorch's expanded weights need a float input with a batch dimension; an
+    ``nn.Embedding`` fed a 1-D index column fails with "Expanded Weights needs
+    an input with a batch size", where Opacus's hooks work.
+    """
+    if mode == "ew" and any(
+        isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in module.modules()
+    ):
+        logger.info("DP-SGD: the model has an embedding, so per-sample gradients use 'hooks'")
+        return "hooks"
+    return mode
+
+
 def make_private(
     *,
     module: nn.Module,
@@ -625,41 +792,105 @@ def make_private(
     ledger: PrivacyLedger,
     criterion: Callable[..., Any] | None = None,
     noise_generator: torch.Generator | None = None,
+    sampling_generator: torch.Generator | None = None,
+    ledger_file: LedgerFile | None = None,
+    note: Mapping[str, Any] | None = None,
 ) -> PrivateTraining:
     """Make one round of a client's local training DP-SGD, charged to ``ledger``.
 
     Like ``opacus.PrivacyEngine.make_private`` (it calls it), on the user's own
-    model, optimizer and loader, with three differences: the accountant starts
+    model, optimizer and loader, with these differences: the accountant starts
     from the ledger's history (cumulative epsilon across rounds); the round is
     refused with :class:`PrivacyBudgetExhausted` *before* any step when its
     planned steps (``local_epochs x 1/q``) would push epsilon past the budget;
-    and the model is checked (:func:`check_module`) with a clear error.
+    the noise and the Poisson batches come from generators seeded from the OS
+    CSPRNG (unpredictable by the server, independent of any seed); and the
+    model is checked (:func:`check_module`) with a clear error.
 
     The sample rate is ``1 / len(data_loader)`` (``batch_size / N``), as in Opacus.
     A ``TensorDataset`` gets :func:`poisson_loader`, others Opacus's
     ``DPDataLoader``. Parameters are trained in place: ``module`` keeps the
     result after :meth:`PrivateTraining.finish`.
+
+    Parameters
+    ----------
+    module, optimizer, data_loader
+        The user's own model, optimizer and (non-private) loader.
+    config : DPSGDConfig
+    ledger : PrivacyLedger
+        The bank's ledger; updated in place by :meth:`PrivateTraining.finish`.
+    criterion : callable, optional
+        The loss, needed only by ``grad_sample_mode="ghost"`` (default binary
+        log-loss on logits).
+    noise_generator, sampling_generator : torch.Generator, optional
+        Only for tests that must reproduce a run: a generator anyone can
+        seed voids the guarantee against whoever knows the seed. Default: a
+        fresh :func:`secure_torch_generator` each (Opacus's own secure RNG
+        with ``config.secure_mode``).
+    ledger_file : LedgerFile, optional
+        The ledger on disk: the round is reserved in it under its lock before
+        any step, and the ledger is replaced by the file's (which also holds
+        other runs' charges).
+    note : mapping, optional
+        Added to the file's ``runs`` entry for this round (run id, round).
+
+    Raises
+    ------
+    PrivacyBudgetExhausted
+        Before any step, if the round would exceed the budget.
+    PrivacyConfigError
+        For a model, loader or setting DP-SGD cannot use.
     """
     if config.accountant != ledger.accountant:
         raise PrivacyConfigError(
             f"config accountant '{config.accountant}' differs from the ledger's "
             f"'{ledger.accountant}'"
         )
+    if config.secure_mode and (noise_generator is not None or sampling_generator is not None):
+        raise PrivacyConfigError("secure_mode draws from Opacus's own CSPRNG: pass no generator")
     check_module(module)  # a clear error; fixing changes the model, see check_module
+    mode = resolve_grad_sample_mode(module, config.grad_sample_mode)
     steps_per_epoch = len(data_loader)
     if steps_per_epoch < 1:
         raise PrivacyConfigError("the data loader is empty")
     sample_rate = 1.0 / steps_per_epoch
     sigma = config.noise_for(sample_rate, steps_per_epoch)
     planned = config.local_epochs * steps_per_epoch
-    projected = ledger.check_budget(config.budget, config.delta, sigma, sample_rate, planned)
-
+    # Opacus warns "Secure RNG turned off" without secure_mode: left visible on purpose,
+    # since our generators are CSPRNG-seeded but their draws are not CSPRNG output.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
-        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
-        engine.accountant = ledger.make_accountant()
-        loss = criterion if criterion is not None else nn.BCEWithLogitsLoss()
+        try:
+            engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        except ImportError as err:
+            raise PrivacyConfigError(
+                f"secure_mode needs torchcsprng ({err}); without secure_mode flower-ext "
+                "already draws noise and batches from CSPRNG-seeded generators"
+            ) from err
+    if ledger_file is not None:  # charged on disk, under the lock, before any step
+        before, _ = ledger_file.reserve(
+            ledger,
+            budget=config.budget,
+            delta=config.delta,
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            steps=planned,
+            note=note,
+        )
+        ledger.history, ledger.rounds = before.history, before.rounds
+    projected = ledger.check_budget(config.budget, config.delta, sigma, sample_rate, planned)
+    if not config.secure_mode:
+        first = next(iter(module.parameters()), None)
+        device = first.device if first is not None else None
+        if noise_generator is None:
+            noise_generator = secure_torch_generator(device)
+        if sampling_generator is None:
+            sampling_generator = secure_torch_generator()
+
+    engine.accountant = ledger.make_accountant()
+    loss = criterion if criterion is not None else nn.BCEWithLogitsLoss()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
         out = engine.make_private(
             module=module,
             optimizer=optimizer,
@@ -668,10 +899,10 @@ def make_private(
             noise_multiplier=sigma,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode=config.grad_sample_mode,
+            grad_sample_mode=mode,
             noise_generator=noise_generator,
         )
-    if config.grad_sample_mode == "ghost":
+    if mode == "ghost":
         wrapped, dp_optimizer, dp_criterion, dp_loader = out
         dp_criterion = _GhostLossGuard(dp_criterion)
     else:
@@ -679,8 +910,11 @@ def make_private(
         dp_criterion = criterion
     if config.fused_clipping and type(dp_optimizer) is DPOptimizer and not config.secure_mode:
         dp_optimizer.__class__ = FlatClipDPOptimizer  # same state, fewer kernel launches
-    if isinstance(data_loader.dataset, TensorDataset) and not config.secure_mode:
-        dp_loader = poisson_loader(data_loader.dataset, sample_rate, data_loader.generator)
+    if not config.secure_mode:
+        if isinstance(data_loader.dataset, TensorDataset):
+            dp_loader = poisson_loader(data_loader.dataset, sample_rate, sampling_generator)
+        else:  # Opacus's DPDataLoader would sample from the loader's (seeded) generator
+            dp_loader.batch_sampler.generator = sampling_generator  # type: ignore[union-attr]
     return PrivateTraining(
         module=wrapped,
         optimizer=dp_optimizer,
@@ -694,6 +928,10 @@ def make_private(
         steps_per_epoch=steps_per_epoch,
         planned_epsilon=projected,
         original_module=module,
+        mode=mode,
+        planned_steps=planned,
+        ledger_file=ledger_file,
+        default_criterion=criterion is None,
     )
 
 
@@ -756,33 +994,122 @@ def _noise_only_step(private: PrivateTraining) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
+#: Batch keys tried, in order, for the model input and the target of a dict batch.
+INPUT_KEYS = ("img", "image", "x", "features", "input", "inputs", "pixel_values")
+TARGET_KEYS = ("label", "labels", "y", "target", "targets", "fine_label")
+
+
+def split_batch(
+    batch: Any, input_key: str | None = None, target_key: str | None = None
+) -> tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of one batch: an ``(x, y)`` pair or a dict.
+
+    Dict batches (Flower's examples: ``batch["img"]``, ``batch["label"]``) use
+    ``input_key`` / ``target_key`` when given, else the first of
+    :data:`INPUT_KEYS` / :data:`TARGET_KEYS` present.
+
+    Raises
+    ------
+    PrivacyConfigError
+        Naming the batch's type or keys when neither form fits.
+    """
+    if isinstance(batch, Mapping):
+        keys = list(batch.keys())
+        x_key = input_key or next((k for k in INPUT_KEYS if k in batch), None)
+        y_key = target_key or next((k for k in TARGET_KEYS if k in batch), None)
+        if x_key not in batch or y_key not in batch:
+            raise PrivacyConfigError(
+                f"dict batch with keys {keys}: cannot tell the model input and the target; "
+                "pass input_key= and target_key= (or batch_to_xy=) to train_private_epochs"
+            )
+        return batch[x_key], batch[y_key]
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise PrivacyConfigError(
+        f"a batch must be an (inputs, targets) pair or a dict, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else "")
+        + "; pass batch_to_xy= to train_private_epochs to split it"
+    )
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for (B, K > 1) logits and class indices; else binary log-loss on logits."""
+    if outputs.dim() >= 2 and outputs.shape[-1] > 1:
+        return nn.functional.cross_entropy(outputs, targets.long())
+    return nn.functional.binary_cross_entropy_with_logits(
+        outputs.reshape(-1), targets.reshape(-1).to(outputs.dtype)
+    )
+
+
+def _rows(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else 1
+    if isinstance(x, list | tuple) and x and isinstance(x[0], torch.Tensor):
+        return _rows(x[0])
+    return len(x)
+
+
 def train_private_epochs(
     private: PrivateTraining,
     epochs: int | None = None,
     proximal_mu: float = 0.0,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    batch_to_xy: Callable[[Any], tuple[Any, torch.Tensor]] | None = None,
+    input_key: str | None = None,
+    target_key: str | None = None,
 ) -> float:
     """DP-SGD passes over ``private.data_loader``; returns the mean training loss.
 
-    Binary log-loss on flattened logits by default (one loss per row, which is
-    also what ghost clipping needs). Every Poisson batch is a step, an empty one
-    included (noise only), so the steps taken equal the steps accounted and
-    planned. The FedProx term's gradient ``mu (w - w_global)`` does not depend
-    on the data: it is added after clipping and noise, at no privacy cost
-    (Opacus would silently drop it from a loss, as it only uses per-sample grads).
+    Parameters
+    ----------
+    private : PrivateTraining
+        From :func:`make_private`.
+    epochs : int, optional
+        Default: the config's ``local_epochs`` (what the round was charged for).
+    proximal_mu : float
+        FedProx coefficient. Its gradient ``mu (w - w_global)`` does not depend
+        on the data: it is added after clipping and noise, at no privacy cost
+        (Opacus would silently drop it from a loss, as it only uses per-sample grads).
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets) -> scalar``, the batch *mean* (reduction
+        ``"mean"``, which is how Opacus scales per-sample gradients), e.g.
+        ``nn.CrossEntropyLoss()``. Default :func:`default_loss`: cross-entropy
+        for multi-class logits, binary log-loss otherwise. With
+        ``grad_sample_mode="ghost"`` the loss is the ``criterion`` given to
+        :func:`make_private` instead.
+    batch_to_xy : callable, optional
+        ``batch -> (inputs, targets)``; default :func:`split_batch` (pairs and
+        dicts). Tuple inputs are passed to the model as ``model(*inputs)``.
+    input_key, target_key : str, optional
+        The keys of dict batches for :func:`split_batch`.
+
+    Every Poisson batch is a step, an empty one included (noise only), so the
+    steps taken equal the steps accounted and planned.
     """
     epochs = private.config.local_epochs if epochs is None else epochs
+    split = batch_to_xy or (lambda b: split_batch(b, input_key, target_key))
     if private.grad_sample_mode == "ghost":
         crit = private.criterion
         assert crit is not None
+        if private.default_criterion:
 
-        def loss_of(out: torch.Tensor, y: torch.Tensor) -> Any:
-            return crit(out.reshape(-1), y.reshape(-1).float())
+            def loss_of(out: Any, y: torch.Tensor) -> Any:
+                return crit(out.reshape(-1), y.reshape(-1).float())
+        else:
+            loss_of = crit
     else:
-        base = loss_fn or nn.BCEWithLogitsLoss()
+        base = loss_fn or default_loss
 
-        def loss_of(out: torch.Tensor, y: torch.Tensor) -> Any:
-            return base(out.reshape(-1), y.reshape(-1).float())
+        def loss_of(out: Any, y: torch.Tensor) -> Any:
+            loss = base(out, y)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+                raise PrivacyConfigError(
+                    f"loss_fn must return one scalar, the mean over the batch (reduction="
+                    f"'mean', as Opacus scales per-sample gradients by it); got {shape}"
+                )
+            return loss
 
     model, optimizer = private.module, private.optimizer
     anchor = [p.detach().clone() for p in optimizer.params] if proximal_mu > 0 else []
@@ -790,14 +1117,16 @@ def train_private_epochs(
     total, batches = 0.0, 0
     warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
     for _ in range(epochs):
-        for xb, yb in private.data_loader:
+        for batch in private.data_loader:
+            xb, yb = split(batch)
             optimizer.zero_grad()
-            empty = len(xb) == 0
+            empty = _rows(xb) == 0
             if empty and private.grad_sample_mode != "ghost":
                 _noise_only_step(private)
             else:
                 _drop_stale_activations(private.original_module)
-                loss = loss_of(model(xb), yb)
+                out = model(*xb) if isinstance(xb, list | tuple) else model(xb)
+                loss = loss_of(out, yb)
                 loss.backward()
             if not optimizer.pre_step():  # clip, accumulate, noise, scale, account
                 continue
@@ -835,13 +1164,16 @@ def privatize_update(
     update: Sequence[np.ndarray],
     clip_norm: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
-) -> tuple[list[np.ndarray], float]:
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
     """Clip the whole update to L2 ``clip_norm``, add N(0, (sigma * clip_norm)^2) per entry.
 
-    Returns the noised update (float32 where the input was float) and the
-    update's norm before clipping.
+    Returns only the noised update (float32 where the input was not float): the
+    norm before clipping is data and never leaves this function. ``rng``
+    defaults to a fresh :func:`secure_numpy_generator`; pass one only in tests,
+    since whoever can reproduce it can subtract the noise.
     """
+    rng = rng if rng is not None else secure_numpy_generator()
     norm = math.sqrt(sum(float(np.sum(np.square(u, dtype=np.float64))) for u in update))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     std = noise_multiplier * clip_norm
@@ -849,47 +1181,182 @@ def privatize_update(
     for u in update:
         noised = u.astype(np.float64) * scale + rng.normal(0.0, std, size=u.shape)
         out.append(noised.astype(u.dtype if np.issubdtype(u.dtype, np.floating) else np.float32))
-    return out, norm
+    return out
 
 
 # --------------------------------------------------------------------------- client helpers
 class LedgerFile:
-    """A bank's privacy ledger kept on disk as well as in ``context.state``.
+    """A bank's privacy ledger on disk, safe under concurrent and restarted runs.
 
     Flower 1.42 keeps ``context.state`` in the SuperNode's memory only: a restarted
     SuperNode or a new run would start the ledger at zero and silently re-spend
-    the budget. With a ledger file the bank's spending survives both: it is read
-    into the state when the state has none, and written (atomically) after every
-    round. The file is per bank, not per run, so it accumulates over every run the
-    bank takes part in, which is what a privacy budget means; deleting it is the
-    data owner's decision.
+    the budget, and two runs sharing a bank would each keep their own ledger.
+    With a ledger file the file is the ledger: every charge is a
+    read-modify-write of the file under an exclusive ``fcntl.flock`` on
+    ``<file>.lock``, written atomically (temporary file + ``os.replace``), mode
+    0o600. A round is *reserved* (checked against the budget and recorded) under
+    the lock before any step is taken, so two runs racing for the last bit of
+    budget cannot both get it, and a run that crashes mid-round stays charged.
+    The file also keeps ``runs``, one entry per charge (time, run, round, what it
+    cost, epsilon after), for the data owner's audit. The file is per bank, not
+    per run, so it accumulates over every run the bank takes part in, which is
+    what a privacy budget means; deleting it is the data owner's decision.
+
+    Parameters
+    ----------
+    path : path-like
+        The ledger file; its folder is created (0o700) if missing.
+    key : str
+        The ``context.state`` key the ledger is mirrored under.
     """
 
     def __init__(self, path: str | os.PathLike[str], key: str = SAMPLE_LEDGER_KEY) -> None:
         self.path = Path(path)
         self.key = key
 
-    def restore(self, state: RecordDict) -> None:
-        if self.key in state or not self.path.is_file():
-            return
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the exclusive lock of this ledger (blocks until it is free)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
         try:
             values = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            if not isinstance(values, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
             raise PrivacyConfigError(
                 f"privacy ledger file {self.path} is unreadable ({err}); refusing to train "
                 "rather than restart the budget at zero"
             ) from err
-        state[self.key] = ConfigRecord(values)
+        return values
 
-    def persist(self, state: RecordDict) -> None:
-        if self.key not in state:
-            return
-        record = state[self.key]
-        assert isinstance(record, ConfigRecord)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(dict(record.items())))
-        os.replace(tmp, self.path)
+    def _write(self, values: Mapping[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
+        try:  # mkstemp creates the file 0o600: the ledger is the bank's private state
+            with os.fdopen(fd, "w") as out:
+                json.dump(values, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def read(
+        self, fallback: PrivacyLedger | None = None, accountant: str = "rdp", unit: str = "sample"
+    ) -> PrivacyLedger:
+        """The ledger in the file (``fallback`` or an empty one if there is no file yet)."""
+        with self.locked():
+            return self._ledger(fallback, accountant, unit)[0]
+
+    def _ledger(
+        self, fallback: PrivacyLedger | None, accountant: str, unit: str
+    ) -> tuple[PrivacyLedger, list[Any]]:
+        values = self._read()
+        if values is None:  # first use of the file: start from what the state knew
+            start = (
+                fallback.copy() if fallback is not None else PrivacyLedger(accountant, unit=unit)
+            )
+            return start, []
+        runs = values.get("runs", [])
+        return PrivacyLedger.from_values(values, accountant, unit), list(runs)
+
+    def restore(self, state: RecordDict, accountant: str = "rdp", unit: str = "sample") -> None:
+        """Mirror the file's ledger into ``state`` (the file wins over the state)."""
+        fallback = (
+            PrivacyLedger.load(state, self.key, accountant, unit) if self.key in state else None
+        )
+        self.read(fallback, accountant, unit).save(state, self.key)
+
+    def reserve(
+        self,
+        ledger: PrivacyLedger,
+        *,
+        budget: float | None,
+        delta: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        note: Mapping[str, Any] | None = None,
+    ) -> tuple[PrivacyLedger, PrivacyLedger]:
+        """Charge a round before it runs; returns the ledger (before, after) the charge.
+
+        Under the lock: read the file (``ledger`` is only the starting point when
+        no file exists yet), refuse with :class:`PrivacyBudgetExhausted` if the
+        round would exceed ``budget`` (nothing written), else record the
+        ``steps`` and one round, append a ``runs`` entry, and write the file.
+        """
+        with self.locked():
+            before, runs = self._ledger(ledger, ledger.accountant, ledger.unit)
+            after = before.copy()
+            projected = after.check_budget(budget, delta, noise_multiplier, sample_rate, steps)
+            after.record(noise_multiplier, sample_rate, steps)
+            after.rounds += 1
+            runs.append(
+                {
+                    "time": time.time(),
+                    "pid": os.getpid(),
+                    "steps": int(steps),
+                    "noise-multiplier": float(noise_multiplier),
+                    "sample-rate": float(sample_rate),
+                    "delta": float(delta),
+                    "epsilon-after": projected,
+                    **dict(note or {}),
+                }
+            )
+            self._write({**after.values(), "runs": runs})
+        return before, after
+
+    def settle(
+        self,
+        extra_steps: int,
+        *,
+        noise_multiplier: float,
+        sample_rate: float,
+        accountant: str,
+        unit: str,
+    ) -> PrivacyLedger:
+        """After a round: charge steps taken beyond the reservation (never a refund).
+
+        Returns the file's ledger, which includes every other run's charges too.
+        """
+        with self.locked():
+            ledger, runs = self._ledger(None, accountant, unit)
+            if extra_steps > 0:
+                ledger.record(noise_multiplier, sample_rate, extra_steps)
+                runs.append(
+                    {
+                        "time": time.time(),
+                        "pid": os.getpid(),
+                        "steps": int(extra_steps),
+                        "noise-multiplier": float(noise_multiplier),
+                        "sample-rate": float(sample_rate),
+                        "note": "steps taken beyond the reservation",
+                    }
+                )
+                self._write({**ledger.values(), "runs": runs})
+        return ledger
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The charge history kept in the file (oldest first)."""
+        with self.locked():
+            values = self._read() or {}
+        return list(values.get("runs", []))
 
 
 def ledger_file_for(context: Any, key: str = SAMPLE_LEDGER_KEY) -> LedgerFile | None:
@@ -922,23 +1389,37 @@ def train_local_private(
     privacy: DPSGDConfig,
     state: RecordDict,
     ledger_key: str = SAMPLE_LEDGER_KEY,
+    ledger_file: LedgerFile | None = None,
+    note: Mapping[str, Any] | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, PrivacyReport]:
     """:func:`flower_ext.training.train_local` with DP-SGD, charged to the ledger in ``state``.
 
     Raises :class:`PrivacyBudgetExhausted` (nothing trained, nothing spent)
-    when the round would exceed the budget. The ledger is saved only after the
-    round's steps are taken, so a crash mid-round cannot under-report: it is
-    saved in a ``finally``.
+    when the round would exceed the budget. With ``ledger_file`` the round is
+    reserved on disk before any step (see :class:`LedgerFile`); else the ledger
+    lives in ``state`` and is saved in a ``finally``, so a crash mid-round
+    cannot under-report. ``cfg.seed`` seeds only what is not private (torch's
+    global generator); the noise and the Poisson batches come from
+    CSPRNG-seeded generators (:func:`make_private`).
     """
     torch.manual_seed(cfg.seed)
     ledger = PrivacyLedger.load(state, ledger_key, accountant=privacy.accountant)
     loader = make_loader(x, y, cfg.batch_size, cfg.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
     private = make_private(
-        module=model, optimizer=optimizer, data_loader=loader, config=privacy, ledger=ledger
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        config=privacy,
+        ledger=ledger,
+        ledger_file=ledger_file,
+        note=note,
     )
     try:
-        loss = train_private_epochs(private, cfg.epochs, proximal_mu=cfg.proximal_mu)
+        loss = train_private_epochs(
+            private, cfg.epochs, proximal_mu=cfg.proximal_mu, loss_fn=loss_fn
+        )
     finally:
         report = private.finish()
         ledger.save(state, ledger_key)

@@ -6,11 +6,19 @@ On a TRAIN message, with run config ``dp = "update"``, the mod:
    from ``context.state`` and refuses the round (an error reply with code
    :data:`~flower_ext.privacy.PRIVACY_BUDGET_ERROR_CODE`, nothing trained)
    if one more release would exceed the budget;
+   if one more release would exceed the budget; with node config ``ledger-dir``
+   the release is reserved in the bank's ledger file under its lock first
+   (:class:`~flower_ext.privacy.LedgerFile`), so concurrent runs cannot overspend;
 2. lets the handler train, takes ``update = local - global``, clips its L2
    norm to ``dp-max-grad-norm`` and adds ``N(0, (sigma * C)^2)`` to every
-   entry (:func:`~flower_ext.privacy.privatize_update`);
-3. charges one Gaussian release at sample rate 1 to the ledger and adds the
-   ``dp-*`` metrics to the reply.
+   entry (:func:`~flower_ext.privacy.privatize_update`), drawn from a fresh
+   generator seeded from the OS CSPRNG for every release, so neither the
+   server nor another bank can predict it;
+3. charges one Gaussian release at sample rate 1 to the ledger, accounted
+   under "replace the bank's whole contribution" (sensitivity ``2C``, so the
+   ledger records ``sigma / 2``), and adds the ``dp-*`` metrics to the reply.
+   No norm of the update is ever sent, and ``train-loss`` (computed on the
+   bank's rows before any noise) is removed from the reply.
 
 ``frozen_keys`` name arrays training must not change (e.g. the bank model's
 standardisation buffers): they are reset to the global values, so they carry
@@ -29,6 +37,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from flower_ext.privacy import (
     UPDATE_LEDGER_KEY,
+    UPDATE_LEDGER_UNIT,
     PrivacyBudgetExhausted,
     PrivacyLedger,
     UpdateDPConfig,
@@ -36,6 +45,7 @@ from flower_ext.privacy import (
     ledger_file_for,
     privacy_config_from_run_config,
     privatize_update,
+    secure_numpy_generator,
 )
 
 
@@ -50,7 +60,11 @@ class UpdateDPMod:
     frozen_keys : tuple of str
         Arrays reset to the global model's values and left without noise.
     seed : int, optional
-        Seed of the noise (tests); default: fresh OS entropy every reply.
+        Seed of the noise, for tests only: whoever knows it can subtract the
+        noise. Default: a generator seeded from the OS CSPRNG for every release.
+    drop_metrics : tuple of str
+        Reply metrics computed on the bank's data before the noise, removed
+        because the guarantee does not cover them (default ``train-loss``).
     """
 
     def __init__(
@@ -58,10 +72,12 @@ class UpdateDPMod:
         config: UpdateDPConfig | None = None,
         frozen_keys: tuple[str, ...] = (),
         seed: int | None = None,
+        drop_metrics: tuple[str, ...] = ("train-loss",),
     ) -> None:
         self.config = config
         self.frozen_keys = tuple(frozen_keys)
-        self._rng = np.random.default_rng(seed)
+        self.drop_metrics = tuple(drop_metrics)
+        self._rng = np.random.default_rng(seed) if seed is not None else None
 
     def settings(self, msg: Message, context: Context) -> UpdateDPConfig | None:
         if self.config is not None:
@@ -80,17 +96,30 @@ class UpdateDPMod:
             return call_next(msg, context)
         if len(msg.content.array_records) != 1:
             raise ValueError("update_dp_mod: the train message must hold exactly one ArrayRecord")
-        ledger_file = ledger_file_for(context, UPDATE_LEDGER_KEY)
-        if ledger_file is not None:  # node config ledger-dir: survives SuperNode restarts
-            ledger_file.restore(context.state)
         ledger = PrivacyLedger.load(
-            context.state, UPDATE_LEDGER_KEY, accountant=cfg.accountant, unit="client"
+            context.state, UPDATE_LEDGER_KEY, accountant=cfg.accountant, unit=UPDATE_LEDGER_UNIT
         )
-        sigma = cfg.noise()
+        sigma, accounted = cfg.noise(), cfg.accounted_noise()
+        ledger_file = ledger_file_for(context, UPDATE_LEDGER_KEY)
         try:
-            ledger.check_budget(cfg.budget, cfg.delta, sigma, 1.0, 1)
+            if ledger_file is not None:  # reserved on disk, under the lock, before training
+                _, ledger = ledger_file.reserve(
+                    ledger,
+                    budget=cfg.budget,
+                    delta=cfg.delta,
+                    noise_multiplier=accounted,
+                    sample_rate=1.0,
+                    steps=1,
+                    note={"run-id": int(context.run_id), "mode": "update"},
+                )
+            else:
+                ledger.check_budget(cfg.budget, cfg.delta, accounted, 1.0, 1)
+                ledger.record(accounted, 1.0, 1)
+                ledger.rounds += 1
         except PrivacyBudgetExhausted as err:
             return budget_refusal(msg, err)
+        # Charged before training: a failed round stays spent, never under-reported.
+        ledger.save(context.state, UPDATE_LEDGER_KEY)
         global_arrays = next(iter(msg.content.array_records.values()))
         out = call_next(msg, context)
         if out.has_error() or not out.has_content() or len(out.content.array_records) != 1:
@@ -102,7 +131,8 @@ class UpdateDPMod:
         noised_keys = [k for k in keys if k not in self.frozen_keys]
         glob = {k: global_arrays[k].numpy() for k in keys}
         update = [local_arrays[k].numpy().astype(np.float64) - glob[k] for k in noised_keys]
-        noised, norm = privatize_update(update, cfg.clip_norm, sigma, self._rng)
+        rng = self._rng if self._rng is not None else secure_numpy_generator()
+        noised = privatize_update(update, cfg.clip_norm, sigma, rng)
         private = dict(zip(noised_keys, noised, strict=True))
         new_arrays = ArrayRecord(
             {
@@ -114,24 +144,20 @@ class UpdateDPMod:
                 for k in keys
             }
         )
-        ledger.record(sigma, 1.0, 1)
-        ledger.rounds += 1
-        ledger.save(context.state, UPDATE_LEDGER_KEY)
-        if ledger_file is not None:
-            ledger_file.persist(context.state)
         content = RecordDict()
         for key, record in out.content.items():
             if key == arrays_key:
                 content[key] = new_arrays
             elif isinstance(record, MetricRecord):
-                metrics = MetricRecord(dict(record))
+                metrics = MetricRecord(
+                    {k: v for k, v in record.items() if k not in self.drop_metrics}
+                )
                 metrics["dp-epsilon"] = ledger.epsilon(cfg.delta)
                 metrics["dp-delta"] = cfg.delta
                 metrics["dp-noise-multiplier"] = sigma
                 metrics["dp-max-grad-norm"] = cfg.clip_norm
                 metrics["dp-sample-rate"] = 1.0
                 metrics["dp-steps"] = ledger.total_steps
-                metrics["dp-update-norm"] = float(norm)
                 content[key] = metrics
             else:
                 content[key] = record

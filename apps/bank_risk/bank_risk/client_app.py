@@ -114,26 +114,30 @@ def train(msg: Message, context: Context) -> Message:
     privacy = settings.privacy()
     dp_metrics: dict[str, float | int] = {}
     if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
-        ledger_file = ledger_file_for(context)
-        if ledger_file is not None:
-            ledger_file.restore(context.state)
         try:
             loss, spent = train_local_private(
-                model, bank.x_train, labels, train_cfg, privacy, context.state
+                model,
+                bank.x_train,
+                labels,
+                train_cfg,
+                privacy,
+                context.state,
+                ledger_file=ledger_file_for(context),  # reserved on disk before any step
+                note={"run-id": int(context.run_id), "round": server_round, "bank": bank.name},
             )
         except PrivacyBudgetExhausted as err:  # no training, no spending: the server audits it
             return budget_refusal(msg, err)
-        finally:
-            if ledger_file is not None:
-                ledger_file.persist(context.state)
         dp_metrics = spent.as_metrics()
     else:
         loss = train_local(model, bank.x_train, labels, train_cfg)
+    # Under DP the training loss is a statistic of the protected rows outside the
+    # guarantee: it is not sent. The row count is declared public (README).
+    loss_metric = {} if privacy is not None else {"train-loss": loss}
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord(
-                {"num-examples": len(bank.y_train), "train-loss": loss, **dp_metrics}
+                {"num-examples": len(bank.y_train), **loss_metric, **dp_metrics}
             ),
             CLIENT_INFO_KEY: _info(bank),
         }
@@ -187,8 +191,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         notes["auc-undefined-reason"] = metrics.undefined_reason
     is_final = int(config.get("server-round", 0)) >= int(config.get("num-server-rounds", 10**9))
     if is_final and settings.local_only_baseline:
-        local = local_only_metrics(bank, settings)
-        values.update(_metric_entries("local-only-", local))
+        if settings.privacy() is None:
+            local = local_only_metrics(bank, settings)
+            values.update(_metric_entries("local-only-", local))
+        else:  # it would be a non-private model of the protected rows: never sent under DP
+            notes["local-only-skipped"] = "dp is on: a non-private local model is not shared"
     content = RecordDict(
         {
             "metrics": MetricRecord(values),  # type: ignore[arg-type]
