@@ -10,15 +10,19 @@ unless the run config turns it on.
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp.typing import Mod
+import time
 
-from flower_ext.mods.attack import AttackMod
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from flower_ext.mods.attack import AttackMod, node_index
 from flower_ext.mods.dp import UpdateDPMod
 from flower_ext.mods.he import he_mod
 from flower_ext.mods.topk import topk_mod
 from flower_ext.records import ArrayLayout
+
+from .settings import FaultInjection
 
 
 def colluder_updates(msg: Message, context: Context, banks: list[int]) -> list[np.ndarray]:
@@ -49,6 +53,53 @@ def colluder_updates(msg: Message, context: Context, banks: list[int]) -> list[n
     return updates
 
 
+class InjectedFault(RuntimeError):
+    """Raised by :func:`bank_fault_mod` for ``fault-kind = "raise"`` (tests only)."""
+
+
+def _all_nan(arrays: ArrayRecord) -> ArrayRecord:
+    """The same keys, shapes and float dtypes, every value NaN (integer buffers kept)."""
+    out = ArrayRecord()
+    for key, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating):
+            values = np.full_like(values, np.nan)
+        out[key] = Array(np.ascontiguousarray(values))
+    return out
+
+
+def bank_fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Test-only faults in the banks listed by run config ``fault-banks`` (train only).
+
+    ``fault-kind = "raise"`` raises :class:`InjectedFault` in place of training (a
+    crashing bank), ``"sleep"`` stalls ``fault-sleep`` seconds first (a slow bank),
+    ``"nan"`` trains and then replaces every weight with NaN (a broken bank). It sits
+    innermost, next to the train handler, so the other mods see what a faulty
+    handler would give them. A no-op unless both ``fault-banks`` and ``fault-kind``
+    are set; a bad value is refused (the server's settings check names it first).
+    """
+    fault = FaultInjection.from_config(context.run_config)
+    if fault is None or msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    index = node_index(context)
+    if index is None or index not in fault.banks:
+        return call_next(msg, context)
+    server_round = msg.content["config"].get("server-round", "?")  # type: ignore[union-attr]
+    if fault.kind == "raise":
+        raise InjectedFault(
+            f"injected fault (fault-kind=raise) in bank {index}, round {server_round}"
+        )
+    if fault.kind == "sleep":
+        time.sleep(fault.sleep_seconds)
+        return call_next(msg, context)
+    reply = call_next(msg, context)  # "nan"
+    if reply.has_error() or not reply.has_content():
+        return reply
+    for key, arrays in list(reply.content.array_records.items()):
+        reply.content[key] = _all_nan(arrays)
+    return reply
+
+
 #: Attack simulation (run config ``attack``, ``malicious-banks``); a no-op by default.
 bank_attack_mod = AttackMod(colluder_updates=colluder_updates)
 
@@ -59,4 +110,5 @@ bank_update_dp_mod = UpdateDPMod(frozen_keys=("feature_mean", "feature_std"))
 #: Encryption (run config ``he``), outermost: decrypts what arrives first, encrypts what leaves.
 #: Top-k compression (run config ``topk-ratio`` > 0; the server's train config wins), between
 #: the attack (an attacker's update is compressed like any other) and encryption.
-BANK_MODS: list[Mod] = [he_mod, topk_mod, bank_attack_mod, bank_update_dp_mod]
+#: Fault injection (run config ``fault-*``, tests only), innermost: it stands in for the handler.
+BANK_MODS: list[Mod] = [he_mod, topk_mod, bank_attack_mod, bank_update_dp_mod, bank_fault_mod]

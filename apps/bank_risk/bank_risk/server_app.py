@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flower_ext.audit import AuditTrail
+from flower_ext.audit import AuditTrail, short_reason
 from flower_ext.data import DataError, load_all_banks
 from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
@@ -52,6 +53,7 @@ from flower_ext.runlog import (
 )
 from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
+from flower_ext.validation import client_label, reply_sender
 
 from .encryption import prepare_keys
 from .settings import BankAppSettings
@@ -95,10 +97,63 @@ def wait_for_banks(
         time.sleep(1.0)
 
 
+#: Longest bank label the server keeps (labels are self-reported and written everywhere).
+MAX_LABEL_CHARS = 100
+
+
+@dataclass
+class Standardisation:
+    """What the feature-statistics query gave: the global scaling and who the banks are."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    features: list[str]
+    #: node id -> bank label, from every bank that answered (also rejected answers).
+    labels: dict[int, str]
+
+
+def _moments_of(reply: Message, names: list[str] | None) -> tuple[list[str], tuple]:
+    """Checked ``(feature names, (count, sum, sum of squares))`` of one bank's answer.
+
+    Raises ``ValueError`` with the reason when the answer cannot be used (a bank may
+    send anything; DESIGN.md's threat model).
+    """
+    try:
+        moments = reply.content["moments"]
+        bank_names = [str(n) for n in reply.content["features"]["names"]]  # type: ignore[union-attr]
+        count = moments["num-examples"]
+        total = np.asarray(moments["sum"], dtype=np.float64)
+        total_sq = np.asarray(moments["sum-sq"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"malformed feature statistics ({type(err).__name__}: {err})") from None
+    if names is not None and bank_names != names:
+        raise ValueError("different feature columns")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num-examples must be a positive integer, got {count!r}")
+    if total.shape != (len(bank_names),) or total_sq.shape != (len(bank_names),):
+        raise ValueError(f"sum/sum-sq must hold one value per feature ({len(bank_names)})")
+    if not (np.isfinite(total).all() and np.isfinite(total_sq).all()):
+        raise ValueError("sum/sum-sq contain NaN or Inf")
+    return bank_names, (int(count), total, total_sq)
+
+
 def federated_standardisation(
-    grid: Grid, nodes: list[int], timeout: float, audit: AuditTrail
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Global feature mean/std from the banks' moments (a QUERY round)."""
+    grid: Grid,
+    nodes: list[int],
+    timeout: float,
+    audit: AuditTrail,
+    required: int | None = None,
+) -> Standardisation:
+    """Global feature mean/std from the banks' moments (a QUERY round).
+
+    Every bank that does not answer usefully is audited on its own line:
+    ``stats_missing`` (no reply within ``timeout``), ``stats_failed`` (an error
+    reply, with its reason) or ``stats_rejected`` (an unusable answer). The run
+    goes on when at least ``required`` banks (``min-banks``; default: all of
+    ``nodes``) answered, and otherwise stops with an error naming the banks
+    that did not.
+    """
+    required = len(nodes) if required is None else required
     messages = [
         Message(
             content=RecordDict({"config": ConfigRecord({"query": "feature-moments"})}),
@@ -107,31 +162,63 @@ def federated_standardisation(
         )
         for node in nodes
     ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    origins = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
     parts, names = [], None
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = int(reply.metadata.src_node_id)
+    labels: dict[int, str] = {}
+    problems: dict[int, str] = {}  # node -> why it is not in the standardisation
+    answered: set[int] = set()
+    for reply in replies:
+        node = reply_sender(reply, origins)
+        if node not in origins.values() or node in answered:
+            continue  # not asked, or a second answer: only the first one counts
+        answered.add(node)
+        label = short_reason(client_label(reply), MAX_LABEL_CHARS)
+        if label:
+            labels[node] = label
         if reply.has_error():
-            audit.record("stats_failed", node_id=node, reason=reply.error.reason)
+            reason = f"error reply {reply.error.code}: {reply.error.reason}"
+            problems[node] = audit.record("stats_failed", node_id=node, label=label, reason=reason)[
+                "reason"
+            ]
             continue
-        moments = reply.content["moments"]
-        bank_names = list(reply.content["features"]["names"])  # type: ignore[arg-type]
-        if names is None:
-            names = bank_names
-        elif bank_names != names:
-            audit.record("stats_rejected", node_id=node, reason="different feature columns")
+        try:
+            bank_names, part = _moments_of(reply, names)
+        except ValueError as err:
+            problems[node] = audit.record(
+                "stats_rejected", node_id=node, label=label, reason=str(err)
+            )["reason"]
             continue
-        parts.append(
-            (
-                int(moments["num-examples"]),  # type: ignore[arg-type]
-                np.asarray(moments["sum"], dtype=np.float64),
-                np.asarray(moments["sum-sq"], dtype=np.float64),
-            )
+        names = names if names is not None else bank_names
+        parts.append(part)
+    for node in nodes:
+        if node not in answered:
+            problems[node] = audit.record(
+                "stats_missing",
+                node_id=node,
+                label="",
+                reason=f"no reply to the feature-statistics query within {timeout:g}s",
+            )["reason"]
+    if len(parts) < max(required, 1) or names is None:
+        missing = "; ".join(
+            f"node {n}{f' ({labels[n]})' if n in labels else ''}: {short_reason(why, 120)}"
+            for n, why in sorted(problems.items())
         )
-    if not parts or names is None:
-        raise RuntimeError("no bank answered the feature-statistics query; see the audit trail")
+        raise RuntimeError(
+            f"only {len(parts)} of {len(nodes)} banks answered the feature-statistics query "
+            f"usefully, {max(required, 1)} needed (min-banks); not usable: {missing}. "
+            "A short round-timeout or a slow first start of the banks can cause this; "
+            "see audit.jsonl"
+        )
     mean, std = combine_feature_moments(parts)
-    audit.record("standardisation", banks=len(parts), features=names)
-    return mean, std, names
+    audit.record(
+        "standardisation",
+        banks=len(parts),
+        features=names,
+        labels={str(n): lbl for n, lbl in labels.items()},
+        missing=sorted(problems),
+    )
+    return Standardisation(mean, std, names, labels)
 
 
 def centralized_ceiling(settings: BankAppSettings, epochs: int) -> tuple[float | None, str]:
@@ -303,7 +390,7 @@ def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dic
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = BankAppSettings.from_config(context.run_config)
-    settings = prepare_keys(settings, context.run_id)  # HE in simulation: a run key set
+    settings = prepare_keys(settings, context.run_id, grid)  # HE: simulation-only key set
     checkpoint: Checkpoint | None = None
     if settings.resume_from:
         run_dir = Path(settings.resume_from).expanduser().resolve()
@@ -450,13 +537,15 @@ def run_federation(
         metered, settings.data.num_banks, settings.wait_for_nodes, minimum=minimum
     )
     if checkpoint is None:
-        mean, std, features = federated_standardisation(
-            metered, nodes, settings.round_timeout, audit
+        stats = federated_standardisation(
+            metered, nodes, settings.round_timeout, audit, required=settings.min_banks or None
         )
+        labels = stats.labels
+        features = stats.features
         model = build_model(
             len(features), settings.model, settings.hidden_units, seed=settings.seed
         )
-        model.set_standardisation(mean, std)
+        model.set_standardisation(stats.mean, stats.std)
         initial = ArrayRecord(model.state_dict())
         metrics.update(
             model={
@@ -467,11 +556,14 @@ def run_federation(
         )
     else:  # the checkpointed model already holds the federation's standardisation
         initial = checkpoint.arrays
+        labels = {}  # the checkpoint's strategy state carries the labels seen so far
 
     # Robust rules check their f against the fewest banks a round may have.
     inner = build_strategy(settings, audit, num_nodes=settings.min_banks or len(nodes))
     if settings.min_banks:  # fewer valid replies than min-banks: the round is skipped
         inner.min_valid_replies = settings.min_banks
+    # The banks' labels from the query, so even a bank failing round 1 is audited by name.
+    inner.labels.update(labels)
     strategy = wrap_strategy(inner, settings, audit)
     recorder = RoundRecorder(settings, strategy, metered, metrics, audit, run_dir=run_dir)
     first_round = 1

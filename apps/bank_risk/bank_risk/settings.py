@@ -19,6 +19,69 @@ class SettingsError(ValueError):
     """A run-config value the app cannot use."""
 
 
+#: What an injected fault does to a bank's train handler (test federations only).
+FAULT_KINDS = ("none", "raise", "sleep", "nan")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test-only faults for chosen banks (run config ``fault-*``), to test fault handling.
+
+    Parameters
+    ----------
+    banks : frozenset[int]
+        Indices of the faulty banks (node config ``bank-index`` / ``partition-id``).
+    kind : str
+        ``"raise"``: the train handler raises; ``"sleep"``: it answers only after
+        ``sleep_seconds`` (longer than ``round-timeout`` makes the bank missing);
+        ``"nan"``: its reply's weights are all NaN.
+    sleep_seconds : float
+        How long a ``"sleep"`` bank stalls before training.
+    """
+
+    banks: frozenset[int]
+    kind: str
+    sleep_seconds: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object]) -> FaultInjection | None:
+        """``None`` when off (the default); :class:`SettingsError` naming a bad key."""
+        kind = str(cfg.get("fault-kind", "none") or "none").strip()
+        text = str(cfg.get("fault-banks", "") or "").strip()
+        if kind not in FAULT_KINDS:
+            raise SettingsError(f"fault-kind must be one of {FAULT_KINDS}, got '{kind}'")
+        if kind == "none" and not text:
+            return None
+        if kind == "none" or not text:
+            raise SettingsError(
+                'fault injection needs both fault-banks (e.g. "1") and fault-kind '
+                f"(one of {FAULT_KINDS[1:]}); got fault-banks='{text}', fault-kind='{kind}'"
+            )
+        banks = []
+        num_banks = cfg.get("num-banks", 5)
+        for item in text.split(","):
+            try:
+                index = int(item.strip())
+            except ValueError:
+                raise SettingsError(
+                    f"fault-banks must be comma-separated bank indices, got '{text}'"
+                ) from None
+            if not 0 <= index < int(num_banks):  # type: ignore[call-overload]
+                raise SettingsError(
+                    f"fault-banks: bank index {index} is outside 0..{int(num_banks) - 1}"  # type: ignore[call-overload]
+                )
+            banks.append(index)
+        try:
+            sleep = float(cfg.get("fault-sleep", 0.0))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise SettingsError(
+                f"fault-sleep must be seconds, got {cfg.get('fault-sleep')!r}"
+            ) from None
+        if kind == "sleep" and not 0 < sleep < float("inf"):
+            raise SettingsError(f"fault-kind 'sleep' needs fault-sleep > 0 seconds, got {sleep}")
+        return cls(frozenset(banks), kind, sleep)
+
+
 def _get(cfg: Mapping[str, object], key: str, default: object) -> object:
     return cfg.get(key, default)
 
@@ -107,6 +170,10 @@ class BankAppSettings:
             self.privacy()
         except (TypeError, ValueError) as err:
             problems.append(str(err))
+        try:
+            self.faults()
+        except SettingsError as err:
+            problems.append(str(err))
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
 
@@ -118,6 +185,10 @@ class BankAppSettings:
     def privacy(self) -> DPSGDConfig | UpdateDPConfig | None:
         """The DP settings (run config ``dp``, ``dp-*``); None when ``dp = "off"``."""
         return privacy_config_from_run_config(self.raw, self.num_rounds, self.local_epochs)
+
+    def faults(self) -> FaultInjection | None:
+        """Test-only fault injection (run config ``fault-*``); None when off."""
+        return FaultInjection.from_config(self.raw)
 
     def train_config(self, seed: int, proximal_mu: float) -> TrainConfig:
         return TrainConfig(
