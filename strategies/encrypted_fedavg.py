@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -128,6 +129,34 @@ def _real(value: object, what: str) -> float:
     if not math.isfinite(number):
         raise CiphertextError(f"'{what}' is not finite ({number})")
     return number
+
+
+def _drop_forged_errors(
+    replies: list[Message], origins: dict[str, int]
+) -> tuple[list[Message], list[Rejection]]:
+    """Refuse error replies that a *bank* sent in another bank's name.
+
+    An error reply answering node B's message is B's (B failed) when B or the
+    SuperLink (which answers for a dropped node) sent it. One sent by another
+    node A would otherwise count as B's answer and get B's real reply refused as
+    a duplicate: one bank could veto another.
+    """
+    kept: list[Message] = []
+    rejected: list[Rejection] = []
+    for msg in replies:
+        try:
+            if msg.has_error() and origins:
+                src = int(msg.metadata.src_node_id)
+                node = origins.get(str(msg.metadata.reply_to_message_id))
+                if node is not None and src not in (node, SUPERLINK_NODE_ID):
+                    rejected.append(
+                        Rejection(src, f"error reply sent in node {node}'s name by node {src}")
+                    )
+                    continue
+        except Exception:  # unreadable metadata: bind_replies rejects it with the reason
+            pass
+        kept.append(msg)
+    return kept, rejected
 
 
 class EncryptedFedAvg(UpdateAggregationStrategy):
@@ -464,9 +493,10 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         self.round_reports[server_round] = report
         # One reply per sampled node, answering this round's messages: duplicates and
         # replays never reach the sum (under HE a duplicate would be added twice).
-        bound, rejected = bind_replies(
-            replies, origins=self.origins("train"), sampled=sampled or None
-        )
+        origins = self.origins("train")
+        replies, rejected = _drop_forged_errors(replies, origins)
+        bound, binding = bind_replies(replies, origins=origins, sampled=sampled or None)
+        rejected += binding
         accepted: list[EncryptedReply] = []
         # Check each reply whole (metadata, then every coefficient < q while widening it
         # into a scratch buffer) before its coefficients touch the sum: a malformed
