@@ -179,8 +179,31 @@ def _key_pem(key: Any) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file: an old one keeps its own
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+
+
+def install_bank_secret(source: str | Path, bank_dir: str | Path) -> Path:
+    """Copy the banks' CKKS secret context into one bank's folder, owner-only (0600).
+
+    ``source`` is ``bank-secret.ckks`` or the ``flower-ext keygen`` folder holding it.
+    The copy is written atomically with mode 0600 even when a copy (with any mode)
+    is already there, and checked to hold a secret key, so a SuperNode is never
+    pointed at the server's public file by mistake.
+    """
+    from .crypto import SECRET_FILE, load_secret_context, write_private_file
+
+    src = Path(os.path.expanduser(str(source)))
+    if src.is_dir():
+        src = src / SECRET_FILE
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} does not exist: run `flower-ext keygen DIR` first")
+    data = src.read_bytes()
+    load_secret_context(data)  # raises CryptoError unless it is a secret context
+    folder = Path(os.path.expanduser(str(bank_dir)))
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return write_private_file(folder / SECRET_FILE, data)
 
 
 def write_flwr_config(

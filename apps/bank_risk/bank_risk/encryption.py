@@ -10,17 +10,27 @@ set for the run in :func:`flower_ext.crypto.simulation_key_dir` (owner-only),
 and the simulated banks find it there by run id; it is deleted when the server
 process exits. Or set ``he-secret-context``
 and ``he-public-context`` in the run config to files from ``flower-ext keygen``.
+
+Only a simulation may generate keys: in a deployment (any Grid but Flower's
+in-memory simulation grid) a server without ``he-public-context`` refuses to
+start, because a server that generated the key set would hold the banks' secret key.
+
+Range: run config ``he-weight-scale`` (default 1.0) is the public factor the
+banks multiply ``num-examples`` by before encrypting; lower it for banks with
+millions of rows (see :class:`flower_ext.strategies.EncryptedFedAvg`).
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from logging import WARNING
 from typing import Any
 
+from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flower_ext.crypto import PUBLIC_FILE, CryptoError, simulation_key_dir, write_keys
@@ -37,10 +47,41 @@ def he_enabled(cfg: Mapping[str, object]) -> bool:
     return bool(value)
 
 
-def prepare_keys(settings: BankAppSettings, run_id: int) -> BankAppSettings:
-    """With HE on and no ``he-public-context``: a throwaway key set for this simulated run."""
+WEIGHT_SCALE_RUN_KEY = "he-weight-scale"
+
+
+def is_simulation(grid: Grid | None) -> bool:
+    """Whether ``grid`` is Flower's in-memory simulation grid (every simulation path uses it)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    seen = 0
+    while grid is not None and seen < 5:  # wrappers (the app's metering grid) keep theirs
+        if isinstance(grid, InMemoryGrid):
+            return True
+        grid = getattr(grid, "grid", None) or getattr(grid, "_grid", None)
+        seen += 1
+    return False
+
+
+def prepare_keys(
+    settings: BankAppSettings, run_id: int, grid: Grid | None = None
+) -> BankAppSettings:
+    """With HE on and no ``he-public-context``: a throwaway key set, in simulation only.
+
+    In a deployment the server never generates keys (it would hold the banks'
+    secret key): without ``he-public-context`` it refuses with how to make them.
+    """
     if not he_enabled(settings.raw) or str(settings.raw.get(PUBLIC_CONTEXT_KEY, "") or ""):
         return settings
+    if not is_simulation(grid):
+        raise SettingsError(
+            "he = true needs run config he-public-context in a deployment: the server never "
+            "generates keys itself (it would then hold the banks' secret key). One bank or "
+            "the banks' consortium runs `flower-ext keygen keys/`, gives every bank "
+            "keys/bank-secret.ckks (node config he-secret-context, and he = true) and the "
+            "server only keys/server-public.ckks (--run-config "
+            "\"he-public-context='/path/server-public.ckks'\")"
+        )
     folder = simulation_key_dir(run_id)
     public = folder / PUBLIC_FILE
     if not public.is_file():
@@ -80,7 +121,18 @@ def build_encrypted_strategy(
             "he = true needs run config he-public-context (server-public.ckks from "
             "`flower-ext keygen`)"
         )
+    scale = settings.raw.get(WEIGHT_SCALE_RUN_KEY, 1.0)
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise SettingsError(
+            f"{WEIGHT_SCALE_RUN_KEY} must be a positive number (e.g. 1e-3 for banks with "
+            f"millions of rows), got {scale!r}"
+        )
     try:
-        return EncryptedFedAvg(**common, context=path)
+        return EncryptedFedAvg(**common, context=path, weight_scale=float(scale))
     except (CryptoError, ValueError) as err:
         raise SettingsError(f"encrypted aggregation: {err}") from err

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from flower_ext.deploy import LocalDeployment, node_config_arg, rss_bytes
+from flower_ext.deploy import LocalDeployment, install_bank_secret, node_config_arg, rss_bytes
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path("~/.flower-ext-deploy").expanduser()
@@ -52,13 +51,11 @@ def bank_node_config(dep: LocalDeployment, i: int, settings: dict) -> dict[str, 
     if settings.get("csv_dir"):
         config["csv-path"] = str(Path(settings["csv_dir"]) / f"bank-{i}.csv")
     if settings.get("he_keys"):
+        # Each bank holds its own 0600 copy, as on its own machine, and says he = true
+        # in its own node config: it then refuses to send plaintext whatever the run says.
         own = dep.workdir / "banks" / bank_name(i)
-        own.mkdir(parents=True, exist_ok=True)
-        secret = own / "bank-secret.ckks"
-        if not secret.is_file():  # each bank holds its own copy, as on its own machine
-            shutil.copy2(Path(settings["he_keys"]) / "bank-secret.ckks", secret)
-            secret.chmod(0o600)
-        config["he-secret-context"] = str(secret)
+        config["he-secret-context"] = str(install_bank_secret(settings["he_keys"], own))
+        config["he"] = True
     return config
 
 
