@@ -561,6 +561,13 @@ def _float_to(values: NDArray[np.floating], dtype: np.dtype) -> NDArray[np.gener
     return np.clip(np.rint(values), low, high).astype(dtype)
 
 
+def _c_order(values: NDArray[np.generic]) -> NDArray[np.generic]:
+    """C order, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d) and
+    arrays (arithmetic on a 0-d array returns a NumPy scalar)."""
+    values = np.asarray(values)
+    return values if values.flags.c_contiguous else np.array(values, order="C")
+
+
 def _all_finite(values: NDArray[np.generic]) -> bool:
     if values.dtype.kind != "f":
         return True
@@ -653,16 +660,16 @@ class GlobalModel:
             base = self.arrays[i]
             chunk = update[self.offsets[i] : self.offsets[i + 1]].reshape(base.shape)
             if base.dtype == np.float32:
-                new = np.ascontiguousarray(base + chunk)
+                new = base + chunk
             elif base.dtype == np.float64:
-                new = np.ascontiguousarray(base + chunk.astype(np.float64))
+                new = base + chunk.astype(np.float64)
             elif base.dtype.kind == "f":
                 new = _float_to(base.astype(np.float32) + chunk, base.dtype)
             else:
                 new = _float_to(base.astype(np.float64) + chunk, base.dtype)
             if not _all_finite(new):
                 raise SparsePayloadError(f"update makes array '{key}' overflow {base.dtype}")
-            out[key] = Array(np.ascontiguousarray(new))
+            out[key] = Array(_c_order(new))
         return ArrayRecord(out)
 
     def cast(self, record: Any) -> tuple[Any, list[str]]:
@@ -699,6 +706,6 @@ class GlobalModel:
                 continue
             source = value.astype(np.float64) if value.dtype.kind != "f" else value
             new = _float_to(source.reshape(self.shapes[i]), target)
-            out[key] = Array(np.ascontiguousarray(new))
+            out[key] = Array(_c_order(new))
             changed = True
         return (ArrayRecord(out) if changed else record), notes
