@@ -1407,15 +1407,20 @@ def train_local_private(
     ledger = PrivacyLedger.load(state, ledger_key, accountant=privacy.accountant)
     loader = make_loader(x, y, cfg.batch_size, cfg.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
-    private = make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        config=privacy,
-        ledger=ledger,
-        ledger_file=ledger_file,
-        note=note,
-    )
+    try:
+        private = make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            config=privacy,
+            ledger=ledger,
+            ledger_file=ledger_file,
+            note=note,
+        )
+    except PrivacyBudgetExhausted:
+        if ledger_file is not None:  # the state mirrors what the file (all runs) spent
+            ledger_file.restore(state, privacy.accountant, ledger.unit)
+        raise
     try:
         loss = train_private_epochs(
             private, cfg.epochs, proximal_mu=cfg.proximal_mu, loss_fn=loss_fn

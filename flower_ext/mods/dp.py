@@ -117,6 +117,8 @@ class UpdateDPMod:
                 ledger.record(accounted, 1.0, 1)
                 ledger.rounds += 1
         except PrivacyBudgetExhausted as err:
+            if ledger_file is not None:  # the state mirrors what the file (all runs) spent
+                ledger_file.restore(context.state, cfg.accountant, UPDATE_LEDGER_UNIT)
             return budget_refusal(msg, err)
         # Charged before training: a failed round stays spent, never under-reported.
         ledger.save(context.state, UPDATE_LEDGER_KEY)
