@@ -80,7 +80,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 # Opacus calls logging.basicConfig() when imported, which adds a handler to the
 # root logger and makes every Flower log line print twice; undo just that.
@@ -1474,4 +1475,41 @@ def round_privacy(
     for node, reason in rejected.items():
         if is_budget_refusal(reason):
             out[labels.get(node) or str(node)] = {"refused": reason}
+    return out
+
+
+#: Reply metrics that describe a bank's privacy: a weighted mean of them is no privacy
+#: quantity (the federation's guarantee is the worst bank's), so they are aggregated by max.
+PRIVACY_METRIC_KEYS = ("dp-epsilon", "dp-delta", "dp-steps")
+
+
+def privacy_train_metrics_aggr_fn(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """A ``train_metrics_aggr_fn`` that reports privacy as the worst bank's, not a mean.
+
+    Ordinary metrics get Flower's weighted mean (``aggregate_metricrecords``);
+    each of :data:`PRIVACY_METRIC_KEYS` is replaced by ``<key>-max``, its maximum
+    over the replies (e.g. ``dp-epsilon-max``: the largest epsilon any bank has
+    spent), and the other ``dp-*`` settings (noise multiplier, clip, sample
+    rate) by their max too, named the same way. Pass it to any Flower strategy:
+    ``FedAvg(train_metrics_aggr_fn=privacy_train_metrics_aggr_fn)``.
+    """
+    plain: list[RecordDict] = []
+    worst: dict[str, float] = {}
+    for record in records:
+        content = RecordDict()
+        for name, item in record.items():
+            if isinstance(item, MetricRecord):
+                kept = MetricRecord()
+                for key, value in item.items():
+                    if key.startswith("dp-") and isinstance(value, int | float):
+                        worst[f"{key}-max"] = max(worst.get(f"{key}-max", -math.inf), value)
+                    else:
+                        kept[key] = value
+                content[name] = kept
+            else:
+                content[name] = item
+        plain.append(content)
+    out = aggregate_metricrecords(plain, weighting_key) if plain else MetricRecord()
+    for key, value in worst.items():
+        out[key] = value
     return out

@@ -452,3 +452,15 @@ def test_embedding_models_fall_back_from_expanded_weights_to_hooks():
     assert private.grad_sample_mode == "hooks"
     assert math.isfinite(train_private_epochs(private))
     assert private.finish().steps == 10
+
+
+def test_privacy_metrics_are_aggregated_as_the_worst_bank_not_a_weighted_mean():
+    from flower_ext.privacy import privacy_train_metrics_aggr_fn
+
+    replies = [
+        RecordDict({"metrics": MetricRecord({"num-examples": 900, "dp-epsilon": 1.0, "x": 1.0})}),
+        RecordDict({"metrics": MetricRecord({"num-examples": 100, "dp-epsilon": 3.0, "x": 2.0})}),
+    ]
+    out = privacy_train_metrics_aggr_fn(replies, "num-examples")
+    assert out["dp-epsilon-max"] == 3.0 and "dp-epsilon" not in out  # a mean would say 1.2
+    assert out["x"] == pytest.approx(1.1)  # everything else: Flower's weighted mean
