@@ -335,9 +335,11 @@ def test_fuzzed_encrypted_rounds_never_crash_and_never_drop_an_honest_bank(
         node = next(attackers)
         late.append(_from(node, by_node[node], _with(honest[2])))
         kinds_seen.add("copied-honest-ciphertext")
-        # an honest reply delivered twice
-        late.append(honest[3])
-        kinds_seen.add("duplicate-honest-reply")
+        # a well-formed reply delivered twice (one reply per node: neither counts)
+        node = next(attackers)
+        twice = _from(node, by_node[node], _with(template))
+        late += [twice, twice]
+        kinds_seen.add("same-reply-twice")
         if previous_honest:
             # last round's honest reply replayed as is, and its ciphertext in a fresh message
             late.append(previous_honest[0])
