@@ -7,6 +7,8 @@ with the others. Nothing here mutates a reply.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -17,11 +19,37 @@ from .records import ArrayLayout, RecordFormatError, array_view
 CLIENT_INFO_KEY = "client-info"  # optional ConfigRecord with a human label ("bank")
 
 
+#: Longest reason kept for one rejection (the audit trail and the logs stay readable).
+MAX_REASON_CHARS = 300
+_ANSI_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def short_reason(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as a one-line reason: no terminal escapes, at most ``limit`` characters.
+
+    A traceback (what Flower's runtime sends when a ClientApp raises) is reduced to
+    its last line, the exception itself, which is what an operator needs.
+    """
+    clean = _CONTROL.sub("", _ANSI_ESCAPE.sub("", str(text)))
+    lines = [line.strip() for line in clean.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in clean and len(lines) > 1:
+        lines = [lines[0].split("Traceback")[0].strip(), lines[-1]]
+    one_line = " ".join(line for line in lines if line)
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "\u2026"
+
+
 @dataclass
 class Rejection:
+    """A reply the round goes on without, and why (a short, clean reason)."""
+
     node_id: int
     reason: str
     label: str = ""
+
+    def __post_init__(self) -> None:
+        self.reason = short_reason(self.reason)
+        self.label = short_reason(self.label, 100)
 
 
 @dataclass
@@ -109,7 +137,7 @@ def bind_replies(
 
     Rejected: replays of an earlier round's or another strategy's messages, replies
     from nodes that were not sampled, a reply whose sender is not the node the
-    message was sent to, and every reply after the first from the same node.
+    message was sent to, and every reply of a node that sent more than one.
 
     Returns
     -------
@@ -118,7 +146,6 @@ def bind_replies(
     """
     bound: list[tuple[Message, int]] = []
     rejected: list[Rejection] = []
-    seen: set[int] = set()
     sampled_set = None if sampled is None else {int(n) for n in sampled}
     for message in replies:
         label = _safe_label(message)
@@ -141,8 +168,8 @@ def bind_replies(
                 )
                 continue
             if src != node and not message.has_error():
-                rejected.append(
-                    Rejection(node, f"reply to node {node}'s message was sent by node {src}", label)
+                rejected.append(  # blamed on the sender: the addressee did nothing wrong
+                    Rejection(src, f"reply to node {node}'s message was sent by node {src}", label)
                 )
                 continue
         else:
@@ -150,14 +177,21 @@ def bind_replies(
             if sampled_set is not None and node not in sampled_set:
                 rejected.append(Rejection(node, "node was not sampled in this round", label))
                 continue
-        if node in seen:
-            rejected.append(
-                Rejection(node, "second reply from this node in this round (duplicate)", label)
-            )
-            continue
-        seen.add(node)
         bound.append((message, node))
-    return bound, rejected
+    # One reply per node: a node that sent several has all of them rejected, whatever
+    # their order (a node can only ever harm its own contribution this way).
+    count = Counter(node for _, node in bound)
+    for message, node in bound:
+        if count[node] > 1:
+            rejected.append(
+                Rejection(
+                    node,
+                    f"{count[node]} replies from this node in this round; all rejected "
+                    "(one reply per node)",
+                    _safe_label(message),
+                )
+            )
+    return [(m, n) for m, n in bound if count[n] == 1], rejected
 
 
 def _safe_label(message: Message) -> str:
