@@ -96,3 +96,82 @@ def test_bank_app_runs_end_to_end_with_he_and_update_dp(tmp_path):
     aggregated = [e for e in events if e["event"] == "round_aggregated"]
     assert [e["rule"] for e in aggregated] == ["EncryptedFedAvg"] * 2
     assert all(e["ciphertext_bytes_in"] > 0 for e in aggregated)
+
+
+# ---------------------------------------------------------------------- keys: who may make them
+def _settings(extra: dict):
+    from bank_risk.settings import BankAppSettings
+
+    return BankAppSettings.from_config({"he": True, "num-banks": 3, **extra})
+
+
+def test_deployment_server_without_public_context_refuses_to_generate_keys():
+    from bank_risk.encryption import prepare_keys
+    from bank_risk.settings import SettingsError
+    from flower_ext.crypto import simulation_key_dir
+
+    class DeploymentGrid:  # any Grid but Flower's in-memory simulation one
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+    run_id = 987654321
+    with pytest.raises(SettingsError, match="flower-ext keygen") as err:
+        prepare_keys(_settings({}), run_id, DeploymentGrid())
+    assert "never generates keys" in str(err.value)
+    with pytest.raises(SettingsError, match="he-public-context"):
+        prepare_keys(_settings({}), run_id, None)
+    assert not simulation_key_dir(run_id).exists()  # no secret key was written anywhere
+
+
+def test_only_a_simulation_generates_keys_and_says_so(caplog):
+    import logging
+    import shutil
+
+    from flwr.superlink.grid import InMemoryGrid
+
+    from bank_risk.encryption import is_simulation, prepare_keys
+    from flower_ext.crypto import PUBLIC_FILE, SECRET_FILE, simulation_key_dir
+
+    grid = object.__new__(InMemoryGrid)  # the grid every Flower simulation path uses
+    assert is_simulation(grid) and not is_simulation(None)
+    run_id = 987654322
+    folder = simulation_key_dir(run_id)
+    try:
+        with caplog.at_level(logging.WARNING):
+            settings = prepare_keys(_settings({}), run_id, grid)
+        assert settings.raw["he-public-context"] == str(folder / PUBLIC_FILE)
+        assert (folder / SECRET_FILE).is_file()
+        assert "SIMULATION" in caplog.text
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_weight_scale_from_the_run_config(tmp_path):
+    from bank_risk.settings import SettingsError
+    from bank_risk.strategy_factory import build_strategy
+
+    keys = write_keys(tmp_path / "keys")
+    base = {"he-public-context": str(keys.public)}
+    strategy = build_strategy(_settings({**base, "he-weight-scale": 0.001}), AuditTrail(), 3)
+    assert isinstance(strategy, EncryptedFedAvg) and strategy.weight_scale == 0.001
+    with pytest.raises(SettingsError, match="he-weight-scale"):
+        build_strategy(_settings({**base, "he-weight-scale": -1.0}), AuditTrail(), 3)
+
+
+def test_each_bank_gets_an_owner_only_key_copy_even_over_an_old_one(tmp_path):
+    import stat
+
+    from flower_ext.crypto import CryptoError
+    from flower_ext.deploy import install_bank_secret
+
+    keys = write_keys(tmp_path / "keys")
+    bank_dir = tmp_path / "bank-0"
+    bank_dir.mkdir()
+    old = bank_dir / "bank-secret.ckks"
+    old.write_bytes(b"old")
+    old.chmod(0o644)
+    copy = install_bank_secret(keys.secret.parent, bank_dir)
+    assert copy == old and copy.read_bytes() == keys.secret.read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    with pytest.raises(CryptoError, match="no secret key"):
+        install_bank_secret(keys.public, tmp_path / "bank-1")  # the server's file: refused

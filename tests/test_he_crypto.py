@@ -176,3 +176,29 @@ def test_public_copy_cannot_decrypt():
     vec = ts.ckks_vector(ctx, [1.0, 2.0])
     with pytest.raises(CryptoError, match="secret"):
         decrypt_vector(pub, [vec.serialize()], 2)
+
+
+def test_overwritten_key_files_become_owner_only_whatever_their_old_mode(tmp_path):
+    from flower_ext.crypto import write_keys, write_private_file
+
+    for name in (SECRET_FILE, PUBLIC_FILE, "keys.txt"):
+        (tmp_path / name).write_bytes(b"old")
+        (tmp_path / name).chmod(0o644)
+    write_keys(tmp_path, overwrite=True)
+    for name in (SECRET_FILE, PUBLIC_FILE, "keys.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    assert load_secret_context(tmp_path / SECRET_FILE).is_private()
+    target = tmp_path / "other.bin"
+    target.write_bytes(b"x")
+    target.chmod(0o666)
+    write_private_file(target, b"secret")
+    assert target.read_bytes() == b"secret"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_max_abs_sum_is_the_documented_range():
+    from flower_ext.crypto import max_abs_sum
+
+    ctx = generate_context()
+    assert max_abs_sum(ctx) == DEFAULT_PARAMETERS.max_abs_value == 2.0**21
