@@ -411,7 +411,11 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         report.missing = [n for n in report.sampled if n not in replied]
         for node in report.missing:
             self.audit.record(
-                "client_missing", round=server_round, node_id=node, label=self.labels.get(node, "")
+                "client_missing",
+                round=server_round,
+                node_id=node,
+                label=self.labels.get(node, ""),
+                reason="no reply this round (timed out, or the node left the federation)",
             )
         for rej in rejected:
             self._note_label(rej.node_id, rej.label)

@@ -293,3 +293,24 @@ def test_precision_example_from_the_issue(as_server) -> None:
     assert result["w"].numpy()[0] == pytest.approx(1000.123457789, abs=1e-12)
     assert result["counter"].numpy()[0] == 100000002
     assert isinstance(result, ArrayRecord) and isinstance(MetricRecord(), MetricRecord)
+
+
+def test_arrays_in_another_key_order_are_read_by_key(as_server) -> None:
+    """Flower averages by key; a reply listing the same arrays in another order is valid."""
+    global_values = {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)}
+    strategy, flower = FedAvg(), FlowerFedAvg()
+    out = sent(
+        strategy.configure_train(1, _record(global_values), ConfigRecord(), FakeGrid([2, 3]))
+    )
+    first = {"a": np.full(2, 1.0, np.float32), "b": np.full(3, 2.0, np.float32)}
+    second = {"b": np.full(3, 4.0, np.float32), "a": np.full(2, 3.0, np.float32)}
+    replies = [
+        reply(out[0], _record(first), {"num-examples": 1}),
+        reply(out[1], _record(second), {"num-examples": 1}),
+    ]
+    ours, _ = strategy.aggregate_train(1, replies)
+    theirs, _ = flower.aggregate_train(1, replies)
+    assert ours is not None and list(ours.keys()) == ["a", "b"]
+    np.testing.assert_allclose(ours["a"].numpy(), theirs["a"].numpy())
+    np.testing.assert_allclose(ours["b"].numpy(), theirs["b"].numpy())
+    np.testing.assert_allclose(ours["a"].numpy(), [2.0, 2.0])

@@ -192,7 +192,6 @@ ARRAY_KINDS: dict[str, Callable] = {
     "int-buffer-as-float": _array_kind(lambda v: Array(np.array(3.0)), "steps"),
     "missing-key": lambda values: _record({k: values[k] for k in ("w", "b")}),
     "extra-key": lambda values: _record({**values, "extra": np.zeros(2, np.float32)}),
-    "keys-reordered": lambda values: _record({k: values[k] for k in ("b", "w", "steps")}),
     "nan-value": _values_kind(_set("w", (0, 0), np.nan)),
     "inf-value": _values_kind(_set("b", 2, np.inf)),
     "minus-inf-value": _values_kind(_set("w", (5, 3), -np.inf)),
