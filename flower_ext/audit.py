@@ -50,6 +50,16 @@ _ESCAPES = re.compile(
 )
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TRACEBACK = "Traceback (most recent call last)"
+_FRAME = re.compile(r'^\s*File "[^"\n]*", line \d+', re.MULTILINE)
+# Flower's runtimes wrap an error as "<class 'X'>:<'str(X)'>"; Ray's text starts with the
+# actor call "ray::Actor.method() (pid=..., ip=..., actor_id=..., repr=<...>)".
+_FLOWER_WRAPPER = re.compile(r"<class '[^'\n]*'>:<'")
+_RAY_ACTOR_LINE = re.compile(r"ray::\S+\(\)[^\n]*")
+_DOTTED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+([A-Z]\w*:)")
+# Flower's ClientAppException repeats its own name around the original message.
+_CLIENTAPP_NOISE = re.compile(
+    r"ClientAppException:\s*Exception ClientAppException occurred\. Message:"
+)
 
 
 def strip_terminal_codes(text: str) -> str:
@@ -85,9 +95,20 @@ def short_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
     whitespace runs become one space; a longer result is cut and ends in "…".
     """
     clean = strip_terminal_codes(str(text))
-    if _TRACEBACK in clean:
-        head = clean.split(_TRACEBACK, 1)[0]
-        clean = f"{head.strip()} {_exception_tail(clean)}"
+    frame = _FRAME.search(clean)
+    if _TRACEBACK in clean or frame is not None:
+        cut = min(
+            clean.index(_TRACEBACK) if _TRACEBACK in clean else len(clean),
+            frame.start() if frame is not None else len(clean),
+        )
+        head = _RAY_ACTOR_LINE.sub("", clean[:cut])
+        wrapped = _FLOWER_WRAPPER.search(head) is not None
+        head = _FLOWER_WRAPPER.sub("", head)
+        tail = _DOTTED_EXCEPTION.sub(r"\1", _exception_tail(clean))
+        tail = _CLIENTAPP_NOISE.sub("ClientAppException:", tail)
+        if wrapped and tail.endswith("'>"):
+            tail = tail[:-2]
+        clean = f"{head.strip()} {tail}"
     clean = " ".join(clean.split())
     if len(clean) > limit:
         clean = clean[: limit - 1].rstrip() + "…"

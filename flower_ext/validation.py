@@ -31,12 +31,10 @@ def short_reason(text: object, limit: int = MAX_REASON_CHARS) -> str:
     A traceback (what Flower's runtime sends when a ClientApp raises) is reduced to
     its last line, the exception itself, which is what an operator needs.
     """
-    clean = _CONTROL.sub("", _ANSI_ESCAPE.sub("", str(text)))
-    lines = [line.strip() for line in clean.splitlines() if line.strip()]
-    if "Traceback (most recent call last)" in clean and len(lines) > 1:
-        lines = [lines[0].split("Traceback")[0].strip(), lines[-1]]
-    one_line = " ".join(line for line in lines if line)
-    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "\u2026"
+    # One summariser for the whole project (it also reads Ray's traceback format).
+    from .audit import short_reason as summarise
+
+    return summarise(str(text), limit)
 
 
 @dataclass

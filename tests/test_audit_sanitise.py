@@ -26,6 +26,28 @@ RAY_ERROR = (
 )
 
 
+# What flwr 1.42's Ray backend sends (no "Traceback" header; frames straight after the actor).
+RAY_TASK_ERROR = (
+    "client error 2: <class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=15215, ip=192.0.2.2, actor_id=780d2f, "
+    "repr=<flwr.simulation.ray_transport.ray_actor.ClientAppActor object at 0x7f9e>)\n"
+    + '  File "/venv/flwr/simulation/ray_transport/ray_actor.py", line 59, in run\n'
+    "    out_message = app(message=message, context=context)\n"
+    "                  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    * 20
+    + '  File "/venv/flwr/simulation/ray_transport/ray_actor.py", line 65, in run\n'
+    "    raise ClientAppException(str(ex)) from ex\n"
+    "flwr.clientapp.client_app.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: injected fault in bank 1, round 2'>"
+)
+
+
+def test_flower_ray_error_becomes_the_exception_it_carries():
+    assert short_reason(RAY_TASK_ERROR) == (
+        "client error 2: ClientAppException: injected fault in bank 1, round 2"
+    )
+
+
 def test_ansi_and_control_codes_are_removed_everywhere(tmp_path):
     trail = AuditTrail(tmp_path / "audit.jsonl")
     event = trail.record(
