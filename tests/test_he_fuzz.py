@@ -379,6 +379,7 @@ def test_fuzzed_encrypted_rounds_never_crash_and_never_drop_an_honest_bank(
         previous_honest = honest
 
     assert plain_global is not None
+    print(f"fuzz: {malformed} malformed replies of {len(kinds_seen)} kinds")
     assert len(kinds_seen) >= 20, sorted(kinds_seen)
     assert malformed >= 300, malformed
 
