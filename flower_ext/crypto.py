@@ -53,16 +53,21 @@ Parameters (:data:`DEFAULT_PARAMETERS`) and why
   public-key encryption noise is ~2^10, so one ciphertext carries ~2e-7
   absolute error per value (x sqrt(number of banks) after the sum), while the
   56-bit prime leaves ``2^(56-32-3) = 2^21 ~ 2.1e6`` for ``|sum_i n_i x_i|`` per
-  coordinate (:attr:`CKKSParameters.max_abs_value`). With weights in the
-  thousands the aggregate is exact to ~1e-9 relative; a federation whose
-  ``sum n_i |local - base|`` could pass 2e6 should run ``flower-ext keygen
-  --scale-bits 28`` (16x more room, 16x more noise).
+  coordinate (:func:`max_abs_sum`). With weights in the thousands the aggregate
+  is exact to ~1e-9 relative. The bound holds for the *sum*: each bank checks
+  ``k * max|s n_i (local_i - base)|`` against it, where ``k`` is the number of
+  banks the server sampled and ``s`` a public weight scale the server announces
+  (:class:`flower_ext.strategies.EncryptedFedAvg`, ``weight_scale``); a bank that
+  does not fit refuses and names the ``s`` that would. ``flower-ext keygen
+  --scale-bits 28`` gives 16x more room for 16x more noise.
 
 What the ciphertexts do not protect: ``n_i`` and the banks' metrics travel in
 plaintext (as in any FedAvg), the base model is public, and CKKS ciphertexts
-carry no MAC - a bank can send garbage that decrypts to garbage. The server can
-check structure, key fingerprint, slots and that every coefficient is below
-``q``, not content.
+carry no MAC - a bank can send garbage that decrypts to garbage, and the server
+(which holds the public key) can encrypt any model and send it as the global
+one. The server can check structure, key fingerprint, slots and that every
+coefficient is below ``q``, not content. All banks share one secret key: the
+server plus any one bank can decrypt every bank's individual ciphertext.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ The banks run :class:`flower_ext.mods.HEMod` and encrypt ``n_i * (local_i - base
 This strategy holds the *public* TenSEAL context only (it refuses a private one)
 and, per round:
 
-1. checks every reply: error replies, the ``he`` record (format, key
+1. binds replies to this round's messages (one per sampled node; duplicates,
+   replays, strangers and error replies sent in another bank's name are
+   rejected), then checks every reply: error replies, the ``he`` record (format, key
    fingerprint, slots, number of values, layout), a positive plausible
    ``num-examples`` equal to the weight the bank multiplied by, the shape of the
    ciphertext array and that every coefficient is below the modulus ``q``. A

@@ -11,8 +11,9 @@ carry the encrypted global model (the public base model, the ciphertexts of
 ``base + sum / W`` and hands the inner mods and the handler an ordinary message:
 training, DP-SGD, evaluation run unchanged.
 
-On the TRAIN reply it computes ``n * (local - base)``, where ``n`` is the reply's
-``num-examples`` (the server sums the same ``n`` in plaintext), packs all layers
+On the TRAIN reply it computes ``s * n * (local - base)``, where ``n`` is the reply's
+``num-examples`` and ``s`` the weight scale the server announces (the server sums
+the same ``s * n`` in plaintext), packs all layers
 into one flat vector and encrypts it into ``ceil(d / slots)`` ciphertexts. The
 reply's ArrayRecord then holds only ``he.ciphertexts``: the ciphertexts'
 coefficients, uint8 of shape (chunks, 2, N, 7) (:class:`flower_ext.crypto.CKKSCodec`);
@@ -23,15 +24,23 @@ Refusals (an error reply whose reason the server audits): a bank whose key
 fingerprint differs from the one the server announces (wrong key), top-k
 compression in the same federation (sparse updates have no shared index set),
 a bank configured for HE whose server does not run ``EncryptedFedAvg`` (the
-mod never lets a plaintext update leave a bank that asked for encryption), and
-an update too large for the CKKS modulus.
+mod never lets a plaintext update leave a bank that asked for encryption; the
+bank's node config ``he`` wins over the run config), and an update that, added
+to those of the ``he-num-banks`` banks the server sampled, could pass the CKKS
+range (:func:`check_sum_range`). Whatever the server sends, the mod answers
+with a reply, never an exception.
 
 Where the secret context comes from, first match wins: the ``secret_context``
 argument; the node config ``he-secret-context`` (deployment:
 ``flower-supernode --node-config "he-secret-context='/keys/bank-secret.ckks'"``);
 the run config ``he-secret-context`` (simulation); the per-run simulation key
 directory (:func:`flower_ext.crypto.simulation_key_dir`) the bank app's server
-fills when both paths are empty.
+fills in a simulation when both paths are empty - used only if this user owns it
+and nobody else can read it, and never by a bank whose node config says
+``he = true`` (a deployed bank uses its own key file).
+
+The final model: :func:`decrypt_result` turns what ``EncryptedFedAvg.start``
+returned (or saved) into the plaintext model, for a bank holding the key.
 """
 
 from __future__ import annotations
