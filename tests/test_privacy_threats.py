@@ -464,3 +464,36 @@ def test_privacy_metrics_are_aggregated_as_the_worst_bank_not_a_weighted_mean():
     out = privacy_train_metrics_aggr_fn(replies, "num-examples")
     assert out["dp-epsilon-max"] == 3.0 and "dp-epsilon" not in out  # a mean would say 1.2
     assert out["x"] == pytest.approx(1.1)  # everything else: Flower's weighted mean
+
+
+@pytest.mark.parametrize("mode", ["dp-sgd", "update"])
+def test_under_dp_no_non_private_local_only_model_is_trained_or_sent(mode, as_server):
+    from bank_risk.client_app import app as client_app
+    from bank_risk.client_app import load_context_bank
+
+    config = {
+        "num-banks": 2,
+        "rows-per-bank": 300,
+        "num-server-rounds": 2,
+        "model": "logreg",
+        "dp": mode,
+        "local-only-baseline": True,
+    }
+    ctx = Context(
+        run_id=1,
+        node_id=100,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=config,
+    )
+    _, bank = load_context_bank(ctx)
+    msg = outgoing(
+        ArrayRecord(build_model(bank.num_features, "logreg").state_dict()),
+        100,
+        MessageType.EVALUATE,
+    )
+    msg.content["config"] = ConfigRecord({"server-round": 2, "num-server-rounds": 2})  # final
+    out = client_app(msg, ctx)
+    assert "auc" in out.content["metrics"]  # the global model's evaluation still goes back
+    assert not any(k.startswith("local-only-") for k in out.content["metrics"])
+    assert "dp is on" in out.content["client-info"]["local-only-skipped"]
