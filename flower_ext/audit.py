@@ -55,6 +55,7 @@ _FRAME = re.compile(r'^\s*File "[^"\n]*", line \d+', re.MULTILINE)
 # actor call "ray::Actor.method() (pid=..., ip=..., actor_id=..., repr=<...>)".
 _FLOWER_WRAPPER = re.compile(r"<class '[^'\n]*'>:<'")
 _RAY_ACTOR_LINE = re.compile(r"ray::\S+\(\)[^\n]*")
+_CARET_LINE = re.compile(r"^[ \t]*[\^~]+[ \t]*$", re.MULTILINE)  # Python 3.11 markers
 _DOTTED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+([A-Z]\w*:)")
 # Flower's ClientAppException repeats its own name around the original message.
 _CLIENTAPP_NOISE = re.compile(
@@ -101,7 +102,7 @@ def short_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
             clean.index(_TRACEBACK) if _TRACEBACK in clean else len(clean),
             frame.start() if frame is not None else len(clean),
         )
-        head = _RAY_ACTOR_LINE.sub("", clean[:cut])
+        head = _CARET_LINE.sub("", _RAY_ACTOR_LINE.sub("", clean[:cut]))
         wrapped = _FLOWER_WRAPPER.search(head) is not None
         head = _FLOWER_WRAPPER.sub("", head)
         tail = _DOTTED_EXCEPTION.sub(r"\1", _exception_tail(clean))

@@ -31,6 +31,7 @@ RAY_TASK_ERROR = (
     "client error 2: <class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
     "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=15215, ip=192.0.2.2, actor_id=780d2f, "
     "repr=<flwr.simulation.ray_transport.ray_actor.ClientAppActor object at 0x7f9e>)\n"
+    "                  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
     + '  File "/venv/flwr/simulation/ray_transport/ray_actor.py", line 59, in run\n'
     "    out_message = app(message=message, context=context)\n"
     "                  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
