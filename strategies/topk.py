@@ -42,7 +42,6 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -372,9 +371,7 @@ class TopKCompression(Strategy):
                     f"{' or '.join(map(str, allowed))} (ratio {self.ratio})"
                 )
         indices, values = payload.decode()
-        update = np.zeros(model.dim, dtype=np.float32)
-        update[indices] = values
-        dense = model.apply(update)
+        dense = model.apply_sparse(indices, values)
         new_content = RecordDict()
         for key, record in content.items():
             if key == RECORD_KEY:

@@ -307,6 +307,9 @@ def test_int_and_bool_arrays_saturate_instead_of_wrapping():
     out = model.apply(np.array([100.0, 3.0, -1e30], np.float32))
     assert out["u"].numpy()[0] == 255 and out["b"].numpy()[0]
     assert out["i"].numpy()[0] == np.iinfo(np.int64).min
+    big = GlobalModel(record({"n": np.array([2**60 + 1, 5], np.int64)}))
+    out = big.apply_sparse(np.array([1]), np.array([2.0], np.float32))
+    assert out["n"].numpy().tolist() == [2**60 + 1, 7]  # an untouched entry stays exact
     cast, notes = model.cast(
         record({"u": np.array([3.5]), "b": np.array([0.7]), "i": np.array([np.nan])})
     )
