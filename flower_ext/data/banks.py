@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from .csv_loader import CsvSpec, DataError, load_csv_banks
+from .csv_loader import MIN_BANK_ROWS, CsvSpec, DataError, load_csv_banks
 from .synthetic import FEATURES, LABEL_COLUMN, bank_name, generate_bank
 
 DATASETS = ("synthetic", "csv")
@@ -115,7 +115,7 @@ def split_bank(
     features = tuple(c for c in frame.columns if c != label_column)
     x = frame[list(features)].to_numpy(dtype=np.float32)
     y = frame[label_column].to_numpy(dtype=np.int64)
-    if len(y) < 4:
+    if len(y) < MIN_BANK_ROWS:
         raise DataError(f"{name} has {len(y)} rows: too few to hold out a test split")
     counts = np.bincount(y, minlength=2)
     stratify = y if counts.min() >= 2 else None

@@ -5,7 +5,9 @@ reply last. The order follows the client side of a round (DESIGN.md): the
 handler trains and replies with full weights; an attack (test federations
 only) rewrites the update; compression sparsifies what will be sent;
 encryption, outermost, sees exactly what leaves the bank. Each mod is a no-op
-unless the run config turns it on.
+unless the run config turns it on. Innermost, next to the handler, a test-only
+fault switch (``fault-banks``, ``fault-kind``) makes chosen banks raise, stall or
+reply NaN, so the tests can check that the server audits such banks and goes on.
 """
 
 from __future__ import annotations
