@@ -157,3 +157,45 @@ def test_one_million_parameters_at_one_percent_is_small():
     f16 = topk_compress(update, 0.01, value_dtype="float16").payload
     assert f32.nbytes < 0.013 * 4 * dim
     assert f16.nbytes < 0.008 * 4 * dim
+
+
+def test_int8_scales_that_cannot_come_from_the_encoder_are_rejected():
+    """Issue 11 item 5: a scale of 3e38 used to decode to +Inf and pass."""
+    idx = np.array([0, 2], dtype=np.int64)
+
+    def payload(q, scale):
+        return SparsePayload(
+            4, *encode_indices(idx, 4, "gap-u8"), "int8", np.array(q, np.int8), scale
+        )
+
+    cases = {
+        3e38: "absurd",
+        float("inf"): "finite",
+        float("nan"): "finite",
+        -1.0: ">= 0",
+        1e-45: "subnormal",
+    }
+    for scale, reason in cases.items():
+        with pytest.raises(SparsePayloadError, match=reason):
+            payload([127, -127], scale).decode()
+    with pytest.raises(SparsePayloadError, match="largest"):
+        payload([1, -1], 1e36).decode()  # finite, but the scale was inflated 127 times
+    with pytest.raises(SparsePayloadError, match="scale is 0"):
+        payload([127, 3], 0.0).decode()
+    _, values = payload([127, -126], 0.5).decode()
+    np.testing.assert_allclose(values, [63.5, -63.0])
+    with pytest.raises(SparsePayloadError, match="scale must be 0"):
+        SparsePayload(
+            4, *encode_indices(idx, 4, "gap-u8"), "float32", np.ones(2, np.float32), 2.0
+        ).decode()
+
+
+def test_int8_encoder_always_passes_its_own_checks():
+    rng = np.random.default_rng(3)
+    for magnitude in (1e-40, 1e-30, 1e-3, 1.0, 1e30, 3e38):
+        for _ in range(20):
+            values = np.clip(rng.normal(size=50) * magnitude, -3e38, 3e38).astype(np.float32)
+            idx = np.sort(rng.choice(1000, size=50, replace=False))
+            payload = encode_sparse(idx, values, 1000, "int8", rng=rng)
+            _, decoded = payload.decode()  # never raises on honest input
+            assert np.isfinite(decoded).all()
