@@ -108,6 +108,8 @@ def build_replies(strategy, secret, updates, weights, layout_arrays):
                         "num-values": layout.dim,
                         "chunks": int(packed.shape[0]),
                         "weight": float(weight),
+                        "weight-scale": strategy.weight_scale,
+                        "num-banks": len(nodes),
                         "layout": layout_signature(layout),
                     }
                 ),
