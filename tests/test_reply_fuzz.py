@@ -412,7 +412,7 @@ def test_fuzzed_replies_never_stop_or_veto_a_round(as_server, name: str) -> None
             assert int(new_arrays["steps"].numpy()) == int(global_values["steps"]) + 2
         previous = out
         global_values = {k: new_arrays[k].numpy() for k in global_values}
-    assert malformed >= 100
+    assert malformed >= len(ATTACKERS) * ROUNDS
     assert len(kinds_seen) >= 50
 
 
