@@ -211,7 +211,7 @@ class TopKCompression(Strategy):
             except _Rejected as err:
                 passed.append(self._reject(server_round, msg, str(err), report))
             except Exception as err:  # never let one reply end the run
-                reason = f"{REJECTION_PREFIX} ({_who(msg)}): unreadable reply"
+                reason = f"reply rejected ({_who(msg)}): unreadable reply"
                 reason += f" ({type(err).__name__}: {_short(str(err), 120)})"
                 passed.append(self._reject(server_round, msg, reason, report))
         report["decode_seconds"] = time.perf_counter() - start
