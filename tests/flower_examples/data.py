@@ -1,7 +1,9 @@
 """Synthetic 8x8 "images" of four classes, the same on every machine (fixed seeds).
 
 Each class has a fixed random prototype; a sample is ``signal * prototype + noise``. The
-noise keeps one round of training from solving the task, so accuracy climbs over rounds.
+noise keeps one round from solving the task for the CNN, whose accuracy climbs over all three
+rounds (0.27, 0.45, 0.65, 0.75 with FedAvg); the logistic regression is near its ceiling (about
+0.92) after round 1.
 Clients get different sample counts so that FedAvg's weighting by ``num-examples`` matters,
 but the same number of 32-sample batches (BatchNorm's ``num_batches_tracked`` then grows by
 the same integer on every client).

@@ -10,6 +10,9 @@ server evaluates the global model on a held-out set in ``evaluate_fn``.
 ``num_batches_tracked``, an int64 tensor of shape ``()``. Training is deterministic for a
 given global model (seeded per client and round, one torch thread), so two strategies that
 produce the same global model produce the same next round.
+
+``app`` is the quickstart's ClientApp; ``topk_app`` has the same handlers behind
+``mods=[topk_mod]``, the one client-side change top-k compression needs.
 """
 
 from __future__ import annotations

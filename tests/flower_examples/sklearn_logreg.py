@@ -5,7 +5,8 @@ Modelled on Flower's ``quickstart-sklearn``: the model's arrays travel as
 ``warm_start`` model, fits for a few epochs and replies with the new ``coef_`` /
 ``intercept_``. With ``saga`` and more than two classes ``coef_`` comes back Fortran-ordered
 float64 of shape ``(classes, features)``. The initial model is all zeros (every class equally
-likely), as in the quickstart's ``set_initial_params``.
+likely), as in the quickstart's ``set_initial_params``. ``app`` and ``topk_app`` as in
+:mod:`.pytorch_cnn`.
 """
 
 from __future__ import annotations
