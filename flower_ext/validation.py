@@ -7,13 +7,13 @@ with the others. Nothing here mutates a reply.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from .audit import short_reason as summarise_reason
 from .records import ArrayLayout, RecordFormatError, array_view
 
 CLIENT_INFO_KEY = "client-info"  # optional ConfigRecord with a human label ("bank")
@@ -21,20 +21,13 @@ CLIENT_INFO_KEY = "client-info"  # optional ConfigRecord with a human label ("ba
 
 #: Longest reason kept for one rejection (the audit trail and the logs stay readable).
 MAX_REASON_CHARS = 300
-_ANSI_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def short_reason(text: object, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` as a one-line reason: no terminal escapes, at most ``limit`` characters.
-
-    A traceback (what Flower's runtime sends when a ClientApp raises) is reduced to
-    its last line, the exception itself, which is what an operator needs.
-    """
-    # One summariser for the whole project (it also reads Ray's traceback format).
-    from .audit import short_reason as summarise
-
-    return summarise(str(text), limit)
+    """``text`` as one clean line of at most ``limit`` characters (see
+    :func:`flower_ext.audit.short_reason`: terminal codes removed, a traceback reduced
+    to the exception it ends with)."""
+    return summarise_reason(str(text), limit)
 
 
 @dataclass

@@ -629,20 +629,6 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         """Aggregate the accepted replies' metrics (user function, or Flower's rule)."""
         if not accepted:
             return MetricRecord()
-        custom = self._custom_train_metrics if phase == "train" else self._custom_evaluate_metrics
-        if custom:
-            fn = self.train_metrics_aggr_fn if phase == "train" else self.evaluate_metrics_aggr_fn
-            try:
-                return fn([r.message.content for r in accepted], self.weighted_by_key)
-            except Exception as err:  # the user's function met a client's metrics
-                self.audit.record(
-                    "metrics_not_aggregated",
-                    round=server_round,
-                    phase=phase,
-                    reason=f"{phase}_metrics_aggr_fn raised {type(err).__name__}: {err}"[:300],
-                )
-                log(WARNING, "Round %s: %s metrics not aggregated: %s", server_round, phase, err)
-                return MetricRecord()
         items = []
         for rep in accepted:
             clean, dropped = finite_metrics(rep.metrics)
@@ -656,6 +642,25 @@ class UpdateAggregationStrategy(FlowerFedAvg):
                     reason=f"metric '{key}' is not a finite number",
                 )
             items.append((clean, rep.weight))
+        custom = self._custom_train_metrics if phase == "train" else self._custom_evaluate_metrics
+        if custom:
+            fn = self.train_metrics_aggr_fn if phase == "train" else self.evaluate_metrics_aggr_fn
+            try:
+                # The user's function sees each reply's metrics without non-finite values.
+                contents = [
+                    RecordDict({"metrics": MetricRecord(clean)})  # type: ignore[arg-type]
+                    for clean, _ in items
+                ]
+                return fn(contents, self.weighted_by_key)
+            except Exception as err:  # the user's function met a client's metrics
+                self.audit.record(
+                    "metrics_not_aggregated",
+                    round=server_round,
+                    phase=phase,
+                    reason=f"{phase}_metrics_aggr_fn raised {type(err).__name__}: {err}"[:300],
+                )
+                log(WARNING, "Round %s: %s metrics not aggregated: %s", server_round, phase, err)
+                return MetricRecord()
         metrics, partial = weighted_metrics(items, skip={self.weighted_by_key})
         for key, count in partial.items():
             log(

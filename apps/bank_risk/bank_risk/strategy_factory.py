@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flower_ext.audit import AuditTrail
+from flower_ext.privacy import privacy_train_metrics_aggr_fn
 from flower_ext.strategies import (
     Bulyan,
     CenteredClipping,
@@ -135,6 +136,8 @@ def build_strategy(
             rs.max_weight_median_multiple if rs.max_weight_median_multiple > 0 else None
         ),
         "audit": audit,
+        # Privacy figures are reported as the worst bank's (dp-epsilon-max), never a mean.
+        "train_metrics_aggr_fn": privacy_train_metrics_aggr_fn,
     }
     if he_enabled(settings.raw):  # encrypted aggregation: EncryptedFedAvg or a clear refusal
         return build_encrypted_strategy(settings, name, common)
