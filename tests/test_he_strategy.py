@@ -600,7 +600,8 @@ def test_no_integrity_the_server_can_send_any_model_as_the_global_one(keys, as_s
     deltas = {n: {k: np.zeros(v.shape) for k, v in g0.items()} for n in NODES}
     out = run_bank(HEMod(keys.secret), sent_msgs[0], deltas, seen)
     assert not out.has_error()
-    np.testing.assert_allclose(seen[NODES[0]]["dense.bias"], 7.0, atol=1e-6)
+    node = int(sent_msgs[0].metadata.dst_node_id)
+    np.testing.assert_allclose(seen[node]["dense.bias"], 7.0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- the bank's setting wins
