@@ -336,3 +336,24 @@ def test_residual_file_is_owner_only(as_server, tmp_path):
         os.umask(old_umask)
     assert stat.S_IMODE((tmp_path / "res").stat().st_mode) == 0o700
     assert not list((tmp_path / "res").glob("*.tmp"))
+
+
+def test_a_failure_inside_the_mod_sends_dense_and_keeps_the_residual(as_server, monkeypatch):
+    import flower_ext.mods.topk as topk_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder broke")
+
+    monkeypatch.setattr(topk_module, "payload_to_records", broken)
+    arrays = record({"w": np.zeros(20, np.float32)})
+    strategy = TopKCompression(FedAvg(min_train_nodes=1, min_available_nodes=1), ratio=0.1)
+    msg = send(strategy, 1, arrays, nodes=(2,))[2]
+    ctx = context(2)
+    local = record({"w": np.arange(20, dtype=np.float32)})
+    out = topk_mod(msg, ctx, lambda m, c: reply(m, local))
+    assert RECORD_KEY not in out.content
+    assert "RuntimeError: encoder broke" in out.content[DENSE_RECORD_KEY]["reason"]
+    assert "topk.residual" not in ctx.state.array_records  # the dense reply sent it all
+    result, _ = strategy.aggregate_train(1, [out])
+    np.testing.assert_array_equal(result["w"].numpy(), np.arange(20))
+    assert "RuntimeError" in strategy.compression_reports[1]["dense_reasons"][2]

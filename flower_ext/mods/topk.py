@@ -263,16 +263,19 @@ class TopKMod:
             offsets=model.offsets,
             rng=self._rng,
         )
-        if settings.error_feedback:
-            store_residual(context, result.residual, model.signature, settings.residual_dir)
         sparse, marker = payload_to_records(result.payload, model.signature)
         content = RecordDict()
         for key, record in out.content.items():
             if key != DENSE_RECORD_KEY:
                 content[key] = sparse if key == arrays_key else record
         content[RECORD_KEY] = marker
+        sparse_reply = Message(metadata=out.metadata, content=content)
+        # Last: if anything above fails the reply goes out dense, and the residual must
+        # then stay what it was (the dense reply carries this round's whole update).
+        if settings.error_feedback:
+            store_residual(context, result.residual, model.signature, settings.residual_dir)
         self.timings.append(time.perf_counter() - start)
-        return Message(metadata=out.metadata, content=content)
+        return sparse_reply
 
 
 class _SendDense(Exception):
