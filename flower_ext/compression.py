@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flower_ext.records import as_c_array
+
 FORMAT_VERSION = 1
 VALUE_DTYPES = ("float32", "float16", "int8")
 SCOPES = ("global", "layer")
@@ -566,13 +568,6 @@ def _float_to(values: NDArray[np.floating], dtype: np.dtype) -> NDArray[np.gener
     return np.clip(np.rint(values), low, high).astype(dtype)
 
 
-def _c_order(values: NDArray[np.generic]) -> NDArray[np.generic]:
-    """C order, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d) and
-    arrays (arithmetic on a 0-d array returns a NumPy scalar)."""
-    values = np.asarray(values)
-    return values if values.flags.c_contiguous else np.array(values, order="C")
-
-
 def _all_finite(values: NDArray[np.generic]) -> bool:
     if values.dtype.kind != "f":
         return True
@@ -724,6 +719,6 @@ class GlobalModel:
                 continue
             source = value.astype(np.float64) if value.dtype.kind != "f" else value
             new = _float_to(source.reshape(self.shapes[i]), target)
-            out[key] = Array(_c_order(new))
+            out[key] = Array(as_c_array(new))
             changed = True
         return (ArrayRecord(out) if changed else record), notes

@@ -151,6 +151,17 @@ def array_view(array: Array) -> NDArray[np.generic]:
     return view.reshape(shape)
 
 
+def as_c_array(values: object) -> NDArray[np.generic]:
+    """``values`` as a C-ordered ndarray of the same shape, 0-d included.
+
+    ``np.ascontiguousarray`` returns at least 1-d arrays: a BatchNorm
+    ``num_batches_tracked`` of shape ``()`` would become ``(1,)`` and every later
+    reply would disagree with the model's layout.
+    """
+    array = np.asarray(values)
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
 def cast_to(values: NDArray[np.floating], dtype: np.dtype | str) -> NDArray[np.generic]:
     """``values`` (float) in a model array's ``dtype``, by flower-ext's dtype rule.
 

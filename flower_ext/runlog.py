@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from .audit import _jsonable
-from .records import arrays_sha256
+from .records import arrays_sha256, as_c_array
 
 DEFAULT_OUTPUT_DIR = "~/flower-ext-runs"
 
@@ -162,7 +162,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         header = json.loads(bytes(data["header"]).decode())
         arrays = ArrayRecord(
             {
-                key: Array(np.ascontiguousarray(data[f"model_{i}"]))
+                key: Array(as_c_array(data[f"model_{i}"]))
                 for i, key in enumerate(header["model_keys"])
             }
         )

@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from .audit import short_reason as summarise_reason
 from .records import ArrayLayout, RecordFormatError, array_view
@@ -158,7 +159,9 @@ def bind_replies(
                     )
                 )
                 continue
-            if src != node and not message.has_error():
+            # Only the addressee, or the SuperLink answering for a node that dropped out
+            # (an error reply), may answer a message.
+            if src != node and not (message.has_error() and src == SUPERLINK_NODE_ID):
                 rejected.append(  # blamed on the sender: the addressee did nothing wrong
                     Rejection(src, f"reply to node {node}'s message was sent by node {src}", label)
                 )

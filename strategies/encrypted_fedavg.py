@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -76,7 +74,13 @@ from flower_ext.mods.he import (
     split_global,
 )
 from flower_ext.records import ArrayLayout, array_view, arrays_sha256
-from flower_ext.validation import Rejection, bind_replies, check_weight, client_label
+from flower_ext.validation import (
+    Rejection,
+    bind_replies,
+    check_weight,
+    client_label,
+    short_reason,
+)
 
 from .base import RoundReport, UpdateAggregationStrategy, weighted_scalar_metrics
 
@@ -105,15 +109,6 @@ def encrypted_model_hook(fn: Callable[[int, ArrayRecord], MetricRecord | None]) 
     """
     setattr(fn, ENCRYPTED_HOOK_ATTR, True)
     return fn
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def _short(text: object, limit: int = 300) -> str:
-    """One audit-sized line: no terminal escapes, no newlines, at most ``limit`` characters."""
-    clean = _ANSI.sub("", str(text)).replace("\n", " ").strip()
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 def _safe_label(msg: Message) -> str:
@@ -147,34 +142,6 @@ def _replay_digest(packed: np.ndarray) -> bytes:
     digest.update(flat[::4099].tobytes())
     digest.update(flat[-64:].tobytes())
     return digest.digest()
-
-
-def _drop_forged_errors(
-    replies: list[Message], origins: dict[str, int]
-) -> tuple[list[Message], list[Rejection]]:
-    """Refuse error replies that a *bank* sent in another bank's name.
-
-    An error reply answering node B's message is B's (B failed) when B or the
-    SuperLink (which answers for a dropped node) sent it. One sent by another
-    node A would otherwise count as B's answer and get B's real reply refused as
-    a duplicate: one bank could veto another.
-    """
-    kept: list[Message] = []
-    rejected: list[Rejection] = []
-    for msg in replies:
-        try:
-            if msg.has_error() and origins:
-                src = int(msg.metadata.src_node_id)
-                node = origins.get(str(msg.metadata.reply_to_message_id))
-                if node is not None and src not in (node, SUPERLINK_NODE_ID):
-                    rejected.append(
-                        Rejection(src, f"error reply sent in node {node}'s name by node {src}")
-                    )
-                    continue
-        except Exception:  # unreadable metadata: bind_replies rejects it with the reason
-            pass
-        kept.append(msg)
-    return kept, rejected
 
 
 class EncryptedFedAvg(UpdateAggregationStrategy):
@@ -410,7 +377,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         check after (:meth:`CKKSCodec.unpack`).
         """
         if msg.has_error():
-            raise CiphertextError(f"error reply: {_short(msg.error.reason, 250)}")
+            raise CiphertextError(f"error reply: {short_reason(msg.error.reason, 250)}")
         if not msg.has_content():
             raise CiphertextError("empty reply")
         assert self._base_layout is not None
@@ -421,17 +388,17 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             )
         if he.get("format") != FORMAT:
             raise CiphertextError(
-                f"format {_short(repr(he.get('format')), 60)}, expected {FORMAT!r}"
+                f"format {short_reason(repr(he.get('format')), 60)}, expected {FORMAT!r}"
             )
         if he.get("fingerprint") != self.fingerprint:
             raise CiphertextError(
                 f"ciphertexts made under a different context (key fingerprint "
-                f"{_short(he.get('fingerprint'), 16)}..., the federation's is "
+                f"{short_reason(he.get('fingerprint'), 16)}..., the federation's is "
                 f"{self.fingerprint[:16]}...)"
             )
         if he.get("slots") != self.slots or isinstance(he.get("slots"), bool):
             raise CiphertextError(
-                f"ciphertexts with {_short(he.get('slots'), 40)} slots, the federation's "
+                f"ciphertexts with {short_reason(he.get('slots'), 40)} slots, the federation's "
                 f"context has {self.slots}"
             )
         dim = self._base_layout.dim
@@ -442,7 +409,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             or he.get("layout") != layout_signature(self._base_layout)
         ):
             raise CiphertextError(
-                f"encrypted update of {_short(values, 40)} values in another layout; the "
+                f"encrypted update of {short_reason(values, 40)} values in another layout; the "
                 f"model has {dim}"
             )
         metrics = msg.content.metric_records.get("metrics")
@@ -476,13 +443,13 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         record = next(iter(msg.content.array_records.values()))
         if set(record.keys()) != {CIPHERTEXTS}:
             raise CiphertextError(
-                f"encrypted reply holds {_short(sorted(record.keys()), 120)}, "
+                f"encrypted reply holds {short_reason(sorted(record.keys()), 120)}, "
                 f"expected only {CIPHERTEXTS!r}"
             )
         try:
             packed = array_view(record[CIPHERTEXTS])
         except Exception as err:  # forged .npy headers raise ValueError, TypeError, ...
-            raise CiphertextError(f"unreadable ciphertext array: {_short(err, 200)}") from err
+            raise CiphertextError(f"unreadable ciphertext array: {short_reason(err, 200)}") from err
         expected = self.codec.wire_shape(num_chunks(dim, self.slots))
         if packed.dtype != np.uint8 or tuple(packed.shape) != expected:
             raise CiphertextError(
@@ -512,9 +479,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         # One reply per sampled node, answering this round's messages: duplicates and
         # replays never reach the sum (under HE a duplicate would be added twice).
         origins = self.origins("train")
-        replies, rejected = _drop_forged_errors(replies, origins)
-        bound, binding = bind_replies(replies, origins=origins, sampled=sampled or None)
-        rejected += binding
+        bound, rejected = bind_replies(replies, origins=origins, sampled=sampled or None)
         accepted: list[EncryptedReply] = []
         # Check each reply whole (metadata, then every coefficient < q while widening it
         # into a scratch buffer) before its coefficients touch the sum: a malformed
@@ -541,13 +506,13 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
                     )
                 scratch = codec.unpack(rep.packed, out=scratch)
             except CiphertextError as err:
-                rejected.append(Rejection(node, _short(err), _safe_label(msg)))
+                rejected.append(Rejection(node, short_reason(err), _safe_label(msg)))
                 continue
             except Exception as err:  # anything a client can provoke is its rejection
                 rejected.append(
                     Rejection(
                         node,
-                        _short(f"malformed reply ({type(err).__name__}: {err})"),
+                        short_reason(f"malformed reply ({type(err).__name__}: {err})"),
                         _safe_label(msg),
                     )
                 )

@@ -19,6 +19,8 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from flower_ext.records import as_c_array
+
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "bank_risk"
 if str(APP_DIR) not in sys.path:
@@ -35,7 +37,7 @@ def _as_server() -> None:
 
 
 def arrays_of(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+    return ArrayRecord({k: Array(as_c_array(v)) for k, v in values.items()})
 
 
 def outgoing(arrays: ArrayRecord, node_id: int, message_type: str = MessageType.TRAIN) -> Message:

@@ -150,7 +150,7 @@ def test_fedavg_equals_flower_fedavg_for_three_rounds(as_server, model: str) -> 
     global_values = _models()[model]
     ours_strategy, flower = FedAvg(), FlowerFedAvg()
     for rnd in (1, 2, 3):
-        ours, our_metrics, theirs, their_metrics, replies = _play_round(
+        ours, our_metrics, theirs, their_metrics, _ = _play_round(
             ours_strategy, flower, global_values, rnd, same=False
         )
         assert ours is not None and theirs is not None, ours_strategy.round_reports[rnd]
@@ -178,7 +178,7 @@ def test_every_rule_keeps_layout_and_agrees_on_identical_updates(
     global_values = _models()[model]
     strategy, flower = _strategies()[name](), FlowerFedAvg()
     for rnd in (1, 2, 3):
-        ours, _, theirs, _, replies = _play_round(strategy, flower, global_values, rnd, same=True)
+        ours, _, theirs, _, _ = _play_round(strategy, flower, global_values, rnd, same=True)
         assert ours is not None, strategy.round_reports[rnd]
         assert not strategy.round_reports[rnd].rejected
         _assert_same_layout(ours, global_values)

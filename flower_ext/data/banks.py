@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,14 @@ class DataSource:
             path = str(cfg.get("csv-path", ""))
             if not path:
                 raise DataError("dataset 'csv' needs csv-path")
+            if not Path(path).expanduser().is_absolute():
+                # The ServerApp and ClientApps run in the SuperLink's directory, not the
+                # user's: a relative path silently reads another file, or none.
+                raise DataError(
+                    f"csv-path '{path}' is relative; the apps do not run in your working "
+                    "directory, so give the absolute path, e.g. "
+                    f"csv-path='$PWD/{path}' (here: '{Path(path).resolve()}')"
+                )
             csv = CsvSpec(
                 path=path,
                 label_column=str(cfg.get("csv-label-column", "default.payment.next.month")),

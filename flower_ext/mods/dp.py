@@ -47,6 +47,7 @@ from flower_ext.privacy import (
     privatize_update,
     secure_numpy_generator,
 )
+from flower_ext.records import as_c_array
 
 
 class UpdateDPMod:
@@ -139,7 +140,7 @@ class UpdateDPMod:
         new_arrays = ArrayRecord(
             {
                 k: Array(
-                    np.ascontiguousarray(
+                    as_c_array(
                         (glob[k] + private[k]).astype(glob[k].dtype) if k in private else glob[k]
                     )
                 )

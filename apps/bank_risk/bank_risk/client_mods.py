@@ -22,7 +22,7 @@ from flower_ext.mods.attack import AttackMod, node_index
 from flower_ext.mods.dp import UpdateDPMod
 from flower_ext.mods.he import he_mod
 from flower_ext.mods.topk import topk_mod
-from flower_ext.records import ArrayLayout
+from flower_ext.records import ArrayLayout, as_c_array
 
 from .settings import FaultInjection
 
@@ -66,7 +66,7 @@ def _all_nan(arrays: ArrayRecord) -> ArrayRecord:
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating):
             values = np.full_like(values, np.nan)
-        out[key] = Array(np.ascontiguousarray(values))
+        out[key] = Array(as_c_array(values))
     return out
 
 

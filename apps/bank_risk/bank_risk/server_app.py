@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -56,25 +56,66 @@ from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import client_label, reply_sender
 
 from .encryption import prepare_keys
-from .settings import BankAppSettings
-from .strategy_factory import build_strategy
+from .settings import BankAppSettings, SettingsError
+from .strategy_factory import build_strategy, check_run_config
 from .strategy_wrappers import wrap_strategy
 
 app = ServerApp()
 
 
+#: Seconds the simulated SuperNodes' count must stay the same before it is final.
+SIMULATION_SETTLE_SECONDS = 2.0
+
+
+def is_simulation(grid: Grid) -> bool:
+    """Whether the ServerApp runs in Flower's simulation (its in-memory Grid)."""
+    return (
+        type(grid).__name__ == "InMemoryGrid"
+        or type(getattr(grid, "grid", None)).__name__ == "InMemoryGrid"
+    )
+
+
+def app_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A strategy's evaluate metrics in the app's terms: ``auc``/``ks`` are the pooled
+    figures (the banks send score histograms, the strategy pools them)."""
+    out = dict(metrics)
+    for pooled, key in (("pooled-auc", "auc"), ("pooled-ks", "ks")):
+        if pooled in out:
+            out[key] = out.pop(pooled)
+    return out
+
+
 def wait_for_banks(
-    grid: Grid, num_banks: int, timeout: float, minimum: int | None = None
+    grid: Grid,
+    num_banks: int,
+    timeout: float,
+    minimum: int | None = None,
+    simulation: bool = False,
 ) -> list[int]:
     """Node ids once ``num_banks`` nodes are connected.
 
     After ``timeout`` the run starts anyway if ``minimum`` (``min-banks``) are there;
-    otherwise a clear error.
+    otherwise a clear error. In simulation every SuperNode registers at once, so a
+    count that differs from ``num-banks`` fails within seconds, not after ``timeout``.
     """
     deadline = time.monotonic() + timeout
+    last_count, stable_since = -1, time.monotonic()
     while True:
         nodes = list(grid.get_node_ids())
-        if len(nodes) >= num_banks:
+        if simulation and nodes:
+            if len(nodes) != last_count:
+                last_count, stable_since = len(nodes), time.monotonic()
+            elif (
+                len(nodes) != num_banks
+                and time.monotonic() - stable_since >= SIMULATION_SETTLE_SECONDS
+            ):
+                raise SettingsError(
+                    f"the simulation has {len(nodes)} SuperNode(s) but the run config says "
+                    f"num-banks={num_banks}: run with --federation-config "
+                    f'"num-supernodes={num_banks}" (one SuperNode per bank), or set '
+                    f"--run-config num-banks={len(nodes)}"
+                )
+        if len(nodes) >= num_banks and not (simulation and len(nodes) != num_banks):
             return nodes
         if time.monotonic() > deadline:
             if minimum is not None and len(nodes) >= minimum:
@@ -303,11 +344,7 @@ class RoundRecorder:
             return None
         report = self.strategy.round_reports.get(server_round)
         evaluation = self.strategy.evaluation_reports.get(server_round, {})
-        eval_metrics = dict(evaluation.get("metrics", {}))
-        # The app's "auc"/"ks" are the pooled figures (the banks send histograms only).
-        for pooled, key in (("pooled-auc", "auc"), ("pooled-ks", "ks")):
-            if pooled in eval_metrics:
-                eval_metrics[key] = eval_metrics.pop(pooled)
+        eval_metrics = app_metrics(evaluation.get("metrics", {}))
         entry: dict[str, Any] = {
             "round": server_round,
             "evaluate": eval_metrics,
@@ -389,7 +426,12 @@ def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dic
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = BankAppSettings.from_config(context.run_config)
+    try:
+        settings = BankAppSettings.from_config(context.run_config)
+        check_run_config(settings)  # before any node, key or Ray work: fail in seconds
+    except SettingsError as err:
+        log(ERROR, "[bank-risk] FAILED before starting: %s", err)
+        raise
     settings = prepare_keys(settings, context.run_id, grid)  # HE: simulation-only key set
     checkpoint: Checkpoint | None = None
     if settings.resume_from:
@@ -409,12 +451,14 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as err:
         metrics.update(status="failed", error=f"{type(err).__name__}: {err}")
         audit.record("run_failed", error=f"{type(err).__name__}: {err}")
-        log(WARNING, "[bank-risk] run failed: %s\n%s", err, traceback.format_exc())
+        # Flower logs the traceback of what the ServerApp raises; ours is one line.
+        log(ERROR, "[bank-risk] FAILED: %s (outputs in %s)", short_reason(str(err)), run_dir)
         raise
     finally:
         write_report(run_dir)
     log(INFO, "[bank-risk] metrics: %s", Path(metrics.path))
     log(INFO, "[bank-risk] audit trail: %s", run_dir / "audit.jsonl")
+    log(INFO, "[bank-risk] FINISHED: %d rounds; outputs in %s", settings.num_rounds, run_dir)
 
 
 def record_resume(
@@ -534,7 +578,11 @@ def run_federation(
     started = time.perf_counter()
     minimum = settings.min_banks or None
     nodes = wait_for_banks(
-        metered, settings.data.num_banks, settings.wait_for_nodes, minimum=minimum
+        metered,
+        settings.data.num_banks,
+        settings.wait_for_nodes,
+        minimum=minimum,
+        simulation=is_simulation(grid),
     )
     if checkpoint is None:
         stats = federated_standardisation(
@@ -574,7 +622,7 @@ def run_federation(
     final_arrays = run_rounds(
         strategy, metered, initial, first_round, num_rounds, settings.round_timeout, recorder
     )
-    final_eval = dict(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
+    final_eval = app_metrics(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
     per_bank = per_bank_table(strategy, num_rounds)
     for bank, row in recorder.privacy_by_bank.items():  # DP runs: what each bank spent
         per_bank.setdefault(bank, {}).update(

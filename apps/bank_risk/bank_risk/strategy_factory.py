@@ -40,6 +40,7 @@ from flower_ext.strategies import (
     Median,
     MultiKrum,
     NormBound,
+    RobustStrategy,
     TrimmedMean,
     UpdateAggregationStrategy,
 )
@@ -143,8 +144,35 @@ def build_strategy(
         return build_encrypted_strategy(settings, name, common)
     try:
         strategy = BUILDERS[name](rs, common)
-        # Fail before any training if the federation is too small for the rule's f.
-        strategy.check_client_count(num_nodes)
     except ValueError as err:
         raise SettingsError(f"aggregation '{name}': {err}") from err
+    # Fail before any training if the federation is too small for the rule's f, in the
+    # run config's own words.
+    if isinstance(strategy, RobustStrategy) and num_nodes < strategy.min_clients():
+        raise SettingsError(
+            f"aggregation '{name}' with num-malicious={rs.num_malicious} needs at least "
+            f"{strategy.min_clients()} banks per round ({strategy.requirement()}), but the run "
+            f"has {num_nodes} (num-banks={settings.data.num_banks}, min-banks="
+            f"{settings.min_banks}); lower num-malicious or add banks"
+        )
     return strategy
+
+
+def check_run_config(settings: BankAppSettings) -> None:
+    """Refuse, before anything starts (nodes, keys, Ray), an aggregation the run cannot use.
+
+    Builds the strategy once on an in-memory audit trail with the number of banks
+    a round needs, so an unknown ``aggregation``, bad rule parameters, a
+    ``num-malicious`` the banks cannot outvote, and HE with a robust rule or top-k
+    are reported at once, naming the run-config keys.
+    """
+    name = settings.aggregation.strip().lower()
+    if he_enabled(settings.raw):
+        if name != "fedavg":
+            raise SettingsError(
+                f"he = true cannot be combined with aggregation = '{name}': robust rules "
+                "compare the banks' plaintext updates, which an encrypting server never sees; "
+                "use aggregation = 'fedavg' (or he = false)"
+            )
+        return  # the rest needs the keys (checked when the strategy is built)
+    build_strategy(settings, AuditTrail(), num_nodes=settings.required_banks)
