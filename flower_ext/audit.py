@@ -50,7 +50,7 @@ _ESCAPES = re.compile(
 )
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TRACEBACK = "Traceback (most recent call last)"
-_FRAME = re.compile(r'^\s*File "[^"\n]*", line \d+', re.MULTILINE)
+_FRAME = re.compile(r'^[ \t]*File "[^"\n]*", line \d+', re.MULTILINE)  # [ \t]: linear time
 # Flower's runtimes wrap an error as "<class 'X'>:<'str(X)'>"; Ray's text starts with the
 # actor call "ray::Actor.method() (pid=..., ip=..., actor_id=..., repr=<...>)".
 _FLOWER_WRAPPER = re.compile(r"<class '[^'\n]*'>:<'")
@@ -88,6 +88,9 @@ def _exception_tail(text: str) -> str:
     return " ".join(t for t in tail if t)
 
 
+_MAX_SCANNED = 32 * 1024
+
+
 def short_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
     """One line of at most ``limit`` characters saying why, from any error text.
 
@@ -95,7 +98,12 @@ def short_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
     the exception it ends with, after what preceded it (e.g. "client error 0:");
     whitespace runs become one space; a longer result is cut and ends in "…".
     """
-    clean = strip_terminal_codes(str(text))
+    # A bank's error text can be megabytes: keep the start and the end (where the
+    # exception is) so every regex below runs on a bounded string.
+    text = str(text)
+    if len(text) > 2 * _MAX_SCANNED:
+        text = text[:_MAX_SCANNED] + "\n" + text[-_MAX_SCANNED:]
+    clean = strip_terminal_codes(text)
     frame = _FRAME.search(clean)
     if _TRACEBACK in clean or frame is not None:
         cut = min(
