@@ -7,11 +7,13 @@ Every process a test starts is stopped by pid in a fixture's finally, whatever h
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ pytestmark = [
 
 BIN = Path(sys.executable).parent
 PROC_TIMEOUT = 240  # a ceiling against hangs, not a timing assertion
+SLEEP = ["--stream", "-c", "mode='sleep'"]
 
 
 def _free_port() -> int:
@@ -316,6 +319,36 @@ def test_run_reports_failed_then_finished(tmp_path, tiny_app):
         ok = _flower_ext(["run", str(tiny_app)], env)  # no --stream: it waits for the end
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert "FINISHED: run " in ok.stderr and "WARNING" not in ok.stderr
+
+        # Ctrl-C while the run is in flight: the wrapper stops that run with flwr stop.
+        wrapper = subprocess.Popen(
+            [sys.executable, "-m", "flower_ext.cli", "run", str(tiny_app), *SLEEP],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watchdog = threading.Timer(PROC_TIMEOUT, wrapper.kill)
+        watchdog.start()
+        try:
+            assert wrapper.stdout is not None
+            run_id = None
+            for line in wrapper.stdout:
+                if match := re.search(r"Successfully started run (\d+)", line):
+                    run_id = match.group(1)
+                    break
+            assert run_id, "no run id printed"
+            wrapper.send_signal(signal.SIGINT)
+            _, err = wrapper.communicate(timeout=PROC_TIMEOUT)
+        finally:
+            watchdog.cancel()
+        assert wrapper.returncode == 130, err
+        assert f"FAILED: run {run_id} interrupted; stopped with `flwr stop`" in err
+        deadline = time.monotonic() + PROC_TIMEOUT
+        while (runs := sl.list_runs(port, run_id=int(run_id))) and sl.in_flight(runs[0]):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert runs and runs[0]["status"] == "finished:stopped"
     finally:
         for link in [s for s in sl.find_superlinks() if s.port == port]:
             sl.stop_superlink(link, grace=3.0)
