@@ -89,11 +89,11 @@ def _compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
 
     def run(args: argparse.Namespace) -> int:
-        from .report import compare_runs
-
         folder = Path(args.output).resolve().parent
         if not folder.is_dir():
             raise UserError(f"-o {args.output}: folder {folder} does not exist")
+        from .report import compare_runs
+
         print(compare_runs(args.run_dirs, args.output))
         print(f"\nchart: {Path(args.output).resolve()}", file=sys.stderr)
         return 0
@@ -112,13 +112,13 @@ def _verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
 
     def run(args: argparse.Namespace) -> int:
-        from .runcheck import verify_run
-
         path: Path = args.run_dir
         if not path.is_dir():
             raise UserError(f"{path}: no such run directory")
         if not (path / "audit.jsonl").is_file() and not (path / "metrics.json").is_file():
             raise UserError(f"{path} is not a run directory (no audit.jsonl, no metrics.json)")
+        from .runcheck import verify_run
+
         result = verify_run(path)
         print(result.summary())
         return 0 if result.ok else 1

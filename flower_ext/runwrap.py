@@ -149,6 +149,8 @@ class Wrapper:
         self.run_id: str | None = None
         self.output_dir: str | None = None
         self.flwr_home = sl.current_flwr_home()
+        flwr = Path(sys.executable).parent / "flwr"
+        self.flwr = [str(flwr) if flwr.exists() else "flwr"]  # this environment's flwr
 
     def say(self, text: str) -> None:
         print(f"flower-ext run: {text}", file=sys.stderr, flush=True)
@@ -183,8 +185,7 @@ class Wrapper:
             return False
         if self.local:
             return sl.stop_run(self.run_id, self.port)
-        flwr = Path(sys.executable).parent / "flwr"
-        command = [str(flwr) if flwr.exists() else "flwr", "stop", self.run_id]
+        command = [*self.flwr, "stop", self.run_id]
         command += [self.superlink_name] if self.superlink_name else []
         try:
             return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
@@ -200,8 +201,7 @@ class Wrapper:
         if refused is not None:
             return refused
         env["PYTHONUNBUFFERED"] = "1"
-        flwr = Path(sys.executable).parent / "flwr"
-        command = [str(flwr) if flwr.exists() else "flwr", "run", *self.flwr_args]
+        command = [*self.flwr, "run", *self.flwr_args]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         previous = {
             sig: signal.signal(sig, self._interrupt) for sig in (signal.SIGINT, signal.SIGTERM)

@@ -231,3 +231,28 @@ def test_superlink_argparse_choices():
     assert parser.parse_args(["superlink", "stop", "--force", "--grace", "1"]).force
     with pytest.raises(SystemExit):
         parser.parse_args(["superlink", "restart"])
+
+
+FAKE_FLWR = """
+import sys, time
+print("Successfully started run 42", flush=True)
+time.sleep(120)
+"""
+
+
+def test_timeout_stops_the_run_it_started(capsys, tmp_path, monkeypatch):
+    """--timeout: the wrapper ends flwr run, calls flwr stop for the run id it saw, exits 124."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text(
+        '[superlink]\ndefault = "remote"\n\n[superlink.remote]\naddress = "10.9.9.9:9093"\n'
+    )
+    wrapper = runwrap.Wrapper(["app"], strict=False, timeout=3.0)
+    assert not wrapper.local  # a user-managed connection: no local SuperLink check
+    wrapper.flwr = [sys.executable, "-c", FAKE_FLWR]
+    stops: list[str | None] = []
+    monkeypatch.setattr(wrapper, "stop", lambda: stops.append(wrapper.run_id) or True)
+    assert wrapper.execute() == runwrap.EXIT_TIMEOUT
+    assert stops == ["42"]
+    captured = capsys.readouterr()
+    assert "Successfully started run 42" in captured.out
+    assert "FAILED: run 42 timed out; stopped with `flwr stop`" in captured.err
