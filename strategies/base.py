@@ -43,7 +43,7 @@ from flower_ext.aggregation import (
     weighted_sum_into,
 )
 from flower_ext.audit import AuditTrail
-from flower_ext.metrics import metrics_from_histograms
+from flower_ext.metrics import HIST_EDGES_KEY, metrics_from_histograms, pooled_sketch_metrics
 from flower_ext.records import ArrayLayout, FlatModel, array_view, arrays_sha256
 from flower_ext.validation import (
     CheckedReply,
@@ -61,6 +61,7 @@ POOLED_KS_KEY = "pooled-ks"
 #: Default bound on the L2 norm of one update: no model's update comes near it, and
 #: below it no float32 sum or squared distance of a round can overflow.
 MAX_UPDATE_NORM = 1e18
+MAX_UPDATE_NORM_LIMIT = 1e19
 
 
 @dataclass
@@ -179,8 +180,11 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self.max_weight = max_weight
         self.max_weight_median_multiple = max_weight_median_multiple
         self.max_plausible_examples = max_plausible_examples
-        if not max_update_norm > 0:
-            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        if not 0 < max_update_norm <= MAX_UPDATE_NORM_LIMIT:
+            raise ValueError(
+                f"max_update_norm must be in (0, {MAX_UPDATE_NORM_LIMIT:g}] (above it a float32 "
+                f"squared norm overflows), got {max_update_norm}"
+            )
         self.max_update_norm = float(max_update_norm)
         self.min_valid_replies = max(1, min_valid_replies)
         self.audit = audit if audit is not None else AuditTrail()
@@ -197,6 +201,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self._outgoing: dict[str, list[Message]] = {}
         self._streamed_mean: np.ndarray | None = None  # set by stream_weighted_mean
         self._streamed_update: np.ndarray | None = None
+        self._integer_steps: dict[int, np.ndarray] = {}  # float64 mean integer updates
 
     # ------------------------------------------------------------------ kernel
     def aggregate_updates(
@@ -538,12 +543,23 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             except Exception as err:
                 late.append(Rejection(rep.node_id, f"unreadable arrays ({err})"[:200], rep.label))
                 continue
-            problem = self.magnitude_problem(views, "reply")
+            try:
+                # Float arrays: their values (one BLAS pass, no temporary). Integer
+                # arrays (counters, timestamps): their update, exact, since their
+                # values may legitimately be large.
+                parts = [
+                    model.integer_update(j, v) if j in model.integers else v
+                    for j, v in enumerate(views)
+                ]
+            except Exception as err:
+                late.append(Rejection(rep.node_id, f"unreadable arrays ({err})"[:200], rep.label))
+                continue
+            problem = self.magnitude_problem(parts, "reply")
             if problem:
                 late.append(Rejection(rep.node_id, problem, rep.label))
                 continue
             good.append(rep)
-            views_of.append(views)
+            views_of.append(parts)
         if not good:
             return None, [], late
         raw = np.array([r.weight for r in good], dtype=np.float64)
@@ -551,22 +567,24 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         shares = normalised(capped)
         mean = np.empty(layout.dim, dtype=layout.compute_dtype)
         update = np.empty(layout.dim, dtype=layout.compute_dtype)
+        integer_steps: dict[int, np.ndarray] = {}
         with np.errstate(over="ignore", invalid="ignore"):
             for j in range(len(layout.keys)):
                 lo, hi = offsets[j], offsets[j + 1]
                 if lo == hi:
                     continue
                 parts = [views[j] for views in views_of]
-                exact = model.exact.get(j)
-                if exact is not None:
+                if j in model.integers:  # parts are exact int64 updates: mean in float64
                     seg = weighted_sum_into(np.empty(hi - lo), parts, shares)
-                    mean[lo:hi] = seg
-                    update[lo:hi] = seg - exact
+                    integer_steps[j] = seg
+                    update[lo:hi] = seg
+                    mean[lo:hi] = model.flat[lo:hi] + seg
                 else:
                     weighted_sum_into(mean[lo:hi], parts, shares)
                     np.subtract(mean[lo:hi], model.flat[lo:hi], out=update[lo:hi])
         reports = [ClientReport(selected=True, weight=float(x)) for x in shares]
         self._streamed_mean = mean
+        self._integer_steps = integer_steps
         return AggregationResult(update, reports), good, late
 
     def server_step(self, aggregate: np.ndarray) -> ArrayRecord | None:
@@ -596,7 +614,9 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         ):
             # Plain FedAvg: the new model is the weighted mean itself (exact, and two
             # fewer passes over the model than global + (mean - global)).
-            return self._model.with_values(self._streamed_mean, step)
+            return self._model.with_values(
+                self._streamed_mean, step, integer_steps=self._integer_steps
+            )
         return self._model.apply(step, self.server_learning_rate)
 
     def _note_label(self, node_id: int, label: str) -> None:
@@ -762,11 +782,15 @@ def weighted_metrics(
             if len(lengths) != 1:
                 continue
             acc = np.zeros(lengths.pop(), dtype=np.float64)
-            for v, w in values:
-                acc += (w / total) * np.asarray(v, dtype=np.float64)
-            out[key] = [float(x) for x in acc]
+            with np.errstate(over="ignore", invalid="ignore"):
+                for v, w in values:
+                    acc += (w / total) * np.asarray(v, dtype=np.float64)
+            if np.isfinite(acc).all():  # several huge values can still overflow the mean
+                out[key] = [float(x) for x in acc]
         elif not any(isinstance(v, list) for v, _ in values):
-            out[key] = float(sum((w / total) * float(v) for v, w in values))
+            value = math.fsum((w / total) * float(v) for v, w in values)
+            if math.isfinite(value):
+                out[key] = value
     return out, partial
 
 
@@ -789,12 +813,25 @@ def weighted_scalar_metrics(
 
 
 def pooled_histogram_metrics(records: list[MetricRecord]) -> tuple[float, float] | None:
-    """Pooled (AUC, KS) from per-bank score histograms, if every bank sent them."""
+    """Pooled (AUC, KS) from per-bank score sketches or histograms, if every bank sent them.
+
+    With ``hist-edges`` from every bank (``flower_ext.metrics.score_sketch``: each bank's
+    own score quantiles) the sketches are merged on the union of the edges, accurate at
+    any score spread; otherwise the legacy fixed-bin histograms are summed.
+    """
     if not records or not all(HIST_NEG_KEY in m and HIST_POS_KEY in m for m in records):
         return None
     hists = [(m[HIST_NEG_KEY], m[HIST_POS_KEY]) for m in records]
     if not all(isinstance(n, list) and isinstance(p, list) for n, p in hists):
         return None
+    if all(isinstance(m.get(HIST_EDGES_KEY), list) for m in records):
+        with np.errstate(over="ignore", invalid="ignore"):
+            auc, ks = pooled_sketch_metrics(
+                [(m[HIST_EDGES_KEY], n, p) for m, (n, p) in zip(records, hists, strict=True)]
+            )
+        if auc is None or ks is None or not (math.isfinite(auc) and math.isfinite(ks)):
+            return None
+        return auc, ks
     lengths = {len(n) for n, _ in hists} | {len(p) for _, p in hists}
     if len(lengths) != 1:
         return None
@@ -806,7 +843,8 @@ def pooled_histogram_metrics(records: list[MetricRecord]) -> tuple[float, float]
         or (pos < 0).any()
     ):
         return None
-    auc, ks = metrics_from_histograms(neg, pos)
-    if auc is None or ks is None:
+    with np.errstate(over="ignore", invalid="ignore"):
+        auc, ks = metrics_from_histograms(neg, pos)
+    if auc is None or ks is None or not (math.isfinite(auc) and math.isfinite(ks)):
         return None
     return auc, ks
