@@ -185,8 +185,11 @@ TINY_APP = {
     "tinyapp/apps.py": """
         import time
 
+        from logging import INFO
+
         from flwr.app import Context
         from flwr.clientapp import ClientApp
+        from flwr.common.logger import log
         from flwr.serverapp import Grid, ServerApp
 
         server = ServerApp()
@@ -196,11 +199,11 @@ TINY_APP = {
         @server.main()
         def main(grid: Grid, context: Context) -> None:
             mode = context.run_config["mode"]
+            log(INFO, "outputs in /tmp/tinyapp-outputs")
             if mode == "raise":
                 raise RuntimeError("tiny app failed on purpose")
             if mode == "sleep":
                 time.sleep(600)
-            print("outputs in /tmp/tinyapp-outputs")
         """,
 }
 
@@ -311,6 +314,8 @@ def test_run_reports_failed_then_finished(tmp_path, tiny_app):
             failed.stderr
         )
         assert "DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in failed.stderr
+        assert "outputs: /tmp/tinyapp-outputs" in failed.stderr
+        assert f"SuperLink log: {home.resolve()}/local-superlink/superlink.log" in failed.stderr
         (link,) = [s for s in sl.find_superlinks() if s.port == port]
         environ = Path(f"/proc/{link.pid}/environ").read_bytes().split(b"\0")
         assert b"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in environ
