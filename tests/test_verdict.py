@@ -1,0 +1,192 @@
+"""The risk committee's numbers: paired DeLong intervals, verdicts, pooled sketches, health."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from flower_ext.metrics import (
+    pooled_sketch_metrics,
+    risk_metrics,
+    risk_metrics_from_logits,
+    score_sketch,
+)
+from flower_ext.verdict import (
+    GAINS,
+    LOSES,
+    NO_DIFFERENCE,
+    auc_interval,
+    calibration_summary,
+    delong,
+    paired_auc_comparison,
+    score_health,
+    verdict_from_interval,
+)
+
+
+def _two_models(n: int, rng: np.random.Generator, mu=(1.0, 0.8), rho=0.6, rate=0.2):
+    """Binormal scores of two correlated models: true AUC_k = Phi(mu_k / sqrt(2))."""
+    y = (rng.uniform(size=n) < rate).astype(int)
+    e1 = rng.normal(size=n)
+    e2 = rho * e1 + np.sqrt(1 - rho**2) * rng.normal(size=n)
+    return y, mu[0] * y + e1, mu[1] * y + e2
+
+
+def test_delong_auc_is_sklearns_and_handles_ties():
+    rng = np.random.default_rng(1)
+    y, a, b = _two_models(500, rng)
+    a = np.round(a, 1)  # many ties: midranks count them one half
+    aucs, cov = delong(y, a, b)
+    assert aucs[0] == pytest.approx(roc_auc_score(y, a), abs=1e-12)
+    assert aucs[1] == pytest.approx(roc_auc_score(y, b), abs=1e-12)
+    assert cov.shape == (2, 2) and cov[0, 1] > 0  # same rows: correlated AUCs
+
+
+def test_paired_delong_interval_matches_a_paired_bootstrap():
+    """Reference: 2,000 paired bootstrap resamples of the same fixed rows (stratified)."""
+    rng = np.random.default_rng(7)
+    y, a, b = _two_models(800, rng)
+    cmp = paired_auc_comparison(y, a, b)
+    assert cmp.diff == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
+    boot = np.random.default_rng(11)
+    diffs = []
+    for _ in range(2000):
+        idx = np.concatenate([boot.choice(pos, len(pos)), boot.choice(neg, len(neg))])
+        diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+    assert cmp.se == pytest.approx(np.std(diffs), rel=0.1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    assert cmp.low == pytest.approx(low, abs=0.01) and cmp.high == pytest.approx(high, abs=0.01)
+    # the single-model interval against the bootstrap of one AUC
+    auc, lo, hi = auc_interval(y, a)
+    assert auc == pytest.approx(roc_auc_score(y, a))
+    assert (hi - lo) / 2 / 1.96 == pytest.approx(_boot_se(y, a, boot), rel=0.1)
+
+
+def _boot_se(y, s, rng, reps=1000):
+    pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
+    vals = []
+    for _ in range(reps):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        vals.append(roc_auc_score(y[idx], s[idx]))
+    return float(np.std(vals))
+
+
+def test_paired_interval_has_nominal_coverage_in_a_seeded_simulation():
+    """400 test sets of 300 rows: the 95% interval covers the true difference ~95% of the time."""
+    mu = (1.0, 0.8)
+    truth = norm.cdf(mu[0] / np.sqrt(2)) - norm.cdf(mu[1] / np.sqrt(2))
+    rng = np.random.default_rng(2024)
+    reps, covered = 400, 0
+    for _ in range(reps):
+        y, a, b = _two_models(300, rng, mu=mu)
+        cmp = paired_auc_comparison(y, a, b)
+        covered += cmp.low <= truth <= cmp.high
+    # binomial sd at 95% over 400 draws is 1.1%: 0.92..0.98 is about +-3 sd
+    assert 0.92 <= covered / reps <= 0.98
+
+
+def test_verdict_words():
+    assert verdict_from_interval(0.01, 0.05) == GAINS
+    assert verdict_from_interval(-0.05, -0.01) == LOSES
+    assert verdict_from_interval(-0.01, 0.02) == NO_DIFFERENCE
+    assert verdict_from_interval(None, 0.1) is None
+    rng = np.random.default_rng(3)
+    y, a, _ = _two_models(2000, rng, mu=(1.5, 0.8))
+    noise = rng.normal(size=len(y))
+    assert paired_auc_comparison(y, a, noise).verdict == GAINS
+    assert paired_auc_comparison(y, noise, a).verdict == LOSES
+    same = paired_auc_comparison(y, a, 2 * a + 1)  # same ranking
+    assert same.diff == 0 and same.verdict == NO_DIFFERENCE and same.p_value == 1.0
+
+
+@pytest.mark.parametrize("spread", [0.001, 0.01, 0.03, 0.1, 1.0, 10.0, 100.0, 1000.0])
+def test_pooled_auc_from_sketches_within_1e3_of_exact_at_any_spread(spread):
+    rng = np.random.default_rng(int(spread * 1000) % 9973)
+    ys, scores, sketches = [], [], []
+    for n, centre in [(4000, -1.5), (4000, -1.4), (4000, -1.6), (4000, -1.5), (4000, -1.45)]:
+        y = (rng.uniform(size=n) < 0.2).astype(int)
+        s = spread * (centre + rng.normal(size=n) + 1.0 * y)
+        ys.append(y)
+        scores.append(s)
+        sketches.append(score_sketch(y, s))
+    y, s = np.concatenate(ys), np.concatenate(scores)
+    auc, ks = pooled_sketch_metrics(sketches)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    assert ks == pytest.approx(np.max(tpr - fpr), abs=1e-3)
+
+
+@pytest.mark.parametrize("spread", [0.001, 1.0, 1000.0])
+def test_pooled_sketches_on_small_banks(spread):
+    """The default run's sizes (248-1,089 test rows): AUC within 1e-3; KS within the
+    statistic's own step (a few minority rows), since a bank's bin holds ~2 rows."""
+    rng = np.random.default_rng(5)
+    ys, scores, sketches = [], [], []
+    for n in (248, 1089, 600, 400, 700):
+        y = (rng.uniform(size=n) < 0.2).astype(int)
+        s = spread * (rng.normal() * 0.1 - 1.5 + rng.normal(size=n) + y)
+        ys.append(y)
+        scores.append(s)
+        sketches.append(score_sketch(y, s))
+    y, s = np.concatenate(ys), np.concatenate(scores)
+    auc, ks = pooled_sketch_metrics(sketches)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    assert ks == pytest.approx(np.max(tpr - fpr), abs=4.0 / y.sum())
+
+
+def test_sketch_cells_and_degenerate_scores():
+    y = np.array([0, 1, 0, 1, 0, 0])
+    edges, neg, pos = score_sketch(y, np.full(6, -2.0))
+    assert neg.sum() == 4 and pos.sum() == 2 and len(neg) == 2 * len(edges) - 1
+    assert pooled_sketch_metrics([(edges, neg, pos)]) == (0.5, 0.0)
+    # a small bank's edges are its scores: pooled == exact
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=300) < 0.3).astype(int)
+    s = rng.normal(size=300) + y
+    auc, ks = pooled_sketch_metrics([score_sketch(y, s)])
+    fpr, tpr, _ = roc_curve(y, s)
+    assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert ks == pytest.approx(np.max(tpr - fpr), abs=1e-12)
+    with pytest.raises(ValueError):
+        pooled_sketch_metrics([(np.array([0.0, 1.0]), np.array([1.0, -1.0, 0]), np.zeros(3))])
+
+
+def test_a_diverged_model_is_reported_as_diverged_with_its_exact_auc():
+    rng = np.random.default_rng(9)
+    y = (rng.uniform(size=1000) < 0.25).astype(int)
+    good = rng.normal(size=1000) + y
+    logits = -1e19 * (1.0 + 0.1 * good)  # runs off to -1e19, ranking inverted
+    exact = roc_auc_score(y, logits)
+    assert exact < 0.4
+    clipped = risk_metrics(y, 1 / (1 + np.exp(-np.clip(logits, -700, 700))))
+    assert clipped.auc == 0.5  # the old artefact: every probability clipped, all tied
+    m = risk_metrics_from_logits(y, logits)
+    assert m.auc == pytest.approx(exact, abs=1e-12)
+    assert m.health.startswith("diverged") and "e+19" in m.health
+    assert m.gini == pytest.approx(2 * exact - 1)
+    # the pooled figure from sketches keeps it too
+    auc, _ = pooled_sketch_metrics([score_sketch(y, logits)])
+    assert auc == pytest.approx(exact, abs=1e-3)
+    nan = risk_metrics_from_logits(y, np.where(y == 1, np.nan, 0.0))
+    assert nan.auc is None and nan.health.startswith("diverged") and nan.undefined_reason
+    assert score_health(np.zeros(10)).startswith("degenerate")
+    assert score_health(good) == ""
+
+
+def test_calibration_summary():
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.01, 0.6, size=5000)
+    y = (rng.uniform(size=5000) < p).astype(int)
+    cal = calibration_summary(y, p)
+    assert cal.predicted_rate == pytest.approx(p.mean())
+    assert cal.observed_rate == pytest.approx(y.mean())
+    assert cal.brier == pytest.approx(np.mean((p - y) ** 2))
+    assert len(cal.curve_predicted) == 10
+    assert np.allclose(cal.curve_predicted, cal.curve_observed, atol=0.05)  # calibrated
+    doubled = calibration_summary(y, np.clip(2 * p, 0, 1))
+    assert doubled.predicted_rate > 1.5 * doubled.observed_rate
+    assert calibration_summary(np.zeros(5, int), np.full(5, 0.1)).curve_predicted == []
