@@ -33,6 +33,15 @@ DESCRIPTION = (
 )
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual; keeps an "example:" epilog on its own lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class UserError(Exception):
     """A mistake on the command line: one line on stderr, exit code 2."""
 
@@ -350,8 +359,9 @@ def _run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "reason and where the outputs are. Exit 0 if the run completed, 1 if it failed or was "
         "stopped, 2 if refused, 124 on --timeout, 130 on Ctrl-C; on Ctrl-C or timeout the run "
         "is stopped with flwr stop. Options for flower-ext come before the app path. " + RUNS_WHERE,
-        epilog="example: flower-ext run apps/bank_risk --stream "
+        epilog="example:\n  flower-ext run apps/bank_risk --stream "
         '--federation-config "num-supernodes=5"',
+        formatter_class=_Formatter,
     )
     p.add_argument("--strict", action="store_true", help="refuse instead of warning")
     p.add_argument("--timeout", type=float, help="stop the run after this many seconds")

@@ -6,6 +6,7 @@ Every process a test starts is stopped by pid in a fixture's finally, whatever h
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -229,6 +230,12 @@ def test_warns_when_run_would_reuse_a_superlink_of_another_environment(links, tm
     assert "flwr run here would use this one" in block.splitlines()[0]
     assert f"environment: {(tmp_path / 'other-venv').resolve()} (DIFFERENT)" in block
     assert f"Flower home: {first.home.resolve()} (DIFFERENT)" in block
+
+    as_json = _flower_ext(["superlink", "status", "--json"], env)
+    entries = json.loads(as_json.stdout)["superlinks"]
+    (entry,) = [e for e in entries if e["pid"] == first.process.pid]
+    assert entry["used_by_flwr_run_here"] and entry["runs"] == []
+    assert not entry["matches_this_environment"] and not entry["matches_this_flower_home"]
 
     refused = _flower_ext(["run", "--strict", str(tiny_app), "--stream"], env)
     assert refused.returncode == 2
