@@ -206,3 +206,57 @@ def sigmoid(logits: NDArray[np.floating]) -> NDArray[np.float64]:
     e = np.exp(logits[~pos])
     out[~pos] = e / (1.0 + e)
     return out
+
+
+def bank_summary(
+    y: NDArray[np.integer],
+    federated_logits: NDArray[np.floating],
+    local_logits: NDArray[np.floating] | None = None,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """What a bank sends about its final evaluation (computed on its own test rows).
+
+    Only summaries leave the bank: the federated AUC's interval, calibration (predicted
+    and observed default rate, Brier, a 10-bin reliability curve) and, with a local-only
+    model scored on the same rows, the paired difference, its interval, p-value and
+    verdict. Keys are Flower-record friendly (floats, strings, lists of floats).
+    """
+    y = np.asarray(y).astype(np.int64)
+    fed = np.asarray(federated_logits, dtype=np.float64)
+    out: dict[str, Any] = {}
+    cal = calibration_summary(y, sigmoid(fed))
+    out.update(
+        {
+            "brier": cal.brier,
+            "predicted-rate": cal.predicted_rate,
+            "reliability-predicted": cal.curve_predicted,
+            "reliability-observed": cal.curve_observed,
+        }
+    )
+    try:
+        _, low, high = auc_interval(y, fed, level)
+        out.update({"auc-ci-low": low, "auc-ci-high": high})
+    except ValueError as err:
+        out["verdict-unavailable"] = str(err)
+        return out
+    if local_logits is None:
+        return out
+    local = np.asarray(local_logits, dtype=np.float64)
+    health = score_health(local)
+    if health:
+        out["local-only-health"] = health
+    try:
+        cmp = paired_auc_comparison(y, fed, local, level)
+    except ValueError as err:  # e.g. a diverged local model with NaN scores
+        out["verdict-unavailable"] = str(err)
+        return out
+    out.update(
+        {
+            "gain": cmp.diff,
+            "gain-ci-low": cmp.low,
+            "gain-ci-high": cmp.high,
+            "gain-p-value": cmp.p_value,
+            "verdict": cmp.verdict,
+        }
+    )
+    return out

@@ -8,15 +8,18 @@ file. Nothing but model weights and aggregate statistics leaves the bank.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from functools import lru_cache
+from logging import INFO
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from flower_ext.data import BankData, DataError, DataSource, load_bank
-from flower_ext.metrics import RiskMetrics, score_histograms
+from flower_ext.metrics import HIST_EDGES_KEY, RiskMetrics, risk_metrics_from_logits, score_sketch
 from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.mods.attack import training_labels
 from flower_ext.privacy import (
@@ -28,6 +31,7 @@ from flower_ext.privacy import (
 )
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import CLIENT_INFO_KEY
+from flower_ext.verdict import bank_summary
 
 from .client_mods import BANK_MODS
 from .settings import BankAppSettings
@@ -147,14 +151,20 @@ def train(msg: Message, context: Context) -> Message:
 
 def _metric_entries(prefix: str, metrics: RiskMetrics) -> dict[str, float]:
     out = {f"{prefix}logloss": metrics.log_loss, f"{prefix}accuracy": metrics.accuracy}
+    if np.isfinite(metrics.brier):  # weighted by num-examples these pool exactly
+        out[f"{prefix}brier"] = metrics.brier
+        out[f"{prefix}predicted-rate"] = metrics.predicted_rate
     if metrics.auc is not None:
         out[f"{prefix}auc"] = metrics.auc
         out[f"{prefix}ks"] = metrics.ks
     return out
 
 
-def local_only_metrics(bank: BankData, settings: BankAppSettings) -> RiskMetrics:
-    """Train a bank-only model for as many epochs as the federation ran, on the same split."""
+def local_only_metrics(bank: BankData, settings: BankAppSettings) -> tuple[RiskMetrics, np.ndarray]:
+    """Train a bank-only model for as many epochs as the federation ran, on the same split.
+
+    Returns its metrics and its log-odds on the bank's test rows (for the paired comparison).
+    """
     model = build_model(
         bank.num_features, settings.model, settings.hidden_units, seed=settings.seed
     )
@@ -166,9 +176,17 @@ def local_only_metrics(bank: BankData, settings: BankAppSettings) -> RiskMetrics
         settings.train_config(seed=settings.seed, proximal_mu=0.0),
         epochs=settings.num_rounds * settings.local_epochs,
     )
+    started = time.perf_counter()
+    log(INFO, "[bank-risk] %s: training the local-only baseline (%d epochs)", bank.name, cfg.epochs)
     train_local(model, bank.x_train, bank.y_train, cfg)
-    metrics, _ = evaluate_model(model, bank.x_test, bank.y_test)
-    return metrics
+    _, logits = evaluate_model(model, bank.x_test, bank.y_test)
+    log(
+        INFO,
+        "[bank-risk] %s: local-only baseline trained in %.1fs",
+        bank.name,
+        time.perf_counter() - started,
+    )
+    return risk_metrics_from_logits(bank.y_test, logits), logits
 
 
 @app.evaluate()
@@ -177,11 +195,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     arrays = next(iter(msg.content.array_records.values()))
     model = _model_for(bank, settings, arrays)
-    metrics, logits = evaluate_model(model, bank.x_test, bank.y_test)
-    neg, pos = score_histograms(bank.y_test, logits)
+    _, logits = evaluate_model(model, bank.x_test, bank.y_test)
+    metrics = risk_metrics_from_logits(bank.y_test, logits)  # exact AUC even if diverged
+    edges, neg, pos = score_sketch(bank.y_test, logits)  # for the pooled AUC/KS
     values: dict[str, object] = {
         "num-examples": len(bank.y_test),
         "default-rate": float(np.mean(bank.y_test)),
+        HIST_EDGES_KEY: edges.tolist(),
         "hist-neg": neg.tolist(),
         "hist-pos": pos.tolist(),
         **_metric_entries("", metrics),
@@ -189,13 +209,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     notes: dict[str, object] = {}
     if metrics.undefined_reason:
         notes["auc-undefined-reason"] = metrics.undefined_reason
+    if metrics.health:
+        notes["score-health"] = metrics.health
     is_final = int(config.get("server-round", 0)) >= int(config.get("num-server-rounds", 10**9))
+    local_logits = None
     if is_final and settings.local_only_baseline:
         if settings.privacy() is None:
-            local = local_only_metrics(bank, settings)
+            local, local_logits = local_only_metrics(bank, settings)
             values.update(_metric_entries("local-only-", local))
         else:  # it would be a non-private model of the protected rows: never sent under DP
             notes["local-only-skipped"] = "dp is on: a non-private local model is not shared"
+    if is_final:  # intervals, verdict and calibration, computed here; only summaries leave
+        notes.update(bank_summary(bank.y_test, logits, local_logits))
     content = RecordDict(
         {
             "metrics": MetricRecord(values),  # type: ignore[arg-type]
