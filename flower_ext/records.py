@@ -166,10 +166,11 @@ def cast_to(values: NDArray[np.floating], dtype: np.dtype | str) -> NDArray[np.g
     """``values`` (float) in a model array's ``dtype``, by flower-ext's dtype rule.
 
     Floats are cast (rounded to nearest); integers are rounded half-to-even and
-    clipped to the dtype's range; bool is ``value >= 0.5`` (a majority vote when
-    the value is a mean of 0/1 flags). Flower's own FedAvg returns float64 for
-    integer and bool arrays; flower-ext keeps the model's dtype so that
-    ``load_state_dict`` and the next round's layout are unchanged.
+    saturate at the dtype's range (never wrap: ``float(2**63 - 1)`` is ``2**63``);
+    bool is ``value >= 0.5`` (a majority vote when the value is a mean of 0/1
+    flags). Flower's own FedAvg returns float64 for integer and bool arrays;
+    flower-ext keeps the model's dtype so that ``load_state_dict`` and the next
+    round's layout are unchanged.
     """
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
@@ -179,7 +180,60 @@ def cast_to(values: NDArray[np.floating], dtype: np.dtype | str) -> NDArray[np.g
         return np.asarray(values >= 0.5)
     info = np.iinfo(dtype)
     rounded = np.rint(np.asarray(values, dtype=np.float64))
-    return np.clip(rounded, info.min, info.max).astype(dtype)
+    high, low = rounded >= float(info.max), rounded <= float(info.min)
+    out = np.where(high | low, 0.0, rounded).astype(dtype)
+    out[high] = info.max
+    out[low] = info.min
+    return out
+
+
+def integer_difference(values: NDArray[np.generic], base: NDArray[np.generic]) -> NDArray:
+    """``values - base`` for integer or bool arrays, exact in int64.
+
+    64-bit arrays are subtracted in their own width (uint64 with wrap-around, then
+    read as signed), so counters and timestamps beyond 2**53 keep every unit; the
+    result is exact whenever the true difference fits in int64.
+    """
+    with np.errstate(over="ignore"):
+        if base.dtype == np.uint64:
+            return np.subtract(values, base, dtype=np.uint64).view(np.int64)
+        return np.subtract(values.astype(np.int64), base.astype(np.int64), dtype=np.int64)
+
+
+def add_integer_steps(
+    base: NDArray[np.generic], steps: NDArray[np.floating], dtype: np.dtype | str
+) -> NDArray[np.generic]:
+    """``base + rint(steps)`` in ``base``'s integer dtype, exact, saturating at its range.
+
+    bool arrays follow :func:`cast_to`'s rule on ``base + steps``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return np.asarray(base.astype(np.float64) + steps >= 0.5)
+    info = np.iinfo(dtype)
+    steps = np.asarray(steps, dtype=np.float64)
+    # rint(base + steps) without leaving integers: rint(steps), except that a tie
+    # (x.5) rounds to the even *sum*, as rounding the float mean itself would.
+    floor = np.floor(steps)
+    tie = steps - floor == 0.5
+    whole = np.rint(steps)
+    if tie.any():
+        parity = (base[tie] % 2 + np.abs(floor[tie]) % 2).astype(np.int64) % 2
+        whole[tie] = floor[tie] + parity
+    if dtype.itemsize < 8:  # int64 holds every sum exactly; clip to the dtype
+        limit = float(2**40)
+        total = base.astype(np.int64) + np.clip(whole, -limit, limit).astype(np.int64)
+        return np.clip(total, info.min, info.max).astype(dtype)
+    limit = float(2**62)
+    step = np.clip(whole, -limit, limit).astype(np.int64)
+    with np.errstate(over="ignore"):  # modulo 2**64; a wrap is detected and saturated
+        total = base + (step.view(np.uint64) if dtype == np.uint64 else step)
+    past_top = (step > 0) & (total < base)
+    past_bottom = (step < 0) & (total > base)
+    out = np.array(total, dtype=dtype)
+    out[past_top] = info.max
+    out[past_bottom] = info.min
+    return out
 
 
 @dataclass(frozen=True)
@@ -285,20 +339,27 @@ class FlatModel:
     """A global model as one flat vector, with exact copies of its integer arrays.
 
     The update of a client is ``reply - global``. Float arrays are read into a
-    vector of the layout's ``compute_dtype``; integer and bool arrays (BatchNorm's
-    ``num_batches_tracked``, counters) are also kept in float64, so their updates
-    are exact differences and the next model is ``rint(global + update)`` in the
-    array's own dtype, never a float32 rounding of a large counter.
+    vector of the layout's ``compute_dtype``. Integer and bool arrays (BatchNorm's
+    ``num_batches_tracked``, counters, timestamps) are kept in their own dtype:
+    their updates are exact integer differences (:func:`integer_difference`) and
+    the next model is ``global + rint(update)`` in the array's own dtype
+    (:func:`add_integer_steps`). In an update *matrix* of float32 (robust rules) an
+    integer update is exact up to 2**24 per round; the streamed FedAvg mean keeps
+    integer updates in float64.
     """
 
     def __init__(self, record: ArrayRecord) -> None:
         self.layout = ArrayLayout.of(record)
         self.record = record
         self.flat = self.layout.flatten(record)
-        self.exact: dict[int, NDArray[np.float64]] = {
-            j: array_view(record[self.layout.keys[j]]).reshape(-1).astype(np.float64)
+        self.integers: dict[int, NDArray[np.generic]] = {
+            j: np.array(array_view(record[self.layout.keys[j]]).reshape(-1))
             for j in self.layout.integer_indices
         }
+
+    def integer_update(self, j: int, values: NDArray[np.generic]) -> NDArray:
+        """``values - global`` for integer array ``j`` (flat), exact in int64."""
+        return integer_difference(values.reshape(-1), self.integers[j])
 
     def subtract_into(self, record: ArrayRecord, row: NDArray[np.floating]) -> None:
         """``row = record - global`` (in ``row``'s dtype), reading ``record`` in place."""
@@ -309,14 +370,14 @@ class FlatModel:
                 if lo == hi:
                     continue
                 view = array_view(record[key]).reshape(-1)
-                exact = self.exact.get(j)
-                if exact is not None:
-                    row[lo:hi] = view.astype(np.float64) - exact
+                if j in self.integers:
+                    row[lo:hi] = self.integer_update(j, view)
                 else:
                     np.subtract(view, self.flat[lo:hi], out=row[lo:hi], casting="unsafe")
 
-    def apply(self, step: NDArray[np.floating], lr: float = 1.0) -> ArrayRecord:
-        """The model ``global + lr * step`` in the layout's shapes and dtypes."""
+    def apply(self, step: NDArray[np.floating], lr: float = 1.0) -> ArrayRecord | None:
+        """The model ``global + lr * step`` in the layout's shapes and dtypes, or ``None``
+        if a value would not be finite in its array's dtype."""
         with np.errstate(over="ignore", invalid="ignore"):
             new_flat = self.flat + np.asarray(lr, dtype=self.flat.dtype) * step.astype(
                 self.flat.dtype, copy=False
@@ -324,20 +385,34 @@ class FlatModel:
         return self.with_values(new_flat, step, lr)
 
     def with_values(
-        self, new_flat: NDArray[np.floating], step: NDArray[np.floating], lr: float = 1.0
-    ) -> ArrayRecord:
-        """Build the record from ``new_flat``; integer arrays from ``exact + lr * step``."""
+        self,
+        new_flat: NDArray[np.floating],
+        step: NDArray[np.floating],
+        lr: float = 1.0,
+        integer_steps: dict[int, NDArray[np.float64]] | None = None,
+    ) -> ArrayRecord | None:
+        """Build the record from ``new_flat``; integer arrays from ``global + lr * step``
+        (``integer_steps[j]``, float64, when given). ``None`` if a float value overflows
+        its dtype (e.g. float16 past 65504)."""
         layout, offsets = self.layout, self.layout.offsets
         arrays = {}
         with np.errstate(over="ignore", invalid="ignore"):
             for j, key in enumerate(layout.keys):
                 lo, hi = offsets[j], offsets[j + 1]
-                exact = self.exact.get(j)
-                if exact is not None:
-                    values = exact + lr * step[lo:hi].astype(np.float64)
+                dtype = np.dtype(layout.dtypes[j])
+                if j in self.integers:
+                    delta = (
+                        integer_steps[j]
+                        if integer_steps is not None and j in integer_steps
+                        else step[lo:hi].astype(np.float64)
+                    )
+                    chunk = add_integer_steps(self.integers[j], lr * delta, dtype)
                 else:
-                    values = new_flat[lo:hi]
-                chunk = cast_to(values.reshape(layout.shapes[j]), layout.dtypes[j])
+                    chunk = cast_to(new_flat[lo:hi], dtype)
+                    # Only a dtype narrower than the computation can overflow here.
+                    if dtype.itemsize < new_flat.dtype.itemsize and not np.isfinite(chunk).all():
+                        return None
+                chunk = chunk.reshape(layout.shapes[j])
                 arrays[key] = Array(np.array(chunk, order="C", copy=True))
         return ArrayRecord(arrays)
 

@@ -99,17 +99,19 @@ def check_weight(
 
 
 def reply_sender(message: Message, origins: Mapping[str, int] | None = None) -> int:
-    """The node a reply is about.
+    """The node a reply is from, for the record.
 
-    When a node drops out, the SuperLink answers in its place with an error reply
-    whose source is the SuperLink itself; ``origins`` (message id -> destination
-    node of the messages the strategy sent) maps such a reply back to the bank.
+    A reply answering node B's message is B's when B sent it, or when it is an
+    error reply from the SuperLink (which answers in place of a node that dropped
+    out); ``origins`` (message id -> destination node of the messages the strategy
+    sent) gives B. A reply sent by any other node is that node's own.
     """
+    src = int(message.metadata.src_node_id)
     if origins:
         node = origins.get(message.metadata.reply_to_message_id)
-        if node is not None:
+        if node is not None and (src == node or (src == SUPERLINK_NODE_ID and message.has_error())):
             return node
-    return int(message.metadata.src_node_id)
+    return src
 
 
 def bind_replies(
@@ -138,6 +140,7 @@ def bind_replies(
     """
     bound: list[tuple[Message, int]] = []
     rejected: list[Rejection] = []
+    senders: Counter[int] = Counter()  # every reply, bound or not, counts for its sender
     sampled_set = None if sampled is None else {int(n) for n in sampled}
     for message in replies:
         label = _safe_label(message)
@@ -147,6 +150,10 @@ def bind_replies(
         except Exception as err:  # a reply whose metadata cannot even be read
             rejected.append(Rejection(0, f"unreadable reply metadata ({type(err).__name__})"))
             continue
+        if not origins or answers in origins:
+            # Replies to this round's messages count for their sender (a replay of an
+            # old message, rejected below, does not: its sender cannot be told apart).
+            senders[reply_sender(message, origins)] += 1
         if origins:
             node = origins.get(answers)
             if node is None:
@@ -172,20 +179,20 @@ def bind_replies(
                 rejected.append(Rejection(node, "node was not sampled in this round", label))
                 continue
         bound.append((message, node))
-    # One reply per node: a node that sent several has all of them rejected, whatever
-    # their order (a node can only ever harm its own contribution this way).
-    count = Counter(node for _, node in bound)
+    # One reply per node: a node that sent several (to its own message or to others')
+    # has all of them rejected, whatever their order; a node can only ever harm its own
+    # contribution this way.
     for message, node in bound:
-        if count[node] > 1:
+        if senders[node] > 1:
             rejected.append(
                 Rejection(
                     node,
-                    f"{count[node]} replies from this node in this round; all rejected "
+                    f"{senders[node]} replies from this node in this round; all rejected "
                     "(one reply per node)",
                     _safe_label(message),
                 )
             )
-    return [(m, n) for m, n in bound if count[n] == 1], rejected
+    return [(m, n) for m, n in bound if senders[n] == 1], rejected
 
 
 def _safe_label(message: Message) -> str:
@@ -295,12 +302,19 @@ def finite_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, object], li
     dropped: list[str] = []
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
-        ok = all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in values
-        )
+        ok = all(_finite_number(v) for v in values)
         if ok:
             clean[key] = value
         else:
             dropped.append(key)
     return clean, dropped
+
+
+def _finite_number(value: object) -> bool:
+    """A real number that converts to a finite float (a 10**400 int does not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
