@@ -114,23 +114,44 @@ def _compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "verify",
-        help="check a run's audit trail (chain, rounds, model hashes)",
-        description="Check RUN_DIR/audit.jsonl: hash chain, round order, model hashes. Exit 0 "
-        "if intact, 1 if not, 2 if RUN_DIR is not a run directory. " + RUNS_WHERE,
+        help="check a run: audit chain, signatures, completeness, receipts, files",
+        description="Check RUN_DIR: the audit trail's hash chain and story (rounds in order, "
+        "each closed, models chained), the server's signatures (with --public-key, or the "
+        "key the banks pinned in --receipts, else the key in the run directory), "
+        "completeness (run_end, every planned round), the banks' receipts against the trail, "
+        "and that metrics.json, checkpoint.npz and report.html agree with it. Prints what "
+        "was verified and what was not. Exit 0 if verified, 1 if tampered or inconsistent "
+        "(the first bad line and what is wrong), 2 if something cannot be read. " + RUNS_WHERE,
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument(
+        "--receipts",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a bank's receipt directory (or a folder of them); repeatable",
+    )
+    p.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="the server's audit key the banks received: PEM file or 64 hex digits; repeatable",
+    )
 
     def run(args: argparse.Namespace) -> int:
+        from .audit.verify import verify_run
+
         path: Path = args.run_dir
         if not path.is_dir():
             raise UserError(f"{path}: no such run directory")
         if not (path / "audit.jsonl").is_file() and not (path / "metrics.json").is_file():
             raise UserError(f"{path} is not a run directory (no audit.jsonl, no metrics.json)")
-        from .runcheck import verify_run
-
-        result = verify_run(path)
+        result = verify_run(path, public_keys=args.public_key, receipts=args.receipts)
+        if not result.readable:
+            raise UserError(result.summary())
         print(result.summary())
-        return 0 if result.ok else 1
+        return result.exit_code
 
     p.set_defaults(func=run)
 

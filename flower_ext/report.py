@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .runcheck import verify_run
+from .audit.verify import audit_banner_html, verify_run
 from .runlog import load_metrics
 
 REJECTION_EVENTS = {
@@ -250,11 +250,9 @@ def build_report(run_dir: str | Path) -> Report:
             + (f" Error: <code>{html.escape(error)}</code>" if error else "")
             + " Everything below covers the rounds that completed.</p>"
         )
-    check = verify_run(run)
-    sections.append(
-        f'<p class="{"ok" if check.ok else "banner"}">Audit trail: '
-        f"{html.escape(check.summary())}</p>"
-    )
+    # What was verified, item by item; a warning instead of green when anything was not.
+    # The report itself is not checked here: it is being written (verify checks it later).
+    sections.append(audit_banner_html(verify_run(run, check_report=False)))
     final = metrics.get("final") or {}
     summary_rows = [
         ["final pooled AUC", final.get("auc")],

@@ -21,6 +21,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flower_ext.mods.attack import AttackMod, node_index
 from flower_ext.mods.dp import UpdateDPMod
 from flower_ext.mods.he import he_mod
+from flower_ext.mods.receipt import receipt_mod
 from flower_ext.mods.topk import topk_mod
 from flower_ext.records import ArrayLayout, as_c_array
 
@@ -109,8 +110,17 @@ bank_attack_mod = AttackMod(colluder_updates=colluder_updates)
 #: encryption only ever see the noised update. The standardisation buffers are not trained.
 bank_update_dp_mod = UpdateDPMod(frozen_keys=("feature_mean", "feature_std"))
 
-#: Encryption (run config ``he``), outermost: decrypts what arrives first, encrypts what leaves.
+#: Receipts (node config ``receipt-dir``; in simulation always), outermost of all: the bank's
+#: signed record of exactly what arrived and what left (flower_ext.audit.receipts).
+#: Encryption (run config ``he``), next: decrypts what arrives first, encrypts what leaves.
 #: Top-k compression (run config ``topk-ratio`` > 0; the server's train config wins), between
 #: the attack (an attacker's update is compressed like any other) and encryption.
 #: Fault injection (run config ``fault-*``, tests only), innermost: it stands in for the handler.
-BANK_MODS: list[Mod] = [he_mod, topk_mod, bank_attack_mod, bank_update_dp_mod, bank_fault_mod]
+BANK_MODS: list[Mod] = [
+    receipt_mod,
+    he_mod,
+    topk_mod,
+    bank_attack_mod,
+    bank_update_dp_mod,
+    bank_fault_mod,
+]

@@ -37,7 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flower_ext.audit import AuditTrail, short_reason
+from flower_ext.audit import AuditTrail, record_exchange, server_signer, short_reason
 from flower_ext.data import DataError, load_all_banks
 from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
@@ -197,7 +197,10 @@ def federated_standardisation(
     required = len(nodes) if required is None else required
     messages = [
         Message(
-            content=RecordDict({"config": ConfigRecord({"query": "feature-moments"})}),
+            # The banks pin the server's audit key from this first message (receipts).
+            content=RecordDict(
+                {"config": ConfigRecord({"query": "feature-moments", **audit.published()})}
+            ),
             message_type=MessageType.QUERY,
             dst_node_id=node,
         )
@@ -437,14 +440,17 @@ def main(grid: Grid, context: Context) -> None:
     if settings.resume_from:
         run_dir = Path(settings.resume_from).expanduser().resolve()
         checkpoint = load_checkpoint(run_dir)
-        audit = AuditTrail(run_dir / "audit.jsonl")  # continues the chain
+        # Continues the chain; heads signed with $FLOWER_EXT_AUDIT_KEY or a fresh key.
+        audit = AuditTrail(run_dir / "audit.jsonl", signer=server_signer())
         metrics = MetricsFile.resume(run_dir, settings.raw, checkpoint.server_round)
         record_resume(audit, run_dir, checkpoint, context.run_id, settings)
+        audit.announce_key()
     else:
         run_dir = resolve_run_dir(settings.output_dir, settings.run_name, context.run_id)
-        audit = AuditTrail(run_dir / "audit.jsonl")
+        audit = AuditTrail(run_dir / "audit.jsonl", signer=server_signer())
         metrics = MetricsFile(run_dir, settings.raw)
         audit.record("run_start", run_id=context.run_id, config=settings.raw)
+        audit.announce_key()  # audit_key + audit-public-key.pem; the banks get it too
     log(INFO, "[bank-risk] writing metrics and audit trail to %s", run_dir)
     try:
         run_federation(grid, settings, audit, metrics, run_dir=run_dir, checkpoint=checkpoint)
@@ -455,7 +461,9 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "[bank-risk] FAILED: %s (outputs in %s)", short_reason(str(err)), run_dir)
         raise
     finally:
+        audit.sign_head(final=True)  # the report's banner verifies a fully signed trail
         write_report(run_dir)
+        audit.seal_file(run_dir / "report.html")  # its hash, signed: verify checks the file
     log(INFO, "[bank-risk] metrics: %s", Path(metrics.path))
     log(INFO, "[bank-risk] audit trail: %s", run_dir / "audit.jsonl")
     log(INFO, "[bank-risk] FINISHED: %d rounds; outputs in %s", settings.num_rounds, run_dir)
@@ -525,30 +533,30 @@ def run_rounds(
     ``evaluate_fn`` hook: here the round recorder, which also checkpoints).
     Every run uses it, fresh or resumed, so both behave the same.
     """
-    config = {"num-server-rounds": num_rounds}
+    audit = recorder.audit
     strategy.summary()
     if first_round == 1:
         recorder(0, arrays)  # the setup figures (standardisation query bytes, seconds)
     for current_round in range(first_round, num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(
-                current_round, arrays, ConfigRecord(dict(config)), grid
-            ),
-            timeout=timeout,
+        audit.sign_head(before_round=current_round)  # the banks get it in their config
+        config = {"num-server-rounds": num_rounds, **audit.published()}
+        messages = list(
+            strategy.configure_train(current_round, arrays, ConfigRecord(dict(config)), grid)
         )
+        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        record_exchange(audit, current_round, "train", messages, replies)  # receipts match it
         new_arrays, train_metrics = strategy.aggregate_train(current_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         if train_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(
-                current_round, arrays, ConfigRecord(dict(config)), grid
-            ),
-            timeout=timeout,
+        messages = list(
+            strategy.configure_evaluate(current_round, arrays, ConfigRecord(dict(config)), grid)
         )
+        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        record_exchange(audit, current_round, "evaluate", messages, replies)
         eval_metrics = strategy.aggregate_evaluate(current_round, replies)
         if eval_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
@@ -647,7 +655,14 @@ def run_federation(
         banks_where_federation_beats_local=len(beats),
         total_seconds=time.perf_counter() - started,
     )
-    audit.record("run_end", rounds=num_rounds, final=final_eval, model_sha256=final_sha)
+    audit.record(  # everything the report's first screen shows, so verify can check it
+        "run_end",
+        rounds=num_rounds,
+        final=final_eval,
+        model_sha256=final_sha,
+        per_bank=per_bank,
+        centralized_auc=centralized,
+    )
     fauc = final_eval.get("auc")
     log(
         INFO,

@@ -5,9 +5,14 @@ its fields, plus ``prev`` (the chain value of the previous line) and ``chain``
 (SHA-256 of ``prev`` and this line's canonical JSON). Editing, dropping or
 reordering any line breaks the chain from that line on, which
 :func:`verify_audit_trail` reports with the first bad line number. The chain
-detects accidental or careless tampering; it is not a signature (whoever can
-rewrite the whole file can recompute it), so ship ``audit.jsonl`` to a
-write-once store where the threat model demands it.
+alone detects accidental or careless tampering only: whoever can rewrite the
+whole file can recompute it. An :class:`AuditTrail` given a ``signer``
+(:mod:`flower_ext.audit.signing`) therefore also writes ``audit_key`` (the
+server's Ed25519 public key, which the banks receive in their configs) and,
+at every round and at the end, ``head_signed``: a signature of the chain value
+of the line before it, which commits to every line up to there. The banks'
+receipts (:mod:`flower_ext.audit.receipts`) hold those signed heads too;
+:mod:`flower_ext.audit.verify` checks all of it.
 
 Text written into the trail is sanitised in one place, :meth:`AuditTrail.record`,
 so every writer benefits: terminal escape sequences (ANSI colours) and control
@@ -30,7 +35,10 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .signing import Signer
 
 GENESIS = "0" * 64
 
@@ -177,21 +185,21 @@ class AuditTrail:
         strategy used without an audit file); :attr:`events` holds them either way.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, signer: Signer | None = None) -> None:
         self.path = Path(path) if path is not None else None
+        self.signer = signer
         self.events: list[dict[str, Any]] = []
         self._prev = GENESIS
         self._seq = 0
+        self._last_signed: dict[str, Any] | None = None
         self._lock = threading.Lock()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and self.path.stat().st_size > 0:
                 # Continue an existing chain (e.g. a resumed run).
-                for line in self.path.read_text().splitlines():
-                    if line.strip():
-                        event = json.loads(line)
-                        self._prev = event["chain"]
-                        self._seq = event["seq"] + 1
+                for _, event in read_trail(self.path):
+                    self._prev = event["chain"]
+                    self._seq = event["seq"] + 1
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one event and return it (with its chain values).
@@ -220,6 +228,84 @@ class AuditTrail:
             self._keep_details(body, _shortened(fields, body))
             return body
 
+    # ------------------------------------------------------------------ signing
+    def announce_key(self, public_key_file: str | Path | None = None) -> dict[str, Any] | None:
+        """Record ``audit_key`` (the signer's public key) and write it as a PEM file.
+
+        Call it right after ``run_start`` / ``run_resumed``. The file defaults to
+        ``audit-public-key.pem`` beside the trail; it is a convenience, not the
+        anchor: the banks receive the key in their configs and keep it in their
+        receipts. A no-op without a signer.
+        """
+        if self.signer is None:
+            return None
+        from .signing import PUBLIC_KEY_FILE, write_public_key
+
+        if public_key_file is None and self.path is not None:
+            public_key_file = self.path.with_name(PUBLIC_KEY_FILE)
+        if public_key_file is not None:
+            write_public_key(public_key_file, self.signer.public_hex)
+        return self.record(
+            "audit_key",
+            algorithm="ed25519",
+            public_key=self.signer.public_hex,
+            fingerprint=self.signer.fingerprint,
+        )
+
+    def sign_head(self, **fields: Any) -> dict[str, Any] | None:
+        """Sign the current chain head (``head_signed``); ``None`` without a signer.
+
+        The signature covers :func:`~flower_ext.audit.signing.head_message` of the
+        last line's ``seq`` and ``chain``, so it vouches for every line up to it.
+        """
+        if self.signer is None:
+            return None
+        from .signing import head_message
+
+        with self._lock:
+            seq, head = self._seq - 1, self._prev
+        if seq < 0:
+            return None
+        signature = self.signer.sign(head_message(seq, head))
+        event = self.record(
+            "head_signed",
+            **fields,
+            signed_seq=seq,
+            head=head,
+            key=self.signer.fingerprint,
+            signature=signature,
+        )
+        self._last_signed = {"seq": seq, "head": head, "signature": signature}
+        return event
+
+    def seal_file(self, path: str | Path, event: str = "report_written") -> dict[str, Any] | None:
+        """Record the SHA-256 of a file the run wrote (``report.html``), then sign the head.
+
+        ``verify`` then accepts exactly that file. A no-op without a signer or file.
+        """
+        path = Path(path)
+        if self.signer is None or not path.is_file():
+            return None
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.record(event, file=path.name, sha256=digest)
+        return self.sign_head(final=True)
+
+    def published(self) -> dict[str, str | int]:
+        """What the banks receive in their configs: the key and the last signed head.
+
+        Keys ``audit-public-key``, ``audit-head-seq``, ``audit-head`` and
+        ``audit-head-signature`` (see :mod:`flower_ext.audit.receipts`); empty
+        without a signer.
+        """
+        if self.signer is None:
+            return {}
+        out: dict[str, str | int] = {"audit-public-key": self.signer.public_hex}
+        if self._last_signed is not None:
+            out["audit-head-seq"] = int(self._last_signed["seq"])
+            out["audit-head"] = str(self._last_signed["head"])
+            out["audit-head-signature"] = str(self._last_signed["signature"])
+        return out
+
     @property
     def details_path(self) -> Path | None:
         """``audit-details.log`` beside the trail: full texts of shortened reasons."""
@@ -238,41 +324,89 @@ class AuditTrail:
 
 @dataclass
 class AuditProblem:
+    """What is wrong and where: a trail ``line`` (1-based), or another place ``where``."""
+
     line: int
     message: str
+    where: str = ""
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.message}"
+        return f"{self.where or f'line {self.line}'}: {self.message}"
+
+
+class TrailError(ValueError):
+    """A line of a JSON-lines file that is not a JSON object (or not UTF-8)."""
+
+    def __init__(self, problem: AuditProblem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def parse_lines(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of JSON-lines ``data``.
+
+    Raises :class:`TrailError` naming the first line that is not UTF-8, not JSON
+    or not a JSON object, so a damaged file gives "line N: ...", never a traceback.
+    Blank lines, ``\\r\\n`` line ends and whitespace inside a line are formatting.
+    """
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TrailError(AuditProblem(number, f"not UTF-8 text ({err.reason})")) from None
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrailError(AuditProblem(number, f"not valid JSON ({err.msg})")) from None
+        except RecursionError:
+            raise TrailError(AuditProblem(number, "not valid JSON (nested too deep)")) from None
+        if not isinstance(event, dict):
+            raise TrailError(
+                AuditProblem(number, f"not a JSON object (a JSON {type(event).__name__})")
+            )
+        yield number, event
+
+
+def read_trail(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """Every event of ``path`` with its line number (:class:`TrailError` if damaged)."""
+    return list(parse_lines(Path(path).read_bytes()))
 
 
 def iter_audit(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with Path(path).open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if line.strip():
-                yield number, json.loads(line)
+    yield from read_trail(path)
+
+
+def check_chain(events: list[tuple[int, dict[str, Any]]]) -> AuditProblem | None:
+    """The first line whose ``seq``, ``prev`` or ``chain`` is wrong, or ``None``."""
+    prev = GENESIS
+    for expected_seq, (number, event) in enumerate(events):
+        if event.get("seq") != expected_seq:
+            return AuditProblem(
+                number, f"sequence number {event.get('seq')!r}, expected {expected_seq}"
+            )
+        if event.get("prev") != prev:
+            return AuditProblem(number, "does not follow the previous line (prev mismatch)")
+        body = {k: v for k, v in event.items() if k != "chain"}
+        try:
+            value = chain_value(prev, body)
+        except ValueError:  # NaN/Infinity, which the writer never emits
+            return AuditProblem(number, "holds a number the trail never writes (NaN/Infinity)")
+        if value != event.get("chain"):
+            return AuditProblem(number, "content was altered (chain hash mismatch)")
+        prev = str(event["chain"])
+    return None
 
 
 def verify_audit_trail(path: str | Path) -> AuditProblem | None:
-    """Check the chain of ``path``; return the first problem, or ``None`` if intact."""
-    prev = GENESIS
-    expected_seq = 0
-    with Path(path).open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError as err:
-                return AuditProblem(number, f"not valid JSON ({err.msg})")
-            if event.get("seq") != expected_seq:
-                return AuditProblem(
-                    number, f"sequence number {event.get('seq')}, expected {expected_seq}"
-                )
-            if event.get("prev") != prev:
-                return AuditProblem(number, "does not follow the previous line (prev mismatch)")
-            body = {k: v for k, v in event.items() if k != "chain"}
-            if chain_value(prev, body) != event.get("chain"):
-                return AuditProblem(number, "content was altered (chain hash mismatch)")
-            prev = event["chain"]
-            expected_seq += 1
-    return None
+    """Check the chain of ``path``; return the first problem, or ``None`` if intact.
+
+    This is the chain alone; :func:`flower_ext.audit.verify.verify_run` checks a
+    whole run (signatures, completeness, the files people read, bank receipts).
+    """
+    try:
+        events = read_trail(path)
+    except TrailError as err:
+        return err.problem
+    return check_chain(events)
