@@ -7,6 +7,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,15 @@ def test_timeout_stops_the_run_it_started(capsys, tmp_path, monkeypatch):
     wrapper = runwrap.Wrapper(["app"], strict=False, timeout=3.0)
     assert not wrapper.local  # a user-managed connection: no local SuperLink check
     wrapper.flwr = [sys.executable, "-c", FAKE_FLWR]
+
+    class Clock:  # the deadline passes once the run id is seen: no race with a slow start
+        @staticmethod
+        def monotonic() -> float:
+            return 1e9 if wrapper.run_id else 0.0
+
+        sleep = staticmethod(time.sleep)
+
+    monkeypatch.setattr(runwrap, "time", Clock)
     stops: list[str | None] = []
     monkeypatch.setattr(wrapper, "stop", lambda: stops.append(wrapper.run_id) or True)
     assert wrapper.execute() == runwrap.EXIT_TIMEOUT
