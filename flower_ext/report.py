@@ -5,6 +5,11 @@ and one self-contained ``report.html`` (images embedded as data URIs, no
 network needed to open it). A chart appears only when its feature produced data:
 no epsilon chart without DP, no rejection timeline when nobody was rejected.
 A run that stopped early is reported up to its last round, with a banner saying so.
+
+The first screen is what a risk committee reads in a minute: the verdict per bank
+(federated vs local-only AUC with the paired 95% interval the bank computed, in words),
+the pooled model against the centralized ceiling, epsilon and delta when DP is on, and
+what the audit verified. Charts, the per-round tables and the configuration follow.
 """
 
 from __future__ import annotations
@@ -69,42 +74,94 @@ def chart_auc_ks(metrics: dict[str, Any]) -> Figure | None:
     ax.plot(xs, [p[1] for p in points], marker="o", label="pooled AUC")
     ax.plot(xs, [p[2] for p in points], marker="s", label="pooled KS")
     if metrics.get("centralized_auc") is not None:
-        ax.axhline(metrics["centralized_auc"], color="grey", ls="--", label="centralized AUC")
+        ax.axhline(
+            metrics["centralized_auc"], color="grey", ls="--", label="centralized ceiling AUC"
+        )
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("metric")
+    ax.set_ylabel("AUC, KS (pooled test rows)")
     ax.set_title("Federated evaluation per round")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    # below the axes: inside it hid the KS curve's last rounds
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def chart_per_bank(metrics: dict[str, Any]) -> Figure | None:
+    """Per bank: federated AUC with its 95% interval, local-only AUC, the ceiling model's
+    AUC on the same bank's rows; the y axis is zoomed to the data (it does not start at 0)."""
     banks = metrics.get("per_bank") or {}
     if not banks:
         return None
     names = list(banks)
-    fed = [banks[b].get("federated_auc") for b in names]
-    loc = [banks[b].get("local_only_auc") for b in names]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.8))
-    xs = range(len(names))
-    width = 0.38
-    ax.bar([x - width / 2 for x in xs], [v or 0 for v in loc], width, label="local-only AUC")
-    ax.bar([x + width / 2 for x in xs], [v or 0 for v in fed], width, label="federated AUC")
-    for x, (f, lo) in enumerate(zip(fed, loc, strict=True)):
-        if f is None:
-            ax.text(x, 0.02, "AUC\nundefined", ha="center", fontsize=7)
-        elif lo is None:
-            ax.text(x - width / 2, 0.02, "n/a", ha="center", fontsize=7)
-    if metrics.get("centralized_auc") is not None:
-        ax.axhline(metrics["centralized_auc"], color="grey", ls="--", label="centralized ceiling")
-    ax.set_xticks(list(xs))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.4 * len(names)), 4.0))
+    values: list[float] = []
+    for x, name in enumerate(names):
+        row = banks[name]
+        fed, loc, ceil = row.get("federated_auc"), row.get("local_only_auc"), row.get("ceiling_auc")
+        ci = row.get("federated_auc_ci")
+        if fed is not None:
+            err = [[fed - ci[0]], [ci[1] - fed]] if ci else None
+            ax.errorbar(
+                x + 0.1, fed, yerr=err, fmt="o", color="C1", capsize=4,
+                label="federated AUC (95% CI)" if x == 0 else None,
+            )  # fmt: skip
+            values += [fed, *(ci or [])]
+        else:
+            ax.text(x, 0.5, "AUC\nundefined", ha="center", fontsize=7)
+        if loc is not None:
+            ax.plot(x - 0.1, loc, "s", color="C0", label="local-only AUC" if x == 0 else None)
+            values.append(loc)
+        if ceil is not None:
+            ax.plot(x, ceil, "_", color="grey", ms=22, mew=2,
+                    label="ceiling model on this bank" if x == 0 else None)  # fmt: skip
+            values.append(ceil)
+        verdict = row.get("verdict")
+        if verdict:
+            ax.annotate(
+                verdict.replace("no significant difference", "n.s."),
+                (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                textcoords="offset points", ha="center", fontsize=8,
+            )  # fmt: skip
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(0.02, 0.1 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - 2 * pad), min(1.0, hi + pad))
+    ax.set_xticks(list(range(len(names))))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("AUC on the bank's own test split")
-    ax.set_title("Is federation worth it? Local-only vs federated, per bank")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylabel("AUC on the bank's own test rows")
+    ax.set_title("Is federation worth it? Federated vs local-only, per bank")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def chart_reliability(metrics: dict[str, Any]) -> Figure | None:
+    """Reliability chart: per bank, mean predicted default probability vs observed default
+    rate in equal-count bins (on the diagonal = calibrated)."""
+    banks = {
+        b: r.get("reliability") or {}
+        for b, r in (metrics.get("per_bank") or {}).items()
+        if (r.get("reliability") or {}).get("predicted")
+    }
+    if not banks:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    top = 0.0
+    for name, rel in banks.items():
+        ax.plot(rel["predicted"], rel["observed"], marker=".", label=name)
+        top = max(top, *rel["predicted"], *rel["observed"])
+    top = min(1.0, top * 1.05 + 0.01)
+    ax.plot([0, top], [0, top], color="grey", ls="--", label="perfectly calibrated")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("predicted default probability (bin mean)")
+    ax.set_ylabel("observed default rate")
+    ax.set_title("Calibration per bank (10 equal-count bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -115,13 +172,15 @@ def chart_bytes(metrics: dict[str, Any]) -> Figure | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.4))
     xs = [r["round"] for r in rounds]
+    peak = max(max(r.get("bytes_up", 0), r.get("bytes_down", 0)) for r in rounds)
+    scale, unit = next(((f, u) for f, u in _UNITS if peak >= f), (1, "B"))
     ax.plot(
-        xs, [r.get("bytes_up", 0) / 1e3 for r in rounds], marker="o", label="up (banks to server)"
+        xs, [r.get("bytes_up", 0) / scale for r in rounds], marker="o", label="up (banks to server)"
     )
-    ax.plot(xs, [r.get("bytes_down", 0) / 1e3 for r in rounds], marker="s", label="down")
+    ax.plot(xs, [r.get("bytes_down", 0) / scale for r in rounds], marker="s", label="down")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("kB (serialized messages)")
+    ax.set_ylabel(f"{unit} (serialized messages)")
     ax.set_title("Bytes on the wire per round")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -208,19 +267,214 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``1.23 MB`` (decimal units, as network figures are quoted)."""
+    for factor, unit in _UNITS:
+        if abs(n) >= factor:
+            return f"{n / factor:.3g} {unit}" if n / factor < 100 else f"{n / factor:.0f} {unit}"
+    return f"{int(n)} B"
+
+
 def _fmt(value: Any) -> str:
+    """A cell: blank for missing, 4 decimals, small numbers (delta 1e-5) not rounded to 0."""
     if value is None:
-        return "null"
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.3g}"
         return f"{value:.4f}"
     return str(value)
 
 
-CSS = """body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
+VERDICT_CLASS = {"gains": "gain", "loses": "lose", "no significant difference": "ns"}
+
+
+def _ci(pair: Any, signed: bool = False) -> str:
+    if not pair:
+        return ""
+    spec = "+.3f" if signed else ".3f"
+    return f"[{format(pair[0], spec)}, {format(pair[1], spec)}]"
+
+
+def dp_summary(metrics: dict[str, Any]) -> str:
+    """Epsilon and delta in words, or "" when DP is off."""
+    config = metrics.get("config") or {}
+    if str(config.get("dp", "off")) in ("off", "", "none"):
+        return ""
+    eps = [float(p[-1][1]) for p in privacy_series(metrics).values() if p]
+    deltas = [
+        r.get("delta") for r in (metrics.get("per_bank") or {}).values() if r.get("delta")
+    ] or [config.get("dp-delta")]
+    budget = config.get("dp-epsilon-budget") or config.get("dp-target-epsilon")
+    unit = "one customer row" if config.get("dp") == "dp-sgd" else "one bank's contribution"
+    text = (
+        f"Differential privacy ({html.escape(str(config.get('dp')))}, protects {unit}): "
+        f"epsilon spent up to <b>{max(eps):.3g}</b> per bank" if eps else
+        f"Differential privacy ({html.escape(str(config.get('dp')))}): no epsilon recorded"
+    )  # fmt: skip
+    text += f", delta {_fmt(float(deltas[0]))}" if deltas[0] is not None else ""
+    if budget:
+        text += f", budget {float(budget):.3g}"
+    return text + "."
+
+
+def verdict_section(metrics: dict[str, Any]) -> str:
+    """The first screen: the answer per bank, the ceiling, DP; no charts."""
+    banks = metrics.get("per_bank") or {}
+    final = metrics.get("final") or {}
+    ceiling = metrics.get("ceiling") or {}
+    parts = ["<h2>Verdict: is federation worth it for each bank?</h2>"]
+    lead = []
+    verdicts = [r.get("verdict") for r in banks.values()]
+    if banks and any(verdicts):
+        counts = {v: verdicts.count(v) for v in VERDICT_CLASS}
+        lead.append(
+            f"Federation <b>gains</b> at {counts['gains']}, shows <b>no significant "
+            f"difference</b> at {counts['no significant difference']} and <b>loses</b> at "
+            f"{counts['loses']} of {len(banks)} banks (federated vs local-only AUC, paired "
+            "95% DeLong interval computed by each bank on its own test rows)."
+        )
+    elif banks:
+        note = next((r.get("verdict_note") for r in banks.values() if r.get("verdict_note")), "")
+        lead.append(f"No per-bank verdict: {html.escape(str(note or 'not computed'))}.")
+    auc = final.get("auc")
+    if auc is not None:
+        text = (
+            f"Pooled federated AUC <b>{auc:.4f}</b> (Gini {2 * auc - 1:.3f}, KS "
+            f"{_fmt(final.get('ks'))}) on all banks' test rows"
+        )
+        c_auc = metrics.get("centralized_auc")
+        if c_auc:
+            cmp = ceiling.get("federated_vs_ceiling") or {}
+            text += (
+                f"; centralized ceiling {c_auc:.4f} (pooled data, trained to convergence with "
+                f"early stopping, best epoch {ceiling.get('best_epoch', '?')}): ratio "
+                f"{auc / c_auc:.3f}"
+                + (
+                    f", difference {cmp['diff']:+.4f} {_ci([cmp['low'], cmp['high']], True)}, "
+                    f"{cmp['verdict']}"
+                    if cmp
+                    else ""
+                )
+            )
+        elif metrics.get("centralized_null_reason"):
+            text += f"; no ceiling: {html.escape(str(metrics['centralized_null_reason']))}"
+        lead.append(text + ".")
+        if c_auc and auc > c_auc and ceiling.get("explanation"):
+            lead.append(html.escape(ceiling["explanation"]))
+    health = metrics.get("model_health") or {}
+    if health:
+        lead.append(
+            "<b>Model health:</b> "
+            + "; ".join(f"{html.escape(b)}: {html.escape(str(h))}" for b, h in health.items())
+        )
+    dp = dp_summary(metrics)
+    if dp:
+        lead.append(dp)
+    parts += [f"<p>{line}</p>" for line in lead]
+    if banks:
+        head = [
+            "bank", "test rows", "default rate (obs / pred)", "federated AUC [95% CI]",
+            "local-only AUC", "gain [95% CI]", "verdict", "Gini", "KS", "Brier",
+        ]  # fmt: skip
+        rows = []
+        for name, r in banks.items():
+            fed = r.get("federated_auc")
+            verdict = r.get("verdict") or r.get("verdict_note") or ""
+            gain = r.get("federation_gain")
+            cells = [
+                html.escape(name),
+                _fmt(r.get("num_test_examples")),
+                f"{_pct(r.get('test_default_rate'))} / {_pct(r.get('predicted_default_rate'))}",
+                f"{_fmt(fed)} {_ci(r.get('federated_auc_ci'))}" if fed is not None
+                else html.escape(str(r.get("health") or r.get("auc_null_reason") or "")),
+                _fmt(r.get("local_only_auc")),
+                f"{gain:+.4f} {_ci(r.get('gain_ci'), True)}" if gain is not None else "",
+                f'<span class="v {VERDICT_CLASS.get(str(verdict), "na")}">'
+                f"{html.escape(str(verdict))}</span>",
+                _fmt(r.get("federated_gini")),
+                _fmt(r.get("federated_ks")),
+                _fmt(r.get("brier")),
+            ]  # fmt: skip
+            if r.get("health"):
+                cells[0] += f' <span class="v lose">{html.escape(str(r["health"]))}</span>'
+            rows.append(cells)
+        parts.append(_raw_table(rows, head, klass="verdict"))
+    return '<section id="verdict">' + "".join(parts) + "</section>"
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
+
+
+def _raw_table(rows: Sequence[Sequence[str]], header: Sequence[str], klass: str = "") -> str:
+    """A table of cells that are already HTML (escaped by the caller)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{klass}"><tr>{head}</tr>{body}</table>'
+
+
+#: Run-config keys that only matter when their feature is on: folded away otherwise.
+_FEATURE_KEYS = {
+    "csv-": lambda c: c.get("dataset") == "csv",
+    "attack-": lambda c: c.get("attack", "none") != "none",
+    "malicious-": lambda c: c.get("attack", "none") != "none",
+    "dp-": lambda c: c.get("dp", "off") != "off",
+    "he-": lambda c: bool(c.get("he")),
+    "topk-": lambda c: float(c.get("topk-ratio") or 0) > 0,
+    "fault-": lambda c: c.get("fault-kind", "none") != "none",
+}
+
+
+def config_section(metrics: dict[str, Any]) -> str:
+    """Overrides first (when the run recorded its defaults), then the keys that apply;
+    keys of features that are off are folded into a closed list."""
+    config = metrics.get("config") or {}
+    defaults = metrics.get("config_defaults") or {}
+
+    def applies(key: str) -> bool:
+        return all(ok(config) for prefix, ok in _FEATURE_KEYS.items() if key.startswith(prefix))
+
+    changed = sorted(k for k in config if k in defaults and config[k] != defaults[k])
+    shown = [k for k in sorted(config) if applies(k) and k not in changed]
+    folded = [k for k in sorted(config) if not applies(k) and k not in changed]
+    out = "<h2>Run configuration</h2>"
+    if changed:
+        out += "<p>Changed from the app's defaults:</p>" + _raw_table(
+            [
+                [
+                    f"<b>{html.escape(k)}</b>",
+                    html.escape(_fmt(config[k])),
+                    html.escape(_fmt(defaults[k])),
+                ]
+                for k in changed
+            ],
+            ["key", "value", "default"],
+            klass="changed",
+        )
+    out += _table([[k, config[k]] for k in shown], ["key", "value"])
+    if folded:
+        out += (
+            f"<details><summary>{len(folded)} keys of features that are off</summary>"
+            + _table([[k, config[k]] for k in folded], ["key", "value"])
+            + "</details>"
+        )
+    return out
+
+
+CSS = """body{font-family:sans-serif;max-width:1180px;margin:1.5em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;
 padding:3px 8px;text-align:left}img{max-width:100%;display:block;margin:1em 0}
 .banner{background:#fde2e1;border:1px solid #d33;padding:0.8em}.ok{background:#e3f4e1;
-border:1px solid #393;padding:0.8em}code{font-size:0.85em}"""
+border:1px solid #393;padding:0.8em}code{font-size:0.85em}
+#verdict p{margin:0.4em 0}table.verdict{font-size:0.82em}table.verdict td{white-space:nowrap}.v{padding:1px 6px;
+border-radius:3px;font-weight:bold}.v.gain{background:#d4f1d0}.v.lose{background:#f8d3d0}
+.v.ns{background:#eee}.v.na{font-weight:normal;color:#666}table.changed b{color:#8a4b00}"""
 
 
 def build_report(run_dir: str | Path) -> Report:
@@ -232,6 +486,7 @@ def build_report(run_dir: str | Path) -> Report:
     figures = {
         "auc_ks": ("Pooled AUC and KS per round", chart_auc_ks(metrics)),
         "per_bank": ("Federated vs local-only AUC per bank", chart_per_bank(metrics)),
+        "reliability": ("Calibration per bank (reliability)", chart_reliability(metrics)),
         "bytes": ("Bytes up and down per round", chart_bytes(metrics)),
         "epsilon": ("Epsilon per bank per round", chart_epsilon(metrics)),
         "rejections": ("Rejected or failed clients", chart_rejections(rows)),
@@ -250,18 +505,34 @@ def build_report(run_dir: str | Path) -> Report:
             + (f" Error: <code>{html.escape(error)}</code>" if error else "")
             + " Everything below covers the rounds that completed.</p>"
         )
+    sections.append(verdict_section(metrics))
+    sections.append("<!-- slot: what the audit verified (issue 15) -->")
     # What was verified, item by item; a warning instead of green when anything was not.
     # The report itself is not checked here: it is being written (verify checks it later).
     sections.append(audit_banner_html(verify_run(run, check_report=False)))
     final = metrics.get("final") or {}
+    ceiling = metrics.get("ceiling") or {}
     summary_rows = [
         ["final pooled AUC", final.get("auc")],
+        ["final pooled Gini (2 AUC - 1)", final.get("gini")],
         ["final pooled KS", final.get("ks")],
-        ["centralized AUC (ceiling)", metrics.get("centralized_auc")],
+        ["pooled Brier score", final.get("brier")],
+        [
+            "pooled default rate (observed / predicted)",
+            f"{_pct(final.get('default-rate'))} / {_pct(final.get('predicted-rate'))}",
+        ],
+        [
+            "centralized ceiling AUC",
+            metrics.get("centralized_auc")
+            if metrics.get("centralized_auc") is not None
+            else metrics.get("centralized_null_reason"),
+        ],
+        ["ceiling: how it was trained", ceiling.get("label")],
         ["rounds completed", f"{len(rounds)} of {planned}"],
-        ["total bytes up", sum(r.get("bytes_up", 0) for r in rounds)],
-        ["total bytes down", sum(r.get("bytes_down", 0) for r in rounds)],
+        ["total bytes up", human_bytes(sum(r.get("bytes_up", 0) for r in rounds))],
+        ["total bytes down", human_bytes(sum(r.get("bytes_down", 0) for r in rounds))],
     ]
+    summary_rows = [r for r in summary_rows if r[1] not in (None, "", "- / -")]
     sections.append("<h2>Summary</h2>" + _table(summary_rows, ["", "value"]))
     for name, (title, fig) in figures.items():
         if fig is None:
@@ -273,10 +544,18 @@ def build_report(run_dir: str | Path) -> Report:
         sections.append(f"<h2>{html.escape(title)}</h2>{_img_tag(path, title)}")
         if name == "per_bank":
             bank_rows = [
-                [b, v.get("federated_auc"), v.get("local_only_auc"), v.get("auc_null_reason")]
+                [
+                    b,
+                    v.get("federated_auc"),
+                    v.get("local_only_auc"),
+                    v.get("ceiling_auc"),
+                    v.get("gain_p_value"),
+                    v.get("health") or v.get("auc_null_reason") or v.get("verdict_note"),
+                ]
                 for b, v in (metrics.get("per_bank") or {}).items()
             ]
-            sections.append(_table(bank_rows, ["bank", "federated AUC", "local-only AUC", "note"]))
+            head = ["bank", "federated AUC", "local-only AUC", "ceiling model AUC", "p-value"]
+            sections.append(_table(bank_rows, [*head, "note"]))
         if name == "rejections":
             sections.append(
                 _table(
@@ -289,8 +568,7 @@ def build_report(run_dir: str | Path) -> Report:
         sections.append(
             "<h2>Global model per round (SHA-256)</h2>" + _table(hashes, ["round", "sha256"])
         )
-    config = metrics.get("config") or {}
-    sections.append("<h2>Run configuration</h2>" + _table(sorted(config.items()), ["key", "value"]))
+    sections.append(config_section(metrics))
     title = f"flower-ext run report: {run.name}"
     report.html_path.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

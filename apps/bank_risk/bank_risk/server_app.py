@@ -59,6 +59,13 @@ from .encryption import prepare_keys
 from .settings import BankAppSettings, SettingsError
 from .strategy_factory import build_strategy, check_run_config
 from .strategy_wrappers import wrap_strategy
+from .verdicts import (
+    app_config_defaults,
+    per_bank_row,
+    train_ceiling,
+    verdict_counts,
+    verdict_lines,
+)
 
 app = ServerApp()
 
@@ -78,10 +85,12 @@ def is_simulation(grid: Grid) -> bool:
 def app_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """A strategy's evaluate metrics in the app's terms: ``auc``/``ks`` are the pooled
     figures (the banks send score histograms, the strategy pools them)."""
-    out = dict(metrics)
+    out = {k: v for k, v in metrics.items() if not str(k).startswith("hist-")}  # sketches
     for pooled, key in (("pooled-auc", "auc"), ("pooled-ks", "ks")):
         if pooled in out:
             out[key] = out.pop(pooled)
+    if out.get("auc") is not None:
+        out["gini"] = 2 * out["auc"] - 1
     return out
 
 
@@ -265,8 +274,16 @@ def federated_standardisation(
     return Standardisation(mean, std, names, labels)
 
 
-def centralized_ceiling(settings: BankAppSettings, epochs: int) -> tuple[float | None, str]:
-    """AUC of one model trained on all banks' pooled training rows (simulation only)."""
+def centralized_ceiling(
+    settings: BankAppSettings, final_arrays: ArrayRecord | None = None
+) -> dict[str, Any]:
+    """The ceiling: one model on all banks' pooled rows, trained to convergence with early
+    stopping on a validation split (simulation only; ``bank_risk.verdicts``)."""
+    return train_ceiling(settings, final_arrays)
+
+
+def same_budget_centralized(settings: BankAppSettings, epochs: int) -> tuple[float | None, str]:
+    """AUC of one model on the pooled rows with the federation's SGD budget (not a ceiling)."""
     try:
         banks = load_all_banks(settings.data)
     except (DataError, OSError) as err:
@@ -404,26 +421,16 @@ class RoundRecorder:
         return None
 
 
-def per_bank_table(strategy: UpdateAggregationStrategy, final_round: int) -> dict[str, Any]:
+def per_bank_table(
+    strategy: UpdateAggregationStrategy, final_round: int, settings: BankAppSettings
+) -> dict[str, Any]:
+    """Per bank: federated vs local-only AUC with the paired interval and verdict the bank
+    computed on its own test rows, Gini, KS, calibration and model health."""
     clients = strategy.evaluation_reports.get(final_round, {}).get("clients", {})
     table: dict[str, Any] = {}
     for node_id, c in sorted(clients.items(), key=lambda kv: str(kv[1].get("label"))):
         name = str(c.get("label") or node_id)
-        reason = c.get("auc-undefined-reason", "")
-        table[name] = {
-            "node_id": node_id,
-            "federated_auc": c.get("auc"),
-            "federated_ks": c.get("ks"),
-            "local_only_auc": c.get("local-only-auc"),
-            "local_only_ks": c.get("local-only-ks"),
-            "num_test_examples": c.get("num-examples"),
-            "test_default_rate": c.get("default-rate"),
-            "auc_null_reason": reason or None,
-        }
-        fed, loc = c.get("auc"), c.get("local-only-auc")
-        table[name]["federation_gain"] = (
-            (fed - loc) if fed is not None and loc is not None else None
-        )
+        table[name] = {"node_id": node_id, **per_bank_row(c, settings)}
     return table
 
 
@@ -627,20 +634,34 @@ def run_federation(
         recorder.restore(checkpoint)
         first_round = checkpoint.server_round + 1
     num_rounds = settings.num_rounds
+    if settings.local_only_baseline and settings.privacy() is None:
+        log(
+            INFO,
+            "[bank-risk] after round %d each bank also trains its local-only baseline "
+            "(%d epochs); then the server trains the centralized ceiling",
+            num_rounds,
+            num_rounds * settings.local_epochs,
+        )
     final_arrays = run_rounds(
         strategy, metered, initial, first_round, num_rounds, settings.round_timeout, recorder
     )
     final_eval = app_metrics(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
-    per_bank = per_bank_table(strategy, num_rounds)
+    per_bank = per_bank_table(strategy, num_rounds, settings)
     for bank, row in recorder.privacy_by_bank.items():  # DP runs: what each bank spent
         per_bank.setdefault(bank, {}).update(
             epsilon=row.get("epsilon"), delta=row.get("delta"), privacy_refused=row.get("refused")
         )
-    centralized, reason = (None, "disabled by centralized-baseline=false")
+    ceiling: dict[str, Any] = {"auc": None, "null_reason": "disabled by centralized-baseline=false"}
     if settings.centralized_baseline:
-        centralized, reason = centralized_ceiling(settings, num_rounds * settings.local_epochs)
+        ceiling = centralized_ceiling(settings, final_arrays)
+        for bank, auc in (ceiling.get("per_bank") or {}).items():
+            if bank in per_bank:
+                per_bank[bank]["ceiling_auc"] = auc
+    centralized, reason = ceiling.get("auc"), ceiling.get("null_reason") or ""
     final_sha = arrays_sha256(final_arrays)
     beats = [b for b, r in per_bank.items() if (r.get("federation_gain") or 0) > 0]
+    verdicts = verdict_counts(per_bank)
+    health = {b: r["health"] for b, r in per_bank.items() if r.get("health")}
     metrics.update(
         status="finished",
         final={**final_eval, "model_sha256": final_sha},
@@ -653,6 +674,10 @@ def run_federation(
             else None
         ),
         banks_where_federation_beats_local=len(beats),
+        ceiling=ceiling,
+        verdicts=verdicts,
+        model_health=health,
+        config_defaults=app_config_defaults(),
         total_seconds=time.perf_counter() - started,
     )
     audit.record(  # everything the report's first screen shows, so verify can check it
@@ -663,25 +688,8 @@ def run_federation(
         per_bank=per_bank,
         centralized_auc=centralized,
     )
-    fauc = final_eval.get("auc")
-    log(
-        INFO,
-        "[bank-risk] final AUC %s (centralized ceiling %s); "
-        "federation beats local-only at %d/%d banks",
-        f"{fauc:.4f}" if fauc is not None else "n/a",
-        f"{centralized:.4f}" if centralized is not None else f"n/a: {reason}",
-        len(beats),
-        len(per_bank),
-    )
-    for name, row in per_bank.items():
-        log(
-            INFO,
-            "[bank-risk]   %-34s federated AUC %s  local-only AUC %s%s",
-            name,
-            _fmt(row["federated_auc"]),
-            _fmt(row["local_only_auc"]),
-            f"  ({row['auc_null_reason']})" if row["auc_null_reason"] else "",
-        )
+    for line in verdict_lines(final_eval, ceiling, per_bank, verdicts, settings):
+        log(INFO, "[bank-risk] %s", line)
 
 
 def _fmt(value: float | None) -> str:
