@@ -300,12 +300,14 @@ def read_table(spec: CsvSpec) -> pd.DataFrame:
 def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFrame]:
     """Split a checked table into banks with flwr-datasets partitioners."""
     # Imported here: `datasets` takes a second to import and only CSV runs need it.
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
         NaturalIdPartitioner,
     )
+
+    disable_progress_bars()  # a tqdm bar per bank in every run's log helps nobody
 
     if spec.split not in SPLITS:
         raise DataError(f"csv-split must be one of {SPLITS}, got '{spec.split}'")
