@@ -291,7 +291,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-VERDICT_CLASS = {"gains": "gain", "loses": "lose", "no significant difference": "ns"}
+#: Verdict words in table order (gains, no significant difference, loses) and their CSS class.
+VERDICT_CLASS = {"gains": "gain", "no significant difference": "ns", "loses": "lose"}
 
 
 def _ci(pair: Any, signed: bool = False) -> str:
@@ -472,9 +473,10 @@ table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px sol
 padding:3px 8px;text-align:left}img{max-width:100%;display:block;margin:1em 0}
 .banner{background:#fde2e1;border:1px solid #d33;padding:0.8em}.ok{background:#e3f4e1;
 border:1px solid #393;padding:0.8em}code{font-size:0.85em}
-#verdict p{margin:0.4em 0}table.verdict{font-size:0.82em}table.verdict td{white-space:nowrap}.v{padding:1px 6px;
-border-radius:3px;font-weight:bold}.v.gain{background:#d4f1d0}.v.lose{background:#f8d3d0}
-.v.ns{background:#eee}.v.na{font-weight:normal;color:#666}table.changed b{color:#8a4b00}"""
+#verdict p{margin:0.4em 0}table.verdict{font-size:0.82em}table.verdict td{white-space:nowrap}
+.v{padding:1px 6px;border-radius:3px;font-weight:bold}.v.gain{background:#d4f1d0}
+.v.lose{background:#f8d3d0}.v.ns{background:#eee}.v.na{font-weight:normal;color:#666}
+table.changed b{color:#8a4b00}"""
 
 
 def build_report(run_dir: str | Path) -> Report:
@@ -590,12 +592,35 @@ def _config_differences(runs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def verdict_cell(metrics: dict[str, Any]) -> str:
+    """``2 / 3 / 0`` (banks that gain / show no significant difference / lose), or why none."""
+    banks = metrics.get("per_bank") or {}
+    verdicts = [r.get("verdict") for r in banks.values()]
+    if not any(verdicts):
+        if str((metrics.get("config") or {}).get("dp", "off")) not in ("off", ""):
+            return "not available under DP"
+        return "-"
+    return " / ".join(str(verdicts.count(v)) for v in VERDICT_CLASS)
+
+
 def compare_runs(run_dirs: Sequence[str | Path], png_path: str | Path) -> str:
     """A markdown table across runs (differing config keys, final metrics) and a PNG."""
     runs = [load_metrics(d) for d in run_dirs]
     names = [Path(d).name for d in run_dirs]
     differing = _config_differences(runs)
-    header = ["run", *differing, "status", "final AUC", "final KS", "bytes up", "max epsilon"]
+    header = [
+        "run",
+        *differing,
+        "status",
+        "final AUC",
+        "final KS",
+        "ceiling AUC",
+        "fed / ceiling",
+        "banks gain / n.s. / lose",
+        "banks flagged",
+        "bytes up",
+        "max epsilon",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, m in zip(names, runs, strict=True):
         rounds = _rounds(m)
@@ -606,7 +631,11 @@ def compare_runs(run_dirs: Sequence[str | Path], png_path: str | Path) -> str:
             str(m.get("status")),
             _fmt((m.get("final") or {}).get("auc")),
             _fmt((m.get("final") or {}).get("ks")),
-            str(sum(r.get("bytes_up", 0) for r in rounds)),
+            _fmt(m.get("centralized_auc")) or "-",
+            _fmt(m.get("federated_vs_centralized")) or "-",
+            verdict_cell(m),
+            str(len(m.get("model_health") or {})),
+            human_bytes(sum(r.get("bytes_up", 0) for r in rounds)),
             _fmt(max(eps)) if eps else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
