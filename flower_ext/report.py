@@ -102,7 +102,7 @@ def chart_per_bank(metrics: dict[str, Any]) -> Figure | None:
         fed, loc, ceil = row.get("federated_auc"), row.get("local_only_auc"), row.get("ceiling_auc")
         ci = row.get("federated_auc_ci")
         if fed is not None:
-            err = [[fed - ci[0]], [ci[1] - fed]] if ci else None
+            err = [[max(0.0, fed - ci[0])], [max(0.0, ci[1] - fed)]] if ci else None
             ax.errorbar(
                 x + 0.1, fed, yerr=err, fmt="o", color="C1", capsize=4,
                 label="federated AUC (95% CI)" if x == 0 else None,
