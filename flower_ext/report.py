@@ -353,8 +353,8 @@ def verdict_section(metrics: dict[str, Any]) -> str:
         if c_auc:
             cmp = ceiling.get("federated_vs_ceiling") or {}
             text += (
-                f"; centralized ceiling {c_auc:.4f} (pooled data, trained to convergence with "
-                f"early stopping, best epoch {ceiling.get('best_epoch', '?')}): ratio "
+                f"; centralized ceiling {c_auc:.4f} (pooled data, trained to convergence: "
+                f"{ceiling.get('best_epoch', '?')} epochs chosen by early stopping): ratio "
                 f"{auc / c_auc:.3f}"
                 + (
                     f", difference {cmp['diff']:+.4f} {_ci([cmp['low'], cmp['high']], True)}, "
