@@ -314,3 +314,17 @@ def test_arrays_in_another_key_order_are_read_by_key(as_server) -> None:
     np.testing.assert_allclose(ours["a"].numpy(), theirs["a"].numpy())
     np.testing.assert_allclose(ours["b"].numpy(), theirs["b"].numpy())
     np.testing.assert_allclose(ours["a"].numpy(), [2.0, 2.0])
+
+
+def test_multikrum_default_selects_n_minus_f_and_says_it_differs(as_server) -> None:
+    """flower-ext's MultiKrum averages n - f replies by default (Flower's selects 1)."""
+    strategy = MultiKrum(num_malicious_nodes=1)
+    assert strategy.num_nodes_to_select is None
+    assert "Flower's MultiKrum defaults to m = 1" in strategy.rule_summary()
+    global_values = _models()["cnn_batchnorm"]
+    ours, metrics, _, _, _ = _play_round(strategy, FlowerFedAvg(), global_values, 1, same=False)
+    assert ours is not None
+    assert metrics["clients-selected"] == len(NODES) - 1
+    flower_like = MultiKrum(1.0, 1.0, 2, 2, 2, 1, 1)
+    ours, metrics, _, _, _ = _play_round(flower_like, FlowerFedAvg(), global_values, 1, same=False)
+    assert ours is not None and metrics["clients-selected"] == 1
