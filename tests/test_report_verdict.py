@@ -99,7 +99,7 @@ def test_first_screen_has_the_verdict_table_before_any_chart(tmp_path):
         assert words in first
     assert "Federation <b>gains</b> at 1" in first and "<b>loses</b> at 1 of 3" in first
     assert "[+0.030, +0.130]" in first  # the paired interval, signed
-    assert "centralized ceiling 0.7300" in first and "best epoch 12" in first
+    assert "centralized ceiling 0.7300" in first and "12 epochs chosen by early stopping" in first
     assert "slot: what the audit verified" in first
     assert first.index('id="verdict"') < first.index("slot: what the audit verified")
     assert "null" not in page  # no literal null in any cell
