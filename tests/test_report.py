@@ -22,9 +22,10 @@ def test_report_references_every_chart_that_applies(simulated_run, tmp_path):
     shutil.copytree(simulated_run, run)
     report = build_report(run)
     page = report.html_path.read_text()
-    assert set(report.charts) == {"auc_ks", "per_bank", "bytes"}  # no DP, nobody rejected
-    assert page.count("data:image/png;base64,") == 3
-    for title in ("Pooled AUC and KS", "Federated vs local-only", "Bytes up and down"):
+    # no DP, nobody rejected; the reliability chart from the banks' calibration summaries
+    assert set(report.charts) == {"auc_ks", "per_bank", "reliability", "bytes"}
+    assert page.count("data:image/png;base64,") == 4
+    for title in ("Pooled AUC and KS", "Federated vs local-only", "Calibration per bank"):
         assert title in page
     assert "Epsilon" not in page and "Rejected or failed" not in page
     assert "hash chain intact" in page and "did not finish" not in page
