@@ -108,6 +108,15 @@ def _fail(line: int, message: str, where: str = "") -> _Stop:
     return _Stop(AuditProblem(line, message, where))
 
 
+def _first_difference(mine: object, theirs: object, path: str = "") -> tuple[str, object, object]:
+    """Where two JSON values first differ: (dotted path, mine, theirs)."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for key in sorted(set(mine) | set(theirs), key=str):
+            if mine.get(key) != theirs.get(key):
+                return _first_difference(mine.get(key), theirs.get(key), f"{path}.{key}")
+    return path, mine, theirs
+
+
 def _short(value: object) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -393,6 +402,12 @@ class _Verifier:
                 if len(tail) > 1
                 else f"line {tail[0]} is not covered by any signature"
             )
+            if not signed:
+                raise _fail(
+                    tail[0],
+                    "the trail announces a signing key but carries no signature "
+                    "(signatures removed?)",
+                )
             if story.run_end is not None or story.run_failed is not None:
                 raise _fail(tail[0], message + " (appended after the run's last signature?)")
             res.warnings.append(message + " (the run stopped before signing them)")
@@ -576,10 +591,11 @@ class _Verifier:
             raise _fail(0, "not a JSON object", "metrics.json")
 
         def differ(where: str, mine: object, line: int, theirs: object) -> _Stop:
+            sub, mine, theirs = _first_difference(mine, theirs)
             return _fail(
                 0,
                 f"{_short(mine)}, but the trail (line {line}) says {_short(theirs)}",
-                f"metrics.json {where}",
+                f"metrics.json {where}{sub}",
             )
 
         if story.config is not None and metrics.get("config") != story.config:

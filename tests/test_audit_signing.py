@@ -1,0 +1,125 @@
+"""Fast checks of the signed trail, the bank receipt log and receipt_mod (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import arrays_of, outgoing, reply
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from flower_ext.audit import (
+    AuditTrail,
+    ReceiptLog,
+    Signer,
+    check_receipts,
+    load_public_key,
+    verify_run,
+)
+from flower_ext.mods.receipt import receipt_mod
+
+
+def _signed_trail(tmp_path, signer):
+    audit = AuditTrail(tmp_path / "audit.jsonl", signer=signer)
+    audit.record("run_start")
+    audit.announce_key()
+    audit.sign_head(before_round=1)
+    audit.record("round_start", round=1, phase="train", global_model_sha256="m0")
+    audit.record("round_aggregated", round=1, model_sha256="m1")
+    audit.record("run_end", rounds=1)
+    audit.sign_head(final=True)
+    return audit
+
+
+def test_signed_trail_verifies_and_an_append_after_the_last_signature_fails(tmp_path):
+    signer = Signer.generate()
+    audit = _signed_trail(tmp_path, signer)
+    assert load_public_key(tmp_path / "audit-public-key.pem") == signer.public_hex
+    result = verify_run(tmp_path, public_keys=[signer.public_hex])
+    assert result.ok and result.finished and result.fully_verified, result.summary()
+    published = audit.published()
+    assert published["audit-public-key"] == signer.public_hex and "audit-head" in published
+    audit.record("reply_rejected", round=1, node_id=3, reason="forged")
+    result = verify_run(tmp_path, public_keys=[signer.public_hex])
+    assert not result.ok and "after the run ended" in result.summary()
+
+
+def test_an_unfinished_signed_run_is_reported_as_such(tmp_path):
+    signer = Signer.generate()
+    audit = AuditTrail(tmp_path / "audit.jsonl", signer=signer)
+    audit.record("run_start")
+    audit.announce_key()
+    audit.sign_head(before_round=1)
+    audit.record("round_start", round=1, phase="train", global_model_sha256="m0")
+    audit.record("round_aggregated", round=1, model_sha256="m1")
+    result = verify_run(tmp_path, public_keys=[signer.public_hex])
+    assert result.ok and not result.finished and not result.fully_verified
+    assert any("unfinished" in w for w in result.warnings)
+    assert any("not covered by any signature" in w for w in result.warnings)
+
+
+def test_another_key_fails_and_a_bad_key_argument_cannot_be_read(tmp_path):
+    _signed_trail(tmp_path, Signer.generate())
+    result = verify_run(tmp_path, public_keys=[Signer.generate().public_hex])
+    assert not result.ok and result.exit_code == 1 and "not the run's key" in result.summary()
+    assert verify_run(tmp_path, public_keys=[str(tmp_path / "nope.pem")]).exit_code == 2
+
+
+def test_receipt_log_is_chained_and_signed_by_the_bank(tmp_path):
+    log = ReceiptLog(tmp_path / "bank")
+    for rnd in (1, 2):
+        log.append({"run_id": 5, "phase": "train", "round": rnd, "epsilon": None})
+    public, lines = check_receipts(tmp_path / "bank")
+    assert public == log.signer.public_hex and [r["round"] for _, r in lines] == [1, 2]
+    assert (tmp_path / "bank" / "bank-key.pem").stat().st_mode & 0o077 == 0
+    path = tmp_path / "bank" / "receipts.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[0]["round"] = 7
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        check_receipts(tmp_path / "bank")
+    except ValueError as err:
+        assert "line 1" in str(err)
+    else:
+        raise AssertionError("an edited receipt was accepted")
+
+
+def test_receipt_mod_records_what_arrived_and_left_and_checks_the_head(tmp_path, as_server):
+    signer = Signer.generate()
+    audit = AuditTrail(tmp_path / "run" / "audit.jsonl", signer=signer)
+    audit.record("run_start")
+    audit.announce_key()
+    audit.sign_head(before_round=1)
+    msg = outgoing(arrays_of({"w": np.ones(3, dtype=np.float32)}), node_id=9)
+    msg.content["config"] = ConfigRecord({"server-round": 1, **audit.published()})
+    context = Context(
+        run_id=5,
+        node_id=9,
+        node_config={"receipt-dir": str(tmp_path / "bank")},
+        state=RecordDict(),
+        run_config={},
+    )
+    sent: list[Message] = []
+
+    def handler(m: Message, c: Context) -> Message:
+        out = reply(m, arrays_of({"w": np.zeros(3, dtype=np.float32)}), {"dp-epsilon": 1.5})
+        sent.append(out)
+        return out
+
+    assert msg.metadata.message_type == MessageType.TRAIN
+    back = receipt_mod(msg, context, handler)
+    assert back is sent[0]
+    _, lines = check_receipts(tmp_path / "bank")
+    receipt = lines[0][1]
+    assert receipt["round"] == 1 and receipt["epsilon"] == 1.5 and receipt["phase"] == "train"
+    assert receipt["server_key"] == signer.public_hex and receipt["server_head"]["valid"] is True
+    assert receipt["received"]["content"] == msg.content.object_id
+    assert receipt["sent"]["content"] == back.content.object_id
+    assert isinstance(msg.content["arrays"], ArrayRecord)
+
+
+def test_receipt_mod_is_a_no_op_without_a_receipt_dir(tmp_path, as_server):
+    msg = outgoing(arrays_of({"w": np.ones(2, dtype=np.float32)}), node_id=3)
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    out = receipt_mod(msg, context, lambda m, c: reply(m, metrics={"num-examples": 1}))
+    assert not out.has_error() and not list(tmp_path.iterdir())
