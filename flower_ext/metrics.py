@@ -131,6 +131,9 @@ def risk_metrics_from_logits(y: NDArray[np.integer], logits: NDArray[np.floating
 #: about four test rows per bin up to 4k rows per bank; pooled AUC and KS within 1e-3
 #: of exact (tests/test_verdict.py), KS on small test sets within a few minority rows.
 SKETCH_BINS = 1024
+#: Fewest held-out rows per quantile bin on average: a small bank never sends one row's
+#: score with its label (its edges are interpolated quantiles, its cells count ~4 rows).
+MIN_ROWS_PER_BIN = 4
 HIST_EDGES_KEY = "hist-edges"
 
 
@@ -140,7 +143,8 @@ def score_sketch(
     """``(edges, neg, pos)``: a bank's score sketch for pooled AUC/KS.
 
     ``edges`` are ``bins + 1`` quantiles of the bank's finite log-odds (``bins`` defaults
-    to ``min(SKETCH_BINS, rows - 1)``: a small bank's edges are its scores; non-decreasing;
+    to ``min(SKETCH_BINS, rows // MIN_ROWS_PER_BIN)``, so a bin holds about four rows or
+    more and no single row's score and label are sent; non-decreasing;
     repeated where many rows share a score). ``neg``/``pos`` have ``2 * bins + 1``
     cells, in score order: rows exactly on edge 0, rows strictly between edges 0 and 1,
     rows on edge 1, ... (a repeated edge's rows are counted at its first occurrence).
@@ -152,12 +156,11 @@ def score_sketch(
     keep = ~np.isnan(s)
     s, y = s[keep], y[keep]
     if bins is None:
-        bins = max(1, min(SKETCH_BINS, s.size - 1))
+        bins = max(1, min(SKETCH_BINS, s.size // MIN_ROWS_PER_BIN))
     cells = 2 * bins + 1
     if s.size == 0:
         return np.zeros(bins + 1), np.zeros(cells, np.int64), np.zeros(cells, np.int64)
-    edges = np.quantile(s, np.linspace(0.0, 1.0, bins + 1))
-    edges = np.maximum.accumulate(edges)  # interpolation rounding must not reorder them
+    edges = _sketch_edges(np.sort(s), bins)
     first = np.concatenate([[True], edges[1:] != edges[:-1]])
     counts = []
     for cls in (0, 1):
@@ -170,6 +173,26 @@ def score_sketch(
         out[0::2], out[1::2] = on_edge, between
         counts.append(out)
     return edges, counts[0], counts[1]
+
+
+def _sketch_edges(v: NDArray[np.float64], bins: int) -> NDArray[np.float64]:
+    """``bins + 1`` non-decreasing edges over sorted scores ``v``, none of them a row's score.
+
+    Inner edges sit halfway between the two rows at each quantile position; the outer
+    edges just outside the extreme scores. With about ``MIN_ROWS_PER_BIN`` rows per bin,
+    a cell never describes one row (unless many rows share one score).
+    """
+    n = v.size
+    if n == 1:
+        return np.array([v[0] - _pad(v[0]), v[0] + _pad(v[0])])
+    cut = np.clip(np.rint(np.arange(1, bins) * n / bins).astype(np.int64), 1, n - 1)
+    inner = 0.5 * (v[cut - 1] + v[cut])
+    edges = np.concatenate([[v[0] - _pad(v[0])], inner, [v[-1] + _pad(v[-1])]])
+    return np.maximum.accumulate(edges)  # rounding must not reorder them
+
+
+def _pad(x: float) -> float:
+    return 1e-9 * (1.0 + abs(float(x)))
 
 
 def pooled_sketch_metrics(

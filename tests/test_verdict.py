@@ -143,14 +143,17 @@ def test_sketch_cells_and_degenerate_scores():
     edges, neg, pos = score_sketch(y, np.full(6, -2.0))
     assert neg.sum() == 4 and pos.sum() == 2 and len(neg) == 2 * len(edges) - 1
     assert pooled_sketch_metrics([(edges, neg, pos)]) == (0.5, 0.0)
-    # a small bank's edges are its scores: pooled == exact
+    # a small bank sends no row's own score: about four rows per bin, pooled still close
     rng = np.random.default_rng(0)
     y = (rng.uniform(size=300) < 0.3).astype(int)
     s = rng.normal(size=300) + y
-    auc, ks = pooled_sketch_metrics([score_sketch(y, s)])
+    edges, neg, pos = score_sketch(y, s)
+    assert len(edges) - 1 == 300 // 4
+    assert not np.isin(edges, s).any()  # edges sit between rows: no cell is one row
+    auc, ks = pooled_sketch_metrics([(edges, neg, pos)])
     fpr, tpr, _ = roc_curve(y, s)
-    assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert ks == pytest.approx(np.max(tpr - fpr), abs=1e-12)
+    assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    assert ks == pytest.approx(np.max(tpr - fpr), abs=0.02)
     with pytest.raises(ValueError):
         pooled_sketch_metrics([(np.array([0.0, 1.0]), np.array([1.0, -1.0, 0]), np.zeros(3))])
 
