@@ -3,7 +3,8 @@ local SuperLink (see, stop, and a checked ``flwr run``).
 
 flower-ext report RUN_DIR            report.html + PNGs in RUN_DIR
 flower-ext compare RUN_DIR... [-o comparison.png]
-flower-ext verify RUN_DIR            exit 0 if the audit trail is intact, 1 otherwise
+flower-ext verify RUN_DIR [--receipts DIR ...] [--public-key KEY ...]
+                                     exit 0 verified, 1 tampered or inconsistent, 2 unreadable
 flower-ext keygen KEY_DIR [--force]  CKKS keys: bank-secret.ckks (banks), server-public.ckks
 flower-ext superlink status|stop     the local SuperLink(s) and their runs
 flower-ext run [--strict] [--timeout S] APP [flwr run options]   flwr run, checked, FINISHED/FAILED

@@ -51,12 +51,15 @@ def read_audit(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.strip():
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
                 break  # a truncated last line: report what came before
+            if not isinstance(event, dict):
+                break  # not an audit event: the banner (verify) says the trail is damaged
+            events.append(event)
     return events
 
 
