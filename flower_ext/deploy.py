@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flower_ext.audit.signing import SERVER_KEY_ENV, Signer
+
 LOOPBACK = "127.0.0.1"
 CONNECTION = "local"
 #: Substrings that identify a process we may have started (a guard against pid reuse).
@@ -418,7 +420,14 @@ class LocalDeployment:
             "FLWR_HOME": str(self.flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # One audit signing key for every start of the server: a resumed run keeps
+            # signing with the key the banks pinned in their receipts.
+            SERVER_KEY_ENV: str(self.audit_key_path),
         }
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.workdir / "keys" / "audit-signing.pem"
 
     def _save(self) -> None:
         (self.workdir / "deployment.json").write_text(
@@ -497,6 +506,7 @@ class LocalDeployment:
 
     # -- the SuperLink
     def start_superlink(self, wait: float = 60.0) -> subprocess.Popen:
+        Signer.load_or_create(self.audit_key_path)  # 0600, kept across restarts
         command = [self._bin("flower-superlink")]
         if self.tls:
             tls = self.workdir / "tls"

@@ -123,3 +123,30 @@ def test_receipt_mod_is_a_no_op_without_a_receipt_dir(tmp_path, as_server):
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
     out = receipt_mod(msg, context, lambda m, c: reply(m, metrics={"num-examples": 1}))
     assert not out.has_error() and not list(tmp_path.iterdir())
+
+
+def test_a_signing_key_written_over_a_readable_file_becomes_owner_only(tmp_path) -> None:
+    import stat
+
+    from flower_ext.audit.signing import Signer
+
+    path = tmp_path / "audit-signing.pem"
+    path.write_text("old")
+    path.chmod(0o644)
+    Signer.generate().write(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Signer.from_file(path).public_hex
+
+
+def test_a_deployment_signs_every_start_with_one_kept_key(tmp_path, monkeypatch) -> None:
+    """Resumes keep the key the banks pinned: the SuperLink gets one key file."""
+    from flower_ext.audit.signing import SERVER_KEY_ENV, Signer, server_signer
+    from flower_ext.deploy import LocalDeployment
+
+    dep = LocalDeployment(tmp_path / "deployment", tls=False, auth=False)
+    key_path = dep.env[SERVER_KEY_ENV]
+    assert key_path == str(dep.audit_key_path)
+    first = Signer.load_or_create(dep.audit_key_path)
+    monkeypatch.setenv(SERVER_KEY_ENV, key_path)
+    assert server_signer().public_hex == first.public_hex  # a restarted server
+    assert server_signer().public_hex == first.public_hex

@@ -97,6 +97,7 @@ class Signer:
             serialization.NoEncryption(),
         )
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
 

@@ -25,6 +25,7 @@ standardisation query (the model carries it). With ``min-banks`` below
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flower_ext.audit import AuditTrail, record_exchange, server_signer, short_reason
+from flower_ext.audit.signing import SERVER_KEY_ENV
 from flower_ext.data import DataError, load_all_banks
 from flower_ext.grid import MeteredGrid
 from flower_ext.model import build_model, combine_feature_moments, count_parameters
@@ -448,6 +450,15 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = Path(settings.resume_from).expanduser().resolve()
         checkpoint = load_checkpoint(run_dir)
         # Continues the chain; heads signed with $FLOWER_EXT_AUDIT_KEY or a fresh key.
+        if not os.environ.get(SERVER_KEY_ENV):
+            log(
+                WARNING,
+                "[bank-risk] resuming without $%s: this start signs with a new key, so the "
+                "banks' receipts record a key change and `flower-ext verify --receipts` fails "
+                "on this run; keep one key file for every start of a run (the deploy script "
+                "does)",
+                SERVER_KEY_ENV,
+            )
         audit = AuditTrail(run_dir / "audit.jsonl", signer=server_signer())
         metrics = MetricsFile.resume(run_dir, settings.raw, checkpoint.server_round)
         record_resume(audit, run_dir, checkpoint, context.run_id, settings)
