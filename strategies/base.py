@@ -38,8 +38,8 @@ from flwr.supercore import log
 from flower_ext.aggregation import (
     AggregationResult,
     ClientReport,
-    cap_weights,
     normalised,
+    weight_policy,
     weighted_sum_into,
 )
 from flower_ext.audit import AuditTrail
@@ -106,6 +106,11 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         Cap on any client's ``num-examples`` (a client cannot buy influence).
     max_weight_median_multiple : float, optional
         Cap at this multiple of the round's median ``num-examples``.
+    pinned_weights : dict of node id -> float, optional
+        Weight policy: a node's ``num-examples`` above its pinned value (e.g. the row
+        count it reported at setup) is lowered to it, before the caps. Every lowered
+        weight is audited (``weight_capped`` with ``weight_cap_reason``); see
+        :func:`flower_ext.aggregation.weight_policy`. Settable later as an attribute.
     max_plausible_examples : float (default: 1e9)
         Replies claiming more examples than this are rejected as absurd.
     max_update_norm : float (default: 1e18)
@@ -143,6 +148,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         proximal_mu: float = 0.0,
         max_weight: float | None = None,
         max_weight_median_multiple: float | None = None,
+        pinned_weights: dict[int, float] | None = None,
         max_plausible_examples: float = 1e9,
         max_update_norm: float = MAX_UPDATE_NORM,
         min_valid_replies: int = 1,
@@ -179,6 +185,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         self.proximal_mu = proximal_mu
         self.max_weight = max_weight
         self.max_weight_median_multiple = max_weight_median_multiple
+        self.pinned_weights: dict[int, float] = dict(pinned_weights or {})
         self.max_plausible_examples = max_plausible_examples
         if not 0 < max_update_norm <= MAX_UPDATE_NORM_LIMIT:
             raise ValueError(
@@ -242,8 +249,15 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             self.proximal_mu,
         )
 
+    def policy_weights(self, node_ids: list[int], raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """The round's weights after :attr:`pinned_weights` and the caps, with reasons."""
+        pinned = np.array([self.pinned_weights.get(n, np.nan) for n in node_ids], dtype=float)
+        return weight_policy(raw, pinned, self.max_weight, self.max_weight_median_multiple)
+
     def _weight_cap_text(self) -> str:
         caps = []
+        if self.pinned_weights:
+            caps.append(f"pinned for {len(self.pinned_weights)} nodes")
         if self.max_weight is not None:
             caps.append(f"capped at {self.max_weight:g}")
         if self.max_weight_median_multiple is not None:
@@ -354,7 +368,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             return None, metrics
 
         raw_weights = np.array([r.weight for r in accepted], dtype=np.float64)
-        weights, capped = cap_weights(raw_weights, self.max_weight, self.max_weight_median_multiple)
+        weights, cap_reasons = self.policy_weights([r.node_id for r in accepted], raw_weights)
         if streamed is not None:
             result = streamed
         else:
@@ -378,7 +392,9 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         for i, rep in enumerate(accepted):
             client_report = result.reports[i].to_dict()
             client_report["num_examples"] = raw_weights[i]
-            client_report["weight_capped"] = bool(capped[i])
+            client_report["weight_capped"] = bool(cap_reasons[i])
+            if cap_reasons[i]:
+                client_report["weight_cap_reason"] = cap_reasons[i]
             client_report["label"] = self.labels.get(rep.node_id, "")
             report.clients[rep.node_id] = client_report
             self.audit.record(
@@ -563,7 +579,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         if not good:
             return None, [], late
         raw = np.array([r.weight for r in good], dtype=np.float64)
-        capped, _ = cap_weights(raw, self.max_weight, self.max_weight_median_multiple)
+        capped, _ = self.policy_weights([r.node_id for r in good], raw)
         shares = normalised(capped)
         mean = np.empty(layout.dim, dtype=layout.compute_dtype)
         update = np.empty(layout.dim, dtype=layout.compute_dtype)

@@ -17,6 +17,12 @@ rules (``Krum``, ``MultiKrum``, ``Median``, ``TrimmedMean``, ``Bulyan``,
   reasons do not fit a ``MetricRecord`` (no strings; uint64 ids lose precision
   as floats), so they are in the audit trail (``client_update`` events) and in
   :attr:`round_reports`.
+- a safe weight policy by default: rules that use ``num-examples``
+  (``uses_weights``: MultiKrum, GeometricMedian, CenteredClipping, NormBound) cap
+  every client at :data:`DEFAULT_WEIGHT_MEDIAN_MULTIPLE` x the round's median
+  weight unless ``max_weight_median_multiple`` is passed (``None`` turns it off),
+  so a count cannot buy more than that; ``pinned_weights`` (the counts a bank
+  reported at setup) lowers claims further. Every lowered weight is audited.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ from .base import RoundReport, UpdateAggregationStrategy
 MetricsAggregationFn = Callable[[list[RecordDict], str], MetricRecord]
 
 
+#: Default federation-relative cap of the weight-using robust rules: no client weighs
+#: more than twice the round's median ``num-examples``. With f of n clients lying, they
+#: hold at most 2f / (n - f + 2f) of the weight (3 of 10: 46%, not 97% at 100x counts).
+DEFAULT_WEIGHT_MEDIAN_MULTIPLE = 2.0
+
+
 def check_num_malicious(value: object) -> int:
     """``value`` as f, a non-negative int, or a ``ValueError`` that says so."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -55,12 +67,17 @@ class RobustStrategy(UpdateAggregationStrategy):
         arguments (weight caps, server step, audit).
     num_malicious_nodes : int (default: 0)
         f. Every rule checks that the sampled nodes can outvote f attackers.
+    max_weight_median_multiple : float or None
+        For weight-using rules, default :data:`DEFAULT_WEIGHT_MEDIAN_MULTIPLE`
+        (2.0); ``None`` switches the cap off.
     """
 
     #: Short name used in logs and in the audit trail's ``rule_params``.
     rule_name: str = "robust"
 
     def __init__(self, *args: Any, num_malicious_nodes: int = 0, **kwargs: Any) -> None:
+        if self.uses_weights:  # counts cannot buy influence by default (module docstring)
+            kwargs.setdefault("max_weight_median_multiple", DEFAULT_WEIGHT_MEDIAN_MULTIPLE)
         super().__init__(*args, **kwargs)
         self.num_malicious_nodes = check_num_malicious(num_malicious_nodes)
 

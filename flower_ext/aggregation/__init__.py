@@ -10,6 +10,7 @@ from .base import (
     cap_weights,
     check_matrix,
     normalised,
+    weight_policy,
     weighted_mean,
     weighted_sum_into,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "trim_count",
     "trimmed_mean",
     "trimmed_mean_min_clients",
+    "weight_policy",
     "weighted_mean",
     "weighted_sum_into",
 ]

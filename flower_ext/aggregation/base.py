@@ -169,3 +169,69 @@ def cap_weights(
     capped = w > cap
     w[capped] = cap
     return w, capped.tolist()
+
+
+def weight_policy(
+    weights: FloatVector,
+    pinned: FloatVector | None = None,
+    max_weight: float | None = None,
+    max_weight_median_multiple: float | None = None,
+) -> tuple[NDArray[np.float64], list[str]]:
+    """The audited weight policy: pin, then cap, the client-reported data sizes.
+
+    Steps, in order (each only lowers a weight, never raises it):
+
+    1. **pinned**: a client whose ``pinned[i]`` is finite gets at most that weight
+       (e.g. the row count it reported at setup, when the server could still
+       check it against the federation); ``NaN`` means "not pinned".
+    2. **max_weight**: an absolute cap.
+    3. **max_weight_median_multiple**: a cap at this multiple of the median of the
+       weights after step 1 (federation-relative; the median moves only if half
+       the clients lie).
+
+    Parameters
+    ----------
+    weights : (n,) float
+        Reported ``num-examples`` (finite, >= 0; the caller validated them).
+    pinned : (n,) float, optional
+        Per-client ceiling or ``NaN``.
+    max_weight, max_weight_median_multiple : float, optional
+
+    Returns
+    -------
+    (n,) float64 weights and, per client, the reason it was lowered ("" if not),
+    e.g. ``"num-examples 1e+06 above the pinned 1000 (reported at setup)"``.
+
+    Raises
+    ------
+    ValueError
+        If ``pinned`` does not have shape (n,) or holds a negative value.
+    """
+    w = np.asarray(weights, dtype=np.float64).copy()
+    reasons = [""] * w.size
+    if pinned is not None:
+        pin = np.asarray(pinned, dtype=np.float64)
+        if pin.shape != w.shape:
+            raise ValueError(f"pinned must have shape {w.shape}, got {pin.shape}")
+        if np.any(pin[np.isfinite(pin)] < 0):
+            raise ValueError("pinned weights must be >= 0")
+        for i in np.flatnonzero(np.isfinite(pin) & (w > pin)):
+            reasons[i] = f"num-examples {w[i]:g} above the pinned {pin[i]:g} (reported at setup)"
+            w[i] = pin[i]
+    if max_weight is not None:
+        for i in np.flatnonzero(w > max_weight):
+            reasons[i] = _join(reasons[i], f"capped at max_weight {max_weight:g}")
+            w[i] = max_weight
+    if max_weight_median_multiple is not None and w.size:
+        cap = float(max_weight_median_multiple) * float(np.median(w))
+        for i in np.flatnonzero(w > cap):
+            reasons[i] = _join(
+                reasons[i],
+                f"capped at {max_weight_median_multiple:g}x the round's median weight ({cap:g})",
+            )
+            w[i] = cap
+    return w, reasons
+
+
+def _join(first: str, second: str) -> str:
+    return f"{first}; {second}" if first else second
