@@ -1,0 +1,122 @@
+"""Robust standardisation: poisoned feature moments are neutralised and audited."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flower_ext.aggregation.moments import robust_feature_moments
+from flower_ext.model import combine_feature_moments, feature_moments
+
+
+def banks(num=10, d=6, seed=0):
+    """Non-IID banks: each its own shift and scale per feature, 300-1200 rows."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        rows = int(rng.integers(300, 1200))
+        shift = rng.normal(0, 0.3, d)
+        scale = np.exp(rng.normal(0, 0.1, d))
+        out.append(rng.normal(shift, scale, size=(rows, d)) * 100.0 + 5.0)
+    return out
+
+
+def pooled(xs):
+    x = np.concatenate(xs)
+    return x.mean(axis=0), x.std(axis=0)
+
+
+def test_honest_banks_give_exactly_the_pooled_moments_float64():
+    xs = banks()
+    r = robust_feature_moments([feature_moments(x) for x in xs])
+    mean, std = pooled(xs)
+    assert r.rejected == {} and r.capped == {} and r.kept == list(range(10))
+    np.testing.assert_allclose(r.mean, mean, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(r.std, std, rtol=1e-10)
+    plain = combine_feature_moments([feature_moments(x) for x in xs])
+    np.testing.assert_allclose(r.std, plain[1], rtol=1e-10)
+
+
+def _poison(kind, part):
+    count, total, total_sq = part
+    if kind == "sum-sq x 10000":
+        return count, total, total_sq * 1e4
+    if kind == "sum-sq / 10000":  # shrinks the std: fails the variance bound
+        return count, total, total_sq / 1e4
+    if kind == "mean x 50":
+        return count, total * 50, total_sq * 2500
+    if kind == "count x 1000, consistent":
+        return count * 1000, total * 1000, total_sq * 1000
+    if kind == "negative count":
+        return -count, total, total_sq
+    if kind == "nan":
+        return count, total * np.nan, total_sq
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sum-sq x 10000",
+        "sum-sq / 10000",
+        "mean x 50",
+        "count x 1000, consistent",
+        "negative count",
+        "nan",
+    ],
+)
+@pytest.mark.parametrize("liars", [(3,), (2, 7), (2, 5, 7)])
+def test_poisoned_moments_are_neutralised(kind, liars):
+    xs = banks()
+    parts = [feature_moments(x) for x in xs]
+    honest_mean, honest_std = pooled([x for i, x in enumerate(xs) if i not in liars])
+    all_mean, all_std = pooled(xs)
+    plain_mean, plain_std = combine_feature_moments(
+        [_poison(kind, p) if i in liars else p for i, p in enumerate(parts)]
+    )
+    r = robust_feature_moments([_poison(kind, p) if i in liars else p for i, p in enumerate(parts)])
+    if kind == "count x 1000, consistent":
+        # Harmless moments, kept: the bank weighs 3x the median count at most, so its
+        # (honest, non-IID) mean moves the result a bounded amount from the true one.
+        assert np.abs(r.mean - all_mean).max() <= 0.25 * all_std.min()
+        assert np.abs(r.std / all_std - 1).max() <= 0.05
+    else:  # rejected: exactly the honest banks' pooled moments (float64 reference)
+        np.testing.assert_allclose(r.mean, honest_mean, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(r.std, honest_std, rtol=1e-9)
+    if kind == "count x 1000, consistent":  # harmless moments: kept, but the count capped
+        assert set(r.capped) == set(liars) and r.rejected == {}
+        assert all(r.counts[i] < 3000 for i in liars)
+    else:
+        assert set(r.rejected) == set(liars)
+        assert all(r.rejected[i] for i in liars)  # every rejection has a reason
+    # Plain sums are wrecked by the same poisoning (except the harmless kinds).
+    if kind in ("sum-sq x 10000", "mean x 50"):
+        assert (
+            np.abs(plain_std / all_std - 1).max() > 0.5
+            or np.abs(plain_mean - all_mean).max() > all_std.min()
+        )
+
+
+def test_reasons_name_the_feature_and_the_bound():
+    xs = banks()
+    parts = [feature_moments(x) for x in xs]
+    parts[4] = _poison("sum-sq x 10000", parts[4])
+    parts[6] = _poison("sum-sq / 10000", parts[6])
+    names = [f"f{j}" for j in range(6)]
+    r = robust_feature_moments(parts, names=names)
+    assert "outlier std of feature f" in r.rejected[4] and "robust z-score" in r.rejected[4]
+    assert "negative variance" in r.rejected[6]
+
+
+def test_disagreeing_majority_is_refused_and_few_banks_skip_outlier_step():
+    xs = banks(num=4)
+    parts = [feature_moments(x) for x in xs]
+    parts[0] = _poison("sum-sq x 10000", parts[0])
+    r = robust_feature_moments(parts)  # 4 < min_banks_for_outliers: bounds only
+    assert r.rejected == {} and np.isnan(r.max_z).all()
+    with pytest.raises(ValueError, match="no bank sent usable"):
+        robust_feature_moments([_poison("nan", p) for p in parts])
+    xs = banks(num=6)
+    parts = [feature_moments(x) for x in xs]
+    with pytest.raises(ValueError, match="too few to tell"):  # nearly every bank an outlier
+        robust_feature_moments(parts, z_max=0.01)
