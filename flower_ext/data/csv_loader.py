@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,14 @@ class CsvSpec:
     num_banks: int = 3
     dirichlet_alpha: float = 0.5
     seed: int = 42
+    #: ``dirichlet``: fewest rows of each class every bank must get (else the split is refused).
+    min_class_rows: int = 5
+    #: ``"table"``: ``path`` is one table split into banks; ``"per-bank"``: each bank
+    #: reads its own file (``path``, or the ``directory``'s file for its index), all rows.
+    source: str = "table"
+    directory: str = ""
+    #: A schema TOML file (:mod:`flower_ext.data.schema`); empty: the strict numeric loader.
+    schema_path: str = ""
 
 
 def _short(value: str, limit: int = 40) -> str:
@@ -90,12 +99,15 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _scan_records(text: str, path: Path) -> tuple[list[str], list[int]]:
+def _scan_records(
+    text: str, path: Path, delimiter: str = ",", allow_empty: bool = False
+) -> tuple[list[str], list[int]]:
     """Header names and the file row each data record starts on; checks field counts.
 
-    Only for the structure and row numbers; pandas parses the values.
+    Only for the structure and row numbers; pandas parses the values. ``allow_empty``:
+    one column may have an empty name (a schema declares it as an id column).
     """
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
     rows: list[int] = []
     start = 1
@@ -108,7 +120,7 @@ def _scan_records(text: str, path: Path) -> tuple[list[str], list[int]]:
                         "the header must be on row 1"
                     )
                 header = record
-                _check_header(header, path)
+                _check_header(header, path, delimiter, allow_empty)
             elif record:  # blank lines are skipped, as pandas does
                 if len(record) != len(header) and any("\n" in f for f in record):
                     raise DataError(
@@ -128,17 +140,25 @@ def _scan_records(text: str, path: Path) -> tuple[list[str], list[int]]:
     return header, rows
 
 
-def _check_header(header: list[str], path: Path) -> None:
+def _check_header(
+    header: list[str], path: Path, delimiter: str = ",", allow_empty: bool = False
+) -> None:
     if len(header) == 1:
-        found = [d for d in _OTHER_DELIMITERS if d in header[0]]
+        found = [d for d in (",", *_OTHER_DELIMITERS) if d != delimiter and d in header[0]]
         if found:
             raise DataError(
                 f"CSV file '{path}', row 1: the header is one column {_short(header[0])}; the file "
-                f"looks {found[0]!r}-separated, but columns must be separated by commas"
+                f"looks {found[0]!r}-separated, but columns must be separated by "
+                f"{'commas' if delimiter == ',' else repr(delimiter)} (a csv-schema file can "
+                f"declare delimiter = {found[0]!r})"
             )
     seen: dict[str, int] = {}
+    empty_seen = False
     for position, name in enumerate(header, start=1):
         key = name.strip()
+        if not key and allow_empty and not empty_seen:
+            empty_seen = True
+            continue
         if not key:
             raise DataError(
                 f"CSV file '{path}', row 1: column {position} has an empty name; "
@@ -301,11 +321,7 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
     """Split a checked table into banks with flwr-datasets partitioners."""
     # Imported here: `datasets` takes a second to import and only CSV runs need it.
     from datasets import Dataset, disable_progress_bars
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        NaturalIdPartitioner,
-    )
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
 
     disable_progress_bars()  # a tqdm bar per bank in every run's log helps nobody
 
@@ -321,9 +337,14 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
                 f"partition column '{column}' not found; columns are {list(frame.columns)}"
             )
         if spec.partition_values:
-            wanted = [_partition_value(v, column) for v in spec.partition_values]
-            kept = frame[column].astype(float).isin(wanted)
-            present = set(frame[column].astype(float))
+            text_ids = frame[column].dtype == object  # a schema's text partition column
+            wanted = [
+                v.strip() if text_ids else _partition_value(v, column)
+                for v in spec.partition_values
+            ]
+            ids = frame[column] if text_ids else frame[column].astype(float)
+            kept = ids.isin(wanted)
+            present = set(ids)
             absent = [
                 v for v, w in zip(spec.partition_values, wanted, strict=True) if w not in present
             ]
@@ -348,15 +369,11 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
     else:
         if spec.dirichlet_alpha <= 0:
             raise DataError(f"csv-dirichlet-alpha must be > 0, got {spec.dirichlet_alpha}")
-        partitioner = DirichletPartitioner(
-            num_partitions=spec.num_banks,
-            partition_by=spec.label_column,
-            alpha=spec.dirichlet_alpha,
-            min_partition_size=20,
-            self_balancing=True,
-            seed=spec.seed,
-        )
-    partitioner.dataset = Dataset.from_pandas(frame, preserve_index=False)
+        if spec.num_banks < 1:
+            raise DataError(f"cannot split into {spec.num_banks} banks")
+        partitioner = _dirichlet_with_both_classes(frame, spec)
+    if spec.split != "dirichlet":  # the Dirichlet draw above already holds the rows
+        partitioner.dataset = Dataset.from_pandas(frame, preserve_index=False)
     try:
         num = partitioner.num_partitions
     except ValueError as err:  # raised when the Dirichlet draw cannot satisfy the min size
@@ -364,7 +381,7 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
     banks: dict[str, pd.DataFrame] = {}
     if spec.split == "natural":
         id_to_value = partitioner.partition_id_to_natural_id
-        order = sorted(range(num), key=lambda i: float(id_to_value[i]))
+        order = sorted(range(num), key=lambda i: _natural_order(id_to_value[i]))
     else:
         order = list(range(num))
     for bank_index, partition_id in enumerate(order):
@@ -383,6 +400,80 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
             )
         banks[name] = part
     return banks
+
+
+#: Dirichlet draws tried (seed, seed + 1, ...) before a split that starves a class is refused.
+DIRICHLET_TRIES = 20
+
+
+def _dirichlet_with_both_classes(frame: pd.DataFrame, spec: CsvSpec):
+    """A DirichletPartitioner whose draw leaves every bank ``min_class_rows`` of each class.
+
+    Dirichlet label skew at small alpha often gives a bank no defaults at all; such a
+    bank has no AUC and no verdict, and its local-only baseline is meaningless. Draws
+    are retried with the next seeds; when none of :data:`DIRICHLET_TRIES` works the
+    split is refused with the numbers, rather than run with a one-class bank.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    labels = frame[spec.label_column].to_numpy()
+    counts = np.bincount(labels.astype(np.int64), minlength=2)
+    need = spec.min_class_rows
+    if counts.min() < need * spec.num_banks:
+        raise DataError(
+            f"the table has {counts[1]} default(s) and {counts[0]} non-default(s): too few to "
+            f"give each of {spec.num_banks} banks at least {need} of each class"
+        )
+    dataset = Dataset.from_pandas(frame, preserve_index=False)
+    worst = ""
+    for attempt in range(DIRICHLET_TRIES):
+        partitioner = DirichletPartitioner(
+            num_partitions=spec.num_banks,
+            partition_by=spec.label_column,
+            alpha=spec.dirichlet_alpha,
+            min_partition_size=20,
+            self_balancing=True,
+            seed=spec.seed + attempt,
+        )
+        partitioner.dataset = dataset
+        try:
+            parts = [partitioner.load_partition(i) for i in range(spec.num_banks)]
+        except ValueError as err:
+            worst = str(err)
+            continue
+        classes = [np.bincount(np.asarray(p[spec.label_column]), minlength=2) for p in parts]
+        short = [(b, c) for b, c in enumerate(classes) if c.min() < need]
+        if not short:
+            if attempt:
+                logging.getLogger(__name__).info(
+                    "dirichlet split: seed %d kept >= %d rows of each class at every bank "
+                    "(%d earlier draw(s) did not)",
+                    spec.seed + attempt,
+                    need,
+                    attempt,
+                )
+            return partitioner
+        b, c = short[0]
+        worst = f"bank-{b} got {c[1]} default(s) and {c[0]} non-default(s)"
+    raise DataError(
+        f"csv-split 'dirichlet' at alpha {spec.dirichlet_alpha} with {spec.num_banks} banks: "
+        f"no draw in {DIRICHLET_TRIES} seeds left every bank at least {need} of each class "
+        f"(last: {worst}); raise csv-dirichlet-alpha or lower num-banks"
+    )
+
+
+def _natural_order(value: object) -> tuple[int, float, str]:
+    """Banks of a natural split in order: by number, by a bin's left edge, else by text."""
+    text = str(value)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        pass
+    match = re.match(r"^[\[(]\s*(-?(?:inf|[\d.]+(?:e[+-]?\d+)?))", text)
+    if match:
+        return (0, float(match.group(1)), text)
+    return (1, 0.0, text)
 
 
 def _partition_value(text: str, column: str) -> float:
