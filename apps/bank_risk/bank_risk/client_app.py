@@ -8,6 +8,7 @@ file. Nothing but model weights and aggregate statistics leaves the bank.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from functools import lru_cache
@@ -19,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from flower_ext.data import BankData, DataError, DataSource, load_bank
+from flower_ext.data.banks import bank_preprocessing_stats, raw_bank
 from flower_ext.metrics import HIST_EDGES_KEY, RiskMetrics, risk_metrics_from_logits, score_sketch
 from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.mods.attack import training_labels
@@ -40,8 +42,24 @@ app = ClientApp(mods=BANK_MODS)
 
 
 @lru_cache(maxsize=8)
-def _cached_bank(source: DataSource, index: int) -> BankData:
-    return load_bank(source, index)
+def _cached_bank(source: DataSource, index: int, preprocessing: str = "") -> BankData:
+    return load_bank(source, index, json.loads(preprocessing) if preprocessing else None)
+
+
+#: Where a bank keeps the federation's preprocessing plan (csv-schema runs) between messages.
+PREPROCESSING_STATE_KEY = "preprocessing"
+
+
+def _preprocessing(msg: Message | None, context: Context) -> str:
+    """The federation's preprocessing plan (JSON text): from the server's message, else the
+    copy kept in ``context.state`` from an earlier one; empty when there is none."""
+    config = msg.content.config_records.get("config") if msg is not None else None
+    text = str(config.get("preprocessing", "")) if config is not None else ""
+    if text:
+        context.state[PREPROCESSING_STATE_KEY] = ConfigRecord({"json": text})
+        return text
+    kept = context.state.config_records.get(PREPROCESSING_STATE_KEY)
+    return str(kept["json"]) if kept is not None else ""
 
 
 def bank_index(context: Context, settings: BankAppSettings) -> int:
@@ -60,15 +78,29 @@ def bank_index(context: Context, settings: BankAppSettings) -> int:
     raise DataError("node config has neither 'bank-index' nor 'partition-id'")
 
 
-def load_context_bank(context: Context) -> tuple[BankAppSettings, BankData]:
+def context_source(context: Context) -> tuple[BankAppSettings, DataSource]:
+    """The run's settings and this bank's data source: a node config ``csv-path`` is the
+    bank's own file, all of its rows (``csv-source = "per-bank"``); a node config
+    ``csv-schema`` is its own copy of the schema."""
     settings = BankAppSettings.from_config(context.run_config)
     source = settings.data
-    if "csv-path" in context.node_config:  # a deployed bank reads its own file
+    node = context.node_config
+    if "csv-path" in node:  # a deployed bank reads its own file
         if source.csv is None:
             raise DataError("node config sets csv-path but the run config's dataset is not 'csv'")
-        path = str(context.node_config["csv-path"])
-        source = replace(source, csv=replace(source.csv, path=path))
-    return settings, _cached_bank(source, bank_index(context, settings))
+        path = str(node["csv-path"])
+        source = replace(source, csv=replace(source.csv, path=path, source="per-bank"))
+    if "csv-schema" in node and source.csv is not None:
+        source = replace(source, csv=replace(source.csv, schema_path=str(node["csv-schema"])))
+    return settings, source
+
+
+def load_context_bank(
+    context: Context, msg: Message | None = None
+) -> tuple[BankAppSettings, BankData]:
+    settings, source = context_source(context)
+    index = bank_index(context, settings)
+    return settings, _cached_bank(source, index, _preprocessing(msg, context))
 
 
 def _model_for(bank: BankData, settings: BankAppSettings, arrays: ArrayRecord) -> CreditRiskModel:
@@ -81,10 +113,30 @@ def _info(bank: BankData, **extra: object) -> ConfigRecord:
     return ConfigRecord({"bank": bank.name, **extra})  # type: ignore[dict-item]
 
 
+def preprocessing_stats_reply(msg: Message, context: Context) -> Message:
+    """A csv-schema run's first query: what the federated preprocessing needs from this
+    bank (README privacy section: per-column counts, sums, quantiles, category counts)."""
+    settings, source = context_source(context)
+    index = bank_index(context, settings)
+    stats = bank_preprocessing_stats(source, index)
+    name = raw_bank(source, index)[0]
+    content = RecordDict(
+        {
+            "preprocessing-stats": ConfigRecord({"json": json.dumps(stats)}),
+            CLIENT_INFO_KEY: ConfigRecord({"bank": name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Per-feature count, sum and sum of squares of the training rows (for standardisation)."""
-    _, bank = load_context_bank(context)
+    """Per-feature count, sum and sum of squares of the training rows (for standardisation);
+    in a csv-schema run first the preprocessing statistics (``query = preprocessing-stats``)."""
+    config = msg.content.config_records.get("config")
+    if config is not None and config.get("query") == "preprocessing-stats":
+        return preprocessing_stats_reply(msg, context)
+    _, bank = load_context_bank(context, msg)
     count, total, total_sq = feature_moments(bank.x_train)
     content = RecordDict(
         {
@@ -104,7 +156,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings, bank = load_context_bank(context)
+    settings, bank = load_context_bank(context, msg)
     config = msg.content["config"]
     arrays = next(iter(msg.content.array_records.values()))
     model = _model_for(bank, settings, arrays)
@@ -191,7 +243,7 @@ def local_only_metrics(bank: BankData, settings: BankAppSettings) -> tuple[RiskM
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    settings, bank = load_context_bank(context)
+    settings, bank = load_context_bank(context, msg)
     config = msg.content["config"]
     arrays = next(iter(msg.content.array_records.values()))
     model = _model_for(bank, settings, arrays)
