@@ -18,6 +18,7 @@ from .median import FedMedian, Median
 from .multikrum import MultiKrum
 from .norm_bound import NormBound
 from .robust import RobustStrategy
+from .secure_fedavg import SecureFedAvg
 from .topk import TopKCompression
 from .trimmed_mean import FedTrimmedAvg, TrimmedMean
 
@@ -35,6 +36,7 @@ __all__ = [
     "NormBound",
     "RobustStrategy",
     "RoundReport",
+    "SecureFedAvg",
     "TopKCompression",
     "TrimmedMean",
     "UpdateAggregationStrategy",

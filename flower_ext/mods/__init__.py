@@ -1,5 +1,7 @@
 """ClientApp mods: ``ClientApp(mods=[...])`` or ``@app.train(mods=[...])``."""
 
+from flower_ext.secagg.mod import secagg_mod
+
 from .attack import AttackMod, attack_mod, training_labels
 from .dp import UpdateDPMod, update_dp_mod
 from .he import HEMod, he_mod
@@ -12,6 +14,7 @@ __all__ = [
     "UpdateDPMod",
     "attack_mod",
     "he_mod",
+    "secagg_mod",
     "topk_mod",
     "training_labels",
     "update_dp_mod",

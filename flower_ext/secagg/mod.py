@@ -1,0 +1,265 @@
+"""``secagg_mod``: the bank side of secure aggregation, as a Flower ClientApp mod.
+
+Install it as ``ClientApp(mods=[secagg_mod])`` or ``@app.train(mods=[secagg_mod])``.
+It acts only on train messages that carry a ``secagg`` ConfigRecord (sent by
+:class:`flower_ext.strategies.SecureFedAvg`); every other message passes through.
+
+Stages (the ``stage`` key of the server's ``secagg`` record; all are train messages):
+
+``train``
+    Calls the ClientApp's own train function, computes ``update = local - global``
+    (float64, the layout of the global model it was sent) and keeps it in
+    ``context.state``. Replies with the two fresh public keys and the train
+    metrics (``num-examples`` among them). **No arrays leave the bank.**
+``share-keys``
+    Gets the roster (public keys of every bank that replied) and the public
+    total weight ``N``; replies with encrypted Shamir shares for each other bank
+    and ``sha256(b_i)``.
+``masked-input``
+    Gets the shares other banks sent it; replies with
+    ``masked(q(n_i / N * update))`` as one ``uint32`` array and the number of
+    coordinates clipped.
+``unmask``
+    Gets the survivors and the dropped; replies with its shares of the
+    survivors' self-mask seeds and of the dropped banks' mask keys (never both for
+    one bank, never twice). The round's secrets are then deleted from the state.
+
+A refusal (a step out of order, a tampered share, a request that would unmask one
+bank) comes back as an error reply with the reason; the bank's update never
+leaves in clear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+
+from flower_ext.records import ArrayLayout
+
+from .primitives import KeyPair
+from .protocol import BankSession, SecAggError, SecAggParams
+
+RECORD_KEY = "secagg"  # ConfigRecord in messages both ways; ArrayRecord "secagg" for y_i
+STATE_KEY = "secagg.session"  # ConfigRecord in context.state
+STATE_UPDATE_KEY = "secagg.update"  # ArrayRecord in context.state
+MASKED_KEY = "masked"
+ERROR_CODE = 4020  # error replies from this mod
+
+STAGE_TRAIN = "train"
+STAGE_SHARE_KEYS = "share-keys"
+STAGE_MASKED_INPUT = "masked-input"
+STAGE_UNMASK = "unmask"
+
+
+def _ids(values: list[int]) -> list[str]:
+    # Node ids are uint64; ConfigRecord ints are int64: send them as decimal strings.
+    return [str(int(v)) for v in values]
+
+
+def _from_ids(values: object) -> list[int]:
+    if not isinstance(values, list):
+        raise SecAggError("a node-id list is missing")
+    return [int(v) for v in values]
+
+
+# --------------------------------------------------------------------------- state
+def save_session(session: BankSession, extra: dict, context: Context) -> None:
+    """Keep a round's session in ``context.state`` (it survives between messages)."""
+    nodes = sorted(session.roster)
+    record = ConfigRecord(
+        {
+            "node-id": str(session.node_id),
+            "round": int(session.server_round),
+            **session.params.to_dict(),
+            "c-sk": session.c_keys.private,
+            "s-sk": session.s_keys.private,
+            "seed": session.self_seed,
+            "roster": _ids(nodes),
+            "roster-c": [session.roster[n][0] for n in nodes],
+            "roster-s": [session.roster[n][1] for n in nodes],
+            "share-nodes": _ids(sorted(session.seed_shares)),
+            "seed-shares": [session.seed_shares[n] for n in sorted(session.seed_shares)],
+            "key-shares": [session.key_shares[n] for n in sorted(session.seed_shares)],
+            "unmasked": bool(session.unmasked),
+            **extra,
+        }
+    )
+    context.state[STATE_KEY] = record
+
+
+def load_session(context: Context) -> tuple[BankSession, ConfigRecord]:
+    record = context.state.config_records.get(STATE_KEY)
+    if record is None:
+        raise SecAggError("no secure-aggregation round in progress at this bank")
+    session = BankSession(
+        node_id=int(record["node-id"]),  # type: ignore[arg-type]
+        server_round=int(record["round"]),  # type: ignore[arg-type]
+        params=SecAggParams.from_dict(dict(record)),
+        c_keys=KeyPair(record["c-sk"]),  # type: ignore[arg-type]
+        s_keys=KeyPair(record["s-sk"]),  # type: ignore[arg-type]
+        self_seed=record["seed"],  # type: ignore[arg-type]
+    )
+    roster = _from_ids(record.get("roster", []))
+    session.roster = (
+        dict(zip(roster, zip(record["roster-c"], record["roster-s"], strict=True), strict=True))
+        if roster
+        else {}
+    )
+    holders = _from_ids(record.get("share-nodes", []))
+    for n, b, k in zip(holders, record["seed-shares"], record["key-shares"], strict=True):
+        session.seed_shares[n], session.key_shares[n] = b, k
+    session.unmasked = bool(record.get("unmasked", False))
+    return session, record
+
+
+def clear_session(context: Context) -> None:
+    for store in (context.state.config_records, context.state.array_records):
+        for key in (STATE_KEY, STATE_UPDATE_KEY):
+            if key in store:
+                del store[key]
+
+
+# --------------------------------------------------------------------------- the mod
+def _error(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ERROR_CODE, reason=f"secagg_mod: {reason}"[:500]), reply_to=msg)
+
+
+def _reply(msg: Message, stage: str, values: dict, **records) -> Message:
+    content = RecordDict({RECORD_KEY: ConfigRecord({"stage": stage, **values}), **records})
+    return Message(content=content, reply_to=msg)
+
+
+def _check_round(session: BankSession, config: ConfigRecord) -> None:
+    if int(config.get("round", -1)) != session.server_round:  # type: ignore[arg-type]
+        raise SecAggError(
+            f"message for round {config.get('round')}, the session is round {session.server_round}"
+        )
+
+
+def _train(msg: Message, context: Context, call_next: Callable, config: ConfigRecord) -> Message:
+    params = SecAggParams.from_dict(dict(config))
+    weight_key = str(config.get("weight-key", "num-examples"))
+    arrays_key = str(config.get("arrays-key", "arrays"))
+    clear_session(context)  # a new round starts from nothing
+    incoming = msg.content.array_records.get(arrays_key)
+    if incoming is None:
+        raise SecAggError(f"the train message has no ArrayRecord '{arrays_key}'")
+    layout = ArrayLayout.of(incoming)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    content = reply.content
+    if "he" in content.config_records or any(k.startswith("topk") for k in content):
+        raise SecAggError(
+            "the train reply is encrypted (he_mod) or top-k compressed (topk_mod): secure "
+            "aggregation needs the dense plaintext update; remove those mods"
+        )
+    local = content.array_records.get(arrays_key)
+    if local is None:
+        raise SecAggError(f"the train reply has no ArrayRecord '{arrays_key}'")
+    mismatch = layout.mismatch(local)
+    if mismatch:
+        raise SecAggError(f"the trained model does not fit the global model: {mismatch}")
+    metrics = content.metric_records.get("metrics")
+    if metrics is None or weight_key not in metrics:
+        raise SecAggError(f"the train reply has no metric '{weight_key}'")
+    weight = float(metrics[weight_key])  # type: ignore[arg-type]
+    if not (weight > 0 and np.isfinite(weight)):
+        raise SecAggError(f"'{weight_key}' must be positive, got {metrics[weight_key]}")
+    update = layout.flatten(local, np.float64) - layout.flatten(incoming, np.float64)
+    session = BankSession(int(context.node_id), int(config["round"]), params)  # type: ignore
+    save_session(session, {"weight": weight}, context)
+    context.state[STATE_UPDATE_KEY] = ArrayRecord({"update": Array(update)})
+    c_pk, s_pk = session.advertise()
+    records = {k: v for k, v in content.items() if k != arrays_key and k != RECORD_KEY}
+    records = {k: v for k, v in records.items() if not isinstance(v, ArrayRecord)}
+    return _reply(msg, "advertise", {"c-pk": c_pk, "s-pk": s_pk}, **records)
+
+
+def _share_keys(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    session, record = load_session(context)
+    _check_round(session, config)
+    nodes = _from_ids(config.get("nodes"))
+    roster = dict(zip(nodes, zip(config["c-pk"], config["s-pk"], strict=True), strict=True))
+    total = float(config["weight-total"])  # type: ignore[arg-type]
+    weight = float(record["weight"])  # type: ignore[arg-type]
+    if not (np.isfinite(total) and total >= weight):
+        raise SecAggError(f"weight-total {total} is below this bank's own weight {weight}")
+    cts = session.share_keys(roster)
+    save_session(session, {"weight": weight, "weight-total": total}, context)
+    dsts = sorted(cts)
+    return _reply(
+        msg,
+        STAGE_SHARE_KEYS,
+        {
+            "dst": _ids(dsts),
+            "ct": [cts[d] for d in dsts],
+            "seed-digest": session.self_seed_digest(),
+        },
+    )
+
+
+def _masked_input(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    session, record = load_session(context)
+    _check_round(session, config)
+    if session.neighbours:
+        raise SecAggError("this round's masked input was already sent")
+    update_record = context.state.array_records.get(STATE_UPDATE_KEY)
+    if update_record is None:
+        raise SecAggError("no update kept for this round")
+    srcs = _from_ids(config.get("src"))
+    session.receive_shares(dict(zip(srcs, config["ct"], strict=True)))  # type: ignore[arg-type]
+    scale = float(record["weight"]) / float(record["weight-total"])  # type: ignore[arg-type]
+    update = update_record["update"].numpy()
+    masked, clipped = session.masked_input(update * scale)
+    save_session(session, {k: record[k] for k in ("weight", "weight-total")}, context)
+    del context.state.array_records[STATE_UPDATE_KEY]  # the plaintext is no longer needed
+    return _reply(
+        msg,
+        STAGE_MASKED_INPUT,
+        {"clipped": int(clipped), "dim": int(masked.size)},
+        **{RECORD_KEY + ".masked": ArrayRecord({MASKED_KEY: Array(masked)})},
+    )
+
+
+def _unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    session, _ = load_session(context)
+    _check_round(session, config)
+    seeds, keys = session.unmask_shares(
+        _from_ids(config.get("survivors")), _from_ids(config.get("dropped", []))
+    )
+    clear_session(context)  # answered once: the round's secrets go
+    return _reply(
+        msg,
+        STAGE_UNMASK,
+        {
+            "seed-nodes": _ids(sorted(seeds)),
+            "seed-shares": [seeds[n] for n in sorted(seeds)],
+            "key-nodes": _ids(sorted(keys)),
+            "key-shares": [keys[n] for n in sorted(keys)],
+        },
+    )
+
+
+def secagg_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Flower ClientApp mod: run this bank's side of a SecureFedAvg round."""
+    if not msg.has_content() or RECORD_KEY not in msg.content.config_records:
+        return call_next(msg, context)
+    config = msg.content.config_records[RECORD_KEY]
+    stage = config.get("stage")
+    try:
+        if stage == STAGE_TRAIN:
+            return _train(msg, context, call_next, config)
+        if stage == STAGE_SHARE_KEYS:
+            return _share_keys(msg, context, config)
+        if stage == STAGE_MASKED_INPUT:
+            return _masked_input(msg, context, config)
+        if stage == STAGE_UNMASK:
+            return _unmask(msg, context, config)
+        raise SecAggError(f"unknown stage {stage!r}")
+    except (SecAggError, KeyError, TypeError, ValueError) as err:
+        if stage in (STAGE_MASKED_INPUT, STAGE_UNMASK):
+            clear_session(context)  # never retry a half-done masking step
+        return _error(msg, f"stage {stage!r}: {err}")

@@ -1,0 +1,542 @@
+"""FedAvg whose server only ever sees masked updates and their sum (secure aggregation).
+
+The banks run :func:`flower_ext.secagg.mod.secagg_mod`. One Flower round is one
+protocol run (:mod:`flower_ext.secagg.protocol`): Flower's ``start`` sends the train
+messages from :meth:`SecureFedAvg.configure_train`; the replies that come back to
+:meth:`SecureFedAvg.aggregate_train` hold public keys and train metrics, no
+arrays. ``aggregate_train`` then runs the three remaining steps as Flower Messages
+through the Grid it kept from ``configure_train`` (``share-keys``,
+``masked-input``, ``unmask``), removes the masks and applies the server step.
+
+Weights: banks pre-scale by ``n_i / N`` (``n_i`` their reported ``num-examples``,
+``N`` the total over the banks that replied to the train message, announced by the
+server). The counts are public to the server, as with plain FedAvg. After the
+unmask the server divides by the survivors' ``sum n_i / N``, so the result is
+the ``num-examples``-weighted mean of the survivors' updates. A bank can still
+inflate its count (the server cannot check it under masking): weight caps are
+refused rather than silently not applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from flower_ext.audit import AuditTrail
+from flower_ext.records import arrays_sha256
+from flower_ext.secagg.mod import (
+    MASKED_KEY,
+    RECORD_KEY,
+    STAGE_MASKED_INPUT,
+    STAGE_SHARE_KEYS,
+    STAGE_TRAIN,
+    STAGE_UNMASK,
+)
+from flower_ext.secagg.protocol import (
+    SecAggError,
+    SecAggParams,
+    ServerRound,
+    TooFewSurvivors,
+    dequantize_sum,
+)
+from flower_ext.validation import bind_replies, check_weight, client_label, short_reason
+
+from .base import RoundReport, UpdateAggregationStrategy
+
+KEY_BYTES = 32
+
+
+@dataclass
+class _Bank:
+    node_id: int
+    label: str
+    weight: float
+    metrics: MetricRecord
+    c_pk: bytes = b""
+    s_pk: bytes = b""
+
+
+def composition_problem(part: object) -> str | None:
+    """Why ``part`` (a strategy, mod or name) cannot be combined with secure aggregation."""
+    from .encrypted_fedavg import EncryptedFedAvg
+    from .robust import RobustStrategy
+    from .topk import TopKCompression
+
+    name = part if isinstance(part, str) else getattr(part, "__name__", type(part).__name__)
+    name = str(name).lower()
+    if isinstance(part, RobustStrategy) or name in {
+        "krum", "multikrum", "bulyan", "median", "fedmedian", "trimmedmean", "fedtrimmedavg",
+        "geometricmedian", "centeredclipping", "normbound",
+    }:  # fmt: skip
+        return (
+            f"{part if isinstance(part, str) else type(part).__name__} is a robust rule: it "
+            "needs every bank's plaintext update (distances, medians, norms), and secure "
+            "aggregation shows the server only their sum"
+        )
+    if isinstance(part, TopKCompression) or "topk" in name:
+        return (
+            "top-k compression sends different coordinates from each bank; masks only cancel "
+            "over one shared index set (not implemented), so the dense update is needed"
+        )
+    if isinstance(part, EncryptedFedAvg) or name in {"he_mod", "hemod", "encryptedfedavg"}:
+        return (
+            "secure aggregation together with HE is unnecessary: either one already keeps "
+            "single updates from the server; pick one"
+        )
+    return None
+
+
+class SecureFedAvg(UpdateAggregationStrategy):
+    """Federated Averaging over secure aggregation (the server sees only the sum).
+
+    McMahan et al. 2017 (FedAvg) on top of the secure aggregation of Bonawitz et
+    al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
+    CCS 2017 (per-round keys and Shamir-shared mask keys, as in Bell et al.,
+    SecAgg+, CCS 2020). Equal to ``num-examples``-weighted FedAvg of the surviving
+    banks' updates up to the quantisation error (below ``k * 2c / 2**bits / W``
+    per coordinate for ``k`` survivors with weight share ``W``).
+
+    Parameters
+    ----------
+    fraction_train, ..., evaluate_metrics_aggr_fn
+        As in ``flwr.serverapp.strategy.FedAvg``.
+    threshold : int | float (default: 2/3)
+        ``t``. An int >= 2 is used as is; a float in (0.5, 1] is a fraction of the
+        banks sampled in the round (``max(2, ceil(f * n))``). Fixed before any bank
+        replies. The round survives up to ``n - t`` drop-outs after the keys are
+        shared; the server with fewer than ``t`` banks learns no single update.
+    clipping_range : float (default: 1.0)
+        ``c``: each coordinate of ``n_i / N * update`` is clipped to ``[-c, c]``
+        (banks report how many they clipped, ``secagg-clipped``).
+    quantization_bits, modulus_bits : int (default: 22, 32)
+        Fixed point: ``2**quantization_bits`` levels over ``[-c, c]``, sums mod
+        ``2**modulus_bits``; at most ``2**(modulus_bits - quantization_bits)`` banks.
+    step_timeout : float (default: 600)
+        Seconds to wait for the banks in each extra protocol step.
+    compose_with : sequence
+        Strategies, mods or names the app combines with this one; a robust rule,
+        top-k compression or HE is refused here with the reason.
+    server_learning_rate, server_momentum, proximal_mu, max_plausible_examples, audit
+        As in :class:`UpdateAggregationStrategy` (applied to the unmasked mean).
+    max_weight, max_weight_median_multiple
+        Refused: banks pre-scale by their own count, the server cannot cap it.
+    """
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        *,
+        threshold: int | float = 2 / 3,
+        clipping_range: float = 1.0,
+        quantization_bits: int = 22,
+        modulus_bits: int = 32,
+        step_timeout: float = 600.0,
+        compose_with: Sequence[object] = (),
+        server_learning_rate: float = 1.0,
+        server_momentum: float = 0.0,
+        proximal_mu: float = 0.0,
+        max_weight: float | None = None,
+        max_weight_median_multiple: float | None = None,
+        max_plausible_examples: float = 1e9,
+        min_valid_replies: int = 1,
+        audit: AuditTrail | None = None,
+    ) -> None:
+        problems = [p for p in map(composition_problem, compose_with) if p]
+        if problems:
+            raise ValueError("SecureFedAvg cannot be combined: " + "; ".join(problems))
+        if max_weight is not None or max_weight_median_multiple is not None:
+            raise ValueError(
+                "SecureFedAvg cannot cap weights: each bank pre-scales its own update by its "
+                "count before masking, and the server never sees the update to re-weight it"
+            )
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ValueError(f"threshold must be an int >= 2 or a fraction, got {threshold!r}")
+        if isinstance(threshold, float) and not 0.5 < threshold <= 1.0:
+            raise ValueError(f"a fractional threshold must be in (0.5, 1], got {threshold}")
+        if isinstance(threshold, int) and threshold < 2:
+            raise ValueError(f"threshold must be at least 2, got {threshold}")
+        # Checks the fixed-point settings once, here (t is set per round).
+        SecAggParams(2, clipping_range, quantization_bits, modulus_bits)
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            server_learning_rate=server_learning_rate,
+            server_momentum=server_momentum,
+            proximal_mu=proximal_mu,
+            max_plausible_examples=max_plausible_examples,
+            min_valid_replies=min_valid_replies,
+            audit=audit,
+        )
+        self.threshold = threshold
+        self.clipping_range = float(clipping_range)
+        self.quantization_bits = int(quantization_bits)
+        self.modulus_bits = int(modulus_bits)
+        self.step_timeout = float(step_timeout)
+        self._grid: Grid | None = None
+        self._params: dict[int, SecAggParams] = {}
+
+    # ------------------------------------------------------------------ summary
+    def rule_summary(self) -> str:
+        return (
+            f"weighted mean via secure aggregation (t={self.threshold}, clip {self.clipping_range}"
+            f", {self.quantization_bits}-bit quantisation mod 2^{self.modulus_bits})"
+        )
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t\t└── Secure aggregation: the server sees masked updates and their sum")
+
+    def params_for(self, num_banks: int) -> SecAggParams:
+        """The round's public parameters for ``num_banks`` sampled banks."""
+        if isinstance(self.threshold, float):
+            t = max(2, math.ceil(self.threshold * num_banks - 1e-9))
+        else:
+            t = int(self.threshold)
+        if t > num_banks:
+            raise ValueError(
+                f"SecureFedAvg threshold t={t} exceeds the {num_banks} banks sampled: "
+                "lower threshold or sample more banks"
+            )
+        params = SecAggParams(t, self.clipping_range, self.quantization_bits, self.modulus_bits)
+        if num_banks > params.max_banks:
+            raise ValueError(
+                f"{num_banks} banks could wrap the masked sum: at most {params.max_banks} with "
+                f"quantization_bits={self.quantization_bits}, modulus_bits={self.modulus_bits}"
+            )
+        return params
+
+    # ------------------------------------------------------------------ Flower API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        for key, value in config.items():
+            if key == "topk-ratio" and float(value or 0.0) > 0:  # type: ignore[arg-type]
+                raise ValueError("SecureFedAvg: " + str(composition_problem("topk")))
+            if key.startswith("he-"):
+                raise ValueError("SecureFedAvg: " + str(composition_problem("he_mod")))
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._grid = grid
+        if not messages:
+            return messages
+        params = self.params_for(len(messages))
+        self._params[server_round] = params
+        for message in messages:
+            message.content[RECORD_KEY] = ConfigRecord(
+                {
+                    "stage": STAGE_TRAIN,
+                    "round": int(server_round),
+                    **params.to_dict(),
+                    "weight-key": self.weighted_by_key,
+                    "arrays-key": self.arrayrecord_key,
+                }
+            )
+        self.audit.record(
+            "secagg_step",
+            round=server_round,
+            stage=STAGE_TRAIN,
+            banks=len(messages),
+            **{k.replace("-", "_"): v for k, v in params.to_dict().items()},
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global is None or self._grid is None or server_round not in self._params:
+            raise RuntimeError("aggregate_train called before configure_train")
+        replies = list(replies)
+        params = self._params[server_round]
+        report = RoundReport(server_round, sampled=list(self._sampled.get(server_round, [])))
+        self.round_reports[server_round] = report
+        banks, rejected = self._read_advertisements(server_round, replies, report)
+        self.record_participation(server_round, report, replies, rejected, list(banks.values()))
+        try:
+            mean, survivors, extra = self._run_protocol(server_round, params, banks)
+        except SecAggError as err:
+            self.audit.record("secagg_failed", round=server_round, reason=str(err))
+            self.skip_round(
+                server_round, report, len(banks), reason=f"secure aggregation failed: {err}"
+            )
+            metrics = self._summary_metrics(report, [], None)
+            metrics["secagg-failed"] = 1
+            report.train_metrics = dict(metrics)
+            return None, metrics
+        new_arrays = self.server_step(mean.astype(self._layout.compute_dtype))  # type: ignore
+        kept = [banks[n] for n in survivors]
+        if new_arrays is None:
+            self.skip_round(server_round, report, len(kept), reason="aggregate is not finite")
+            return None, self._summary_metrics(report, kept, None)
+        report.model_sha256 = arrays_sha256(new_arrays)
+        for bank in kept:
+            report.clients[bank.node_id] = {
+                "selected": True,
+                "num_examples": bank.weight,
+                "label": bank.label,
+            }
+        self.audit.record(
+            "round_aggregated",
+            round=server_round,
+            rule=type(self).__name__,
+            accepted=len(kept),
+            rejected=len(report.rejected),
+            missing=len(report.missing),
+            selected=len(kept),
+            model_sha256=report.model_sha256,
+            server_saw="masked updates and the sum of the survivors' updates only",
+        )
+        metrics = self._summary_metrics(report, kept, None)  # type: ignore[arg-type]
+        for key, value in extra.items():
+            metrics[key] = value
+        report.train_metrics = dict(metrics)
+        return new_arrays, metrics
+
+    # ------------------------------------------------------------------ protocol
+    def _read_advertisements(
+        self, server_round: int, replies: list[Message], report: RoundReport
+    ) -> tuple[dict[int, _Bank], list[Any]]:
+        from flower_ext.validation import Rejection
+
+        bound, rejected = bind_replies(
+            replies, origins=self.origins("train"), sampled=report.sampled or None
+        )
+        banks: dict[int, _Bank] = {}
+        keys_seen: set[bytes] = set()
+        for msg, node in bound:
+            reason, label = "", ""
+            if msg.has_error():
+                reason = f"error reply: {short_reason(msg.error.reason, 250)}"
+            else:
+                label = client_label(msg)[:100]
+                rec = msg.content.config_records.get(RECORD_KEY)
+                metrics = msg.content.metric_records.get("metrics")
+                if msg.content.array_records:
+                    reason = "the reply carries arrays: under secure aggregation none may leave"
+                elif rec is None or rec.get("stage") != "advertise":
+                    reason = "no secure-aggregation keys in the reply: every bank needs secagg_mod"
+                elif not all(
+                    isinstance(rec.get(k), bytes) and len(rec[k]) == KEY_BYTES  # type: ignore
+                    for k in ("c-pk", "s-pk")
+                ):
+                    reason = "public keys are not 32-byte X25519 keys"
+                elif {rec["c-pk"], rec["s-pk"]} & keys_seen or rec["c-pk"] == rec["s-pk"]:
+                    reason = "public key reused (another bank's, or twice)"
+                elif metrics is None:
+                    reason = "no 'metrics' record"
+                else:
+                    weight, reason = check_weight(
+                        metrics, self.weighted_by_key, self.max_plausible_examples
+                    )
+            if reason:
+                rejected.append(Rejection(node, reason, label))
+                continue
+            keys_seen |= {rec["c-pk"], rec["s-pk"]}  # type: ignore[index]
+            banks[node] = _Bank(
+                node,
+                label,
+                float(weight),
+                metrics,
+                rec["c-pk"],
+                rec["s-pk"],  # type: ignore
+            )
+        return banks, rejected
+
+    def _exchange(
+        self, server_round: int, stage: str, payloads: dict[int, dict[str, Any]]
+    ) -> dict[int, Message]:
+        """Send one protocol step to each bank; the good replies by node (drop-outs audited)."""
+        assert self._grid is not None
+        messages = {
+            node: Message(
+                content=RecordDict(
+                    {RECORD_KEY: ConfigRecord({"stage": stage, "round": server_round, **body})}
+                ),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+                group_id=str(server_round),
+            )
+            for node, body in payloads.items()
+        }
+        replies = list(self._grid.send_and_receive(messages.values(), timeout=self.step_timeout))
+        origins = {m.metadata.message_id: n for n, m in messages.items() if m.metadata.message_id}
+        bound, rejected = bind_replies(replies, origins=origins, sampled=list(messages))
+        good: dict[int, Message] = {}
+        reasons = {r.node_id: r.reason for r in rejected if r.node_id in messages}
+        for msg, node in bound:
+            if msg.has_error():
+                reasons[node] = f"error reply: {short_reason(msg.error.reason, 250)}"
+            else:
+                rec = msg.content.config_records.get(RECORD_KEY)
+                if rec is None or rec.get("stage") != stage:
+                    reasons[node] = f"reply is not a '{stage}' answer"
+                else:
+                    good[node] = msg
+        for node in messages:
+            if node not in good:
+                reason = reasons.get(node, "no reply (timed out, or the node left)")
+                self.audit.record(
+                    "secagg_dropout",
+                    round=server_round,
+                    stage=stage,
+                    node_id=node,
+                    label=self.labels.get(node, ""),
+                    reason=reason,
+                )
+                log(
+                    WARNING,
+                    "Round %s: secagg %s: node %s dropped: %s",
+                    server_round,
+                    stage,
+                    node,
+                    reason,
+                )
+        return good
+
+    def _run_protocol(
+        self, server_round: int, params: SecAggParams, banks: dict[int, _Bank]
+    ) -> tuple[np.ndarray, list[int], dict[str, float | int]]:
+        srv = ServerRound(server_round, params)
+        if len(banks) < params.threshold:
+            raise TooFewSurvivors(
+                f"only {len(banks)} banks replied to the train message with keys, fewer than "
+                f"the threshold t={params.threshold}"
+            )
+        params.check_banks(len(banks))
+        nodes = sorted(banks)
+        total_weight = float(sum(b.weight for b in banks.values()))
+        adverts = {n: (banks[n].c_pk, banks[n].s_pk) for n in nodes}
+        for node in nodes:
+            srv.advertised(node, *adverts[node])
+        self.audit.record(
+            "secagg_step", round=server_round, stage="advertise", banks=nodes,
+            weight_total=total_weight,
+        )  # fmt: skip
+        body = {
+            "nodes": [str(n) for n in nodes],
+            "c-pk": [adverts[n][0] for n in nodes],
+            "s-pk": [adverts[n][1] for n in nodes],
+            "weight-total": total_weight,
+        }
+        got = self._exchange(server_round, STAGE_SHARE_KEYS, {n: body for n in nodes})
+        sent = {}
+        for node, msg in got.items():
+            rec = msg.content.config_records[RECORD_KEY]
+            try:
+                dsts = [int(d) for d in rec["dst"]]  # type: ignore[union-attr]
+                sent[node] = (dict(zip(dsts, rec["ct"], strict=True)), rec["seed-digest"])
+            except (KeyError, TypeError, ValueError) as err:
+                self.audit.record(
+                    "secagg_dropout",
+                    round=server_round,
+                    stage=STAGE_SHARE_KEYS,
+                    node_id=node,
+                    reason=f"malformed shares: {err}",
+                )
+        routed = srv.route_shares(sent)  # type: ignore[arg-type]
+        self.audit.record(
+            "secagg_step", round=server_round, stage=STAGE_SHARE_KEYS, banks=srv.u2,
+        )  # fmt: skip
+        payloads = {
+            dst: {"src": [str(s) for s in sorted(cts)], "ct": [cts[s] for s in sorted(cts)]}
+            for dst, cts in routed.items()
+        }
+        got = self._exchange(server_round, STAGE_MASKED_INPUT, payloads)
+        clipped = 0
+        dim = self._layout.dim  # type: ignore[union-attr]
+        for node, msg in got.items():
+            arrays = msg.content.array_records.get(RECORD_KEY + ".masked")
+            try:
+                if arrays is None or MASKED_KEY not in arrays:
+                    raise SecAggError("no masked array")
+                vec = arrays[MASKED_KEY].numpy()
+                if vec.shape != (dim,):
+                    raise SecAggError(f"masked array has shape {vec.shape}, expected ({dim},)")
+                srv.add_masked(node, vec)
+                clipped += int(msg.content.config_records[RECORD_KEY].get("clipped", 0))  # type: ignore
+            except (SecAggError, TypeError, ValueError) as err:
+                self.audit.record(
+                    "secagg_dropout",
+                    round=server_round,
+                    stage=STAGE_MASKED_INPUT,
+                    node_id=node,
+                    reason=f"rejected masked input: {err}",
+                )
+        survivors, dropped = srv.unmask_request()
+        self.audit.record(
+            "secagg_step", round=server_round, stage=STAGE_MASKED_INPUT, survivors=survivors,
+            dropped=dropped, clipped=clipped,
+        )  # fmt: skip
+        body = {"survivors": [str(n) for n in survivors], "dropped": [str(n) for n in dropped]}
+        got = self._exchange(server_round, STAGE_UNMASK, {n: body for n in survivors})
+        answers = {}
+        for node, msg in got.items():
+            rec = msg.content.config_records[RECORD_KEY]
+            try:
+                seeds = dict(
+                    zip(
+                        [int(x) for x in rec["seed-nodes"]],
+                        rec["seed-shares"],  # type: ignore
+                        strict=True,
+                    )
+                )
+                keys = dict(
+                    zip(
+                        [int(x) for x in rec["key-nodes"]],
+                        rec["key-shares"],  # type: ignore
+                        strict=True,
+                    )
+                )
+                answers[node] = (seeds, keys)
+            except (KeyError, TypeError, ValueError) as err:
+                self.audit.record(
+                    "secagg_dropout",
+                    round=server_round,
+                    stage=STAGE_UNMASK,
+                    node_id=node,
+                    reason=f"malformed shares: {err}",
+                )
+        total = srv.unmask(answers)  # type: ignore[arg-type]
+        if dropped:
+            self.audit.record(
+                "secagg_recovered", round=server_round, dropped=dropped,
+                answered=sorted(answers), threshold=params.threshold,
+                how="dropped banks' mask keys rebuilt from t shares; their pairwise masks removed",
+            )  # fmt: skip
+        self.audit.record(
+            "secagg_step", round=server_round, stage=STAGE_UNMASK, answered=sorted(answers),
+            survivors=survivors,
+        )  # fmt: skip
+        share = sum(banks[n].weight for n in survivors) / total_weight
+        mean = dequantize_sum(total, len(survivors), params) / share
+        extra = {
+            "secagg-survivors": len(survivors),
+            "secagg-dropped": len(dropped),
+            "secagg-threshold": params.threshold,
+            "secagg-clipped": clipped,
+            "secagg-max-error": len(survivors) * params.quantum / share,
+        }
+        return mean, survivors, extra
