@@ -17,10 +17,13 @@ the same command works by hand. The workdir defaults to ``~/.flower-ext-deploy``
 keep it outside ``apps/bank_risk`` (``flwr run`` would bundle it).
 
 Banks' data: the app's synthetic banks (``bank-index`` = 0..N-1), or
-``--csv-dir DIR`` with ``DIR/bank-<i>.csv`` per bank (node config ``csv-path``; run
-with ``dataset="csv"``). HE: ``--he-keys DIR`` (from ``flower-ext keygen DIR``)
-copies ``bank-secret.ckks`` into each bank's folder and points its SuperNode at
-that copy; the server gets ``he-public-context`` = ``DIR/server-public.ckks``.
+``--csv-dir DIR`` with ``DIR/bank-<i>.csv`` per bank (node config ``csv-path``: each
+bank uses all rows of its own file; run with ``dataset="csv"`` and
+``csv-source="per-bank"``, so the server needs no file), optionally with
+``--csv-schema FILE`` (run config ``csv-schema``) for raw exports.
+HE: ``--he-keys DIR`` (from ``flower-ext keygen DIR``) copies ``bank-secret.ckks`` into
+each bank's folder and points its SuperNode at that copy; the server gets
+``he-public-context`` = ``DIR/server-public.ckks``.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = {
         "banks": args.banks,
         "csv_dir": str(Path(args.csv_dir).resolve()) if args.csv_dir else "",
+        "csv_schema": str(Path(args.csv_schema).resolve()) if args.csv_schema else "",
         "he_keys": str(Path(args.he_keys).resolve()) if args.he_keys else "",
     }
     settings_file(dep).write_text(json.dumps(settings, indent=2))
@@ -118,6 +122,9 @@ def run_command(dep: LocalDeployment, overrides: list[str]) -> list[str]:
     config: dict[str, object] = {"num-banks": int(settings.get("banks", 3))}
     if settings.get("csv_dir"):
         config["dataset"] = "csv"
+        config["csv-source"] = "per-bank"  # each bank's node config csv-path, all its rows
+    if settings.get("csv_schema"):
+        config["csv-schema"] = settings["csv_schema"]
     if settings.get("he_keys"):
         config["he"] = True
         config["he-public-context"] = str(Path(settings["he_keys"]) / "server-public.ckks")
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--insecure", action="store_true", help="plain HTTP (implies --no-auth)")
     up.add_argument("--no-auth", action="store_true", help="accept any SuperNode")
     up.add_argument("--csv-dir", help="DIR with bank-<i>.csv for each bank")
+    up.add_argument("--csv-schema", help="schema TOML for the banks' files (csv-schema)")
     up.add_argument("--he-keys", help="DIR from `flower-ext keygen` (he = true)")
     run = sub.add_parser("run", help="flwr run the bank app on this deployment")
     run.add_argument("overrides", nargs="*", help="run-config key=value pairs")
