@@ -120,3 +120,68 @@ def test_disagreeing_majority_is_refused_and_few_banks_skip_outlier_step():
     parts = [feature_moments(x) for x in xs]
     with pytest.raises(ValueError, match="too few to tell"):  # nearly every bank an outlier
         robust_feature_moments(parts, z_max=0.01)
+
+
+# ---------------------------------------------------------------------------
+# The bank app's standardisation query
+# ---------------------------------------------------------------------------
+
+
+class _MomentsGrid:
+    """Answers the feature-statistics query with each node's (possibly poisoned) moments."""
+
+    def __init__(self, parts: dict[int, tuple]) -> None:
+        self.parts = parts
+
+    def send_and_receive(self, messages, timeout):
+        from conftest import sent
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        replies = []
+        for msg in sent(messages):
+            node = int(msg.metadata.dst_node_id)
+            count, total, total_sq = self.parts[node]
+            TaskIdentity.node_id = node
+            content = RecordDict(
+                {
+                    "moments": MetricRecord(
+                        {
+                            "num-examples": int(count),
+                            "sum": [float(v) for v in total],
+                            "sum-sq": [float(v) for v in total_sq],
+                        }
+                    ),
+                    "features": ConfigRecord({"names": [f"f{j}" for j in range(len(total))]}),
+                    "client-info": ConfigRecord({"bank": f"bank-{node}"}),
+                }
+            )
+            replies.append(Message(content=content, reply_to=msg))
+        TaskIdentity.node_id = 1
+        return replies
+
+
+def test_app_standardisation_neutralises_poison_and_pins_counts(as_server):
+    from bank_risk.server_app import federated_standardisation
+    from flower_ext.audit import AuditTrail
+
+    xs = banks(num=10)
+    nodes = list(range(100, 110))
+    parts = {n: feature_moments(x) for n, x in zip(nodes, xs, strict=True)}
+    parts[103] = _poison("sum-sq x 10000", parts[103])
+    parts[106] = _poison("count x 1000, consistent", parts[106])
+    audit = AuditTrail()
+    stats = federated_standardisation(_MomentsGrid(parts), nodes, 5.0, audit)
+    honest_mean, honest_std = pooled([x for n, x in zip(nodes, xs, strict=True) if n != 103])
+    assert np.abs(stats.std / honest_std - 1).max() < 0.25  # 106 over-weighted, bounded
+    assert np.abs(stats.mean - honest_mean).max() < 0.25 * honest_std.min()
+    events = {e["event"]: e for e in audit.events}
+    assert events["stats_rejected"]["node_id"] == 103
+    assert "outlier std" in events["stats_rejected"]["reason"]
+    assert events["stats_count_capped"]["node_id"] == 106
+    assert (
+        events["standardisation"]["outliers"] == [103] and events["standardisation"]["banks"] == 9
+    )
+    # The pinned training weights: reported counts, 106's capped at 3x the median.
+    assert stats.counts[100] == len(xs[0])
+    assert stats.counts[106] < 3 * max(len(x) for x in xs) < len(xs[6]) * 1000

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from flower_ext.aggregation.moments import robust_feature_moments
 from flower_ext.audit import AuditTrail, record_exchange, server_signer, short_reason
 from flower_ext.audit.signing import SERVER_KEY_ENV
 from flower_ext.data import DataError, load_all_banks
 from flower_ext.grid import MeteredGrid
-from flower_ext.model import build_model, combine_feature_moments, count_parameters
+from flower_ext.model import build_model, count_parameters
 from flower_ext.privacy import round_privacy
 from flower_ext.records import arrays_sha256
 from flower_ext.report import build_report
@@ -162,6 +163,9 @@ class Standardisation:
     features: list[str]
     #: node id -> bank label, from every bank that answered (also rejected answers).
     labels: dict[int, str]
+    #: node id -> the row count the bank may weigh with in training (its reported count,
+    #: capped relative to the federation): the strategy pins train weights to it.
+    counts: dict[int, float] = field(default_factory=dict)
 
 
 def _moments_of(reply: Message, names: list[str] | None) -> tuple[list[str], tuple]:
@@ -219,7 +223,7 @@ def federated_standardisation(
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     origins = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
-    parts, names = [], None
+    parts, names, part_nodes = [], None, []
     labels: dict[int, str] = {}
     problems: dict[int, str] = {}  # node -> why it is not in the standardisation
     answered: set[int] = set()
@@ -246,6 +250,7 @@ def federated_standardisation(
             continue
         names = names if names is not None else bank_names
         parts.append(part)
+        part_nodes.append(node)
     for node in nodes:
         if node not in answered:
             problems[node] = audit.record(
@@ -265,15 +270,45 @@ def federated_standardisation(
             "A short round-timeout or a slow first start of the banks can cause this; "
             "see audit.jsonl"
         )
-    mean, std = combine_feature_moments(parts)
+    mean, std, counts, outliers = combine_standardisation(parts, part_nodes, names, labels, audit)
     audit.record(
         "standardisation",
-        banks=len(parts),
+        banks=len(parts) - len(outliers),
+        outliers=outliers,
         features=names,
         labels={str(n): lbl for n, lbl in labels.items()},
         missing=sorted(problems),
     )
-    return Standardisation(mean, std, names, labels)
+    return Standardisation(mean, std, names, labels, counts)
+
+
+def combine_standardisation(
+    parts: list[tuple],
+    nodes: list[int],
+    names: list[str],
+    labels: dict[int, str],
+    audit: AuditTrail,
+) -> tuple[np.ndarray, np.ndarray, dict[int, float], list[int]]:
+    """Robust combine of the banks' moments (``flower_ext.aggregation.moments``).
+
+    A bank whose moments break a bound or are a robust outlier is left out of the
+    standardisation and audited (``stats_rejected``); a row count above 3x the
+    median is capped (``stats_count_capped``). Returns mean, std, the per-node
+    counts training weights are pinned to, and the nodes left out.
+    """
+    try:
+        result = robust_feature_moments(parts, names=names)
+    except ValueError as err:
+        raise RuntimeError(f"the banks' feature statistics cannot be combined: {err}") from None
+    for i, reason in sorted(result.rejected.items()):
+        node = nodes[i]
+        audit.record("stats_rejected", node_id=node, label=labels.get(node, ""), reason=reason)
+        log(WARNING, "[bank-risk] standardisation: node %s left out: %s", node, reason)
+    for i, reason in sorted(result.capped.items()):
+        node = nodes[i]
+        audit.record("stats_count_capped", node_id=node, label=labels.get(node, ""), reason=reason)
+    counts = {node: float(result.counts[i]) for i, node in enumerate(nodes)}
+    return result.mean, result.std, counts, sorted(nodes[i] for i in result.rejected)
 
 
 def centralized_ceiling(
@@ -638,6 +673,8 @@ def run_federation(
         inner.min_valid_replies = settings.min_banks
     # The banks' labels from the query, so even a bank failing round 1 is audited by name.
     inner.labels.update(labels)
+    if checkpoint is None:  # counts cannot buy influence: weights pinned to the setup counts
+        inner.pinned_weights.update(stats.counts)
     strategy = wrap_strategy(inner, settings, audit)
     recorder = RoundRecorder(settings, strategy, metered, metrics, audit, run_dir=run_dir)
     first_round = 1

@@ -19,8 +19,12 @@
 =====================  =====================================  ======================
 
 Every rule also takes ``max-weight`` and ``max-weight-median-multiple`` (caps
-on the banks' ``num-examples``; 0 turns a cap off) and the app's server step
-(``server-learning-rate``, ``server-momentum``, ``proximal-mu``).
+on the banks' ``num-examples``; 0: no absolute cap, and the rule's own median
+cap, 2x for the weight-using robust rules and none for FedAvg) and the app's
+server step (``server-learning-rate``, ``server-momentum``, ``proximal-mu``).
+Whatever the caps, the server app pins every bank's train weight to the row
+count it reported at standardisation (capped at 3x the median there), so a count
+claimed later cannot buy influence (``weight_capped`` in the audit says why).
 """
 
 from __future__ import annotations
@@ -133,13 +137,12 @@ def build_strategy(
         "server_momentum": settings.server_momentum,
         "proximal_mu": settings.proximal_mu,
         "max_weight": rs.max_weight if rs.max_weight > 0 else None,
-        "max_weight_median_multiple": (
-            rs.max_weight_median_multiple if rs.max_weight_median_multiple > 0 else None
-        ),
         "audit": audit,
         # Privacy figures are reported as the worst bank's (dp-epsilon-max), never a mean.
         "train_metrics_aggr_fn": privacy_train_metrics_aggr_fn,
     }
+    if rs.max_weight_median_multiple > 0:  # 0: the rule's default (2x for weight-using rules)
+        common["max_weight_median_multiple"] = rs.max_weight_median_multiple
     if he_enabled(settings.raw):  # encrypted aggregation: EncryptedFedAvg or a clear refusal
         return build_encrypted_strategy(settings, name, common)
     try:
