@@ -163,6 +163,12 @@ def _check_header(
             raise DataError(
                 f"CSV file '{path}', row 1: column {position} has an empty name; "
                 "every column needs a name"
+                + (
+                    " (pandas' to_csv writes its row index this way; a csv-schema drops it "
+                    'with columns.id = [""])'
+                    if position == 1
+                    else ""
+                )
             )
         if key in seen:
             raise DataError(

@@ -51,7 +51,7 @@ MAX_REPORTED_VALUES = 1000
 MAX_VALUE_CHARS = 100
 OTHER = "<other>"
 MISSING_CATEGORY = "<missing>"
-_MONEY_JUNK = re.compile(r"[\s$€£¥]|[A-Za-z]{3}(?=[\d(.-])|(?<=[\d)])[A-Za-z]{3}")
+_MONEY_JUNK = re.compile(r"^[A-Za-z]{3}|[A-Za-z]{3}$|[$€£¥]")  # "USD 12", "12 EUR", "$12"
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,8 @@ def numeric_values(table: RawTable, col: str, schema: Schema) -> np.ndarray:
     cleaned = text.copy()
     if col in schema.money:
         negative = cleaned.str.startswith("(") & cleaned.str.endswith(")")
-        cleaned = cleaned.str.strip("()").str.replace(_MONEY_JUNK, "", regex=True)
+        cleaned = cleaned.str.strip("()").str.replace(r"\s", "", regex=True)
+        cleaned = cleaned.str.replace(_MONEY_JUNK, "", regex=True)
         cleaned = _decimal(cleaned, schema.decimal, thousands=True)
         cleaned = cleaned.where(~negative, "-" + cleaned)
     elif col in schema.percent:
