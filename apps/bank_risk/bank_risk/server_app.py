@@ -59,6 +59,7 @@ from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import client_label, reply_sender
 
 from .encryption import prepare_keys
+from .preprocessing_query import with_preprocessing
 from .settings import BankAppSettings, SettingsError
 from .strategy_factory import build_strategy, check_run_config
 from .strategy_wrappers import wrap_strategy
@@ -645,9 +646,11 @@ def run_federation(
         minimum=minimum,
         simulation=is_simulation(grid),
     )
+    # csv-schema runs: the federated preprocessing first; its plan rides on every message.
+    sending = with_preprocessing(metered, nodes, settings, audit)
     if checkpoint is None:
         stats = federated_standardisation(
-            metered, nodes, settings.round_timeout, audit, required=settings.min_banks or None
+            sending, nodes, settings.round_timeout, audit, required=settings.min_banks or None
         )
         labels = stats.labels
         features = stats.features
@@ -691,7 +694,7 @@ def run_federation(
             num_rounds * settings.local_epochs,
         )
     final_arrays = run_rounds(
-        strategy, metered, initial, first_round, num_rounds, settings.round_timeout, recorder
+        strategy, sending, initial, first_round, num_rounds, settings.round_timeout, recorder
     )
     final_eval = app_metrics(strategy.evaluation_reports.get(num_rounds, {}).get("metrics", {}))
     per_bank = per_bank_table(strategy, num_rounds, settings)
