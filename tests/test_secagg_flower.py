@@ -234,3 +234,12 @@ def test_composition_refusals():
         SecureFedAvg().configure_train(
             1, _global(), ConfigRecord({"topk-ratio": 0.1}), Federation(NODES)
         )
+
+
+def test_clipping_is_counted_and_reported(as_server):
+    # c = 1e-3 is far below the updates (std 0.05): most coordinates get clipped.
+    strategy = SecureFedAvg(threshold=2, clipping_range=1e-3)
+    _, metrics = Federation(NODES).run_round(strategy)
+    assert metrics["secagg-clipped"] > 0
+    _, metrics = Federation(NODES).run_round(SecureFedAvg(threshold=2))
+    assert metrics["secagg-clipped"] == 0

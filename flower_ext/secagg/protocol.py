@@ -21,8 +21,9 @@ Shamir-shared mask keys that Bell et al. (SecAgg+, CCS 2020) keep. One round:
 Differences from the papers, on purpose: the mask graph is complete (SecAgg; the
 SecAgg+ sparse ``k``-regular graph only pays off at hundreds of clients), and there
 is no consistency-check round with signatures (that defends against a server that
-sends different ``U3`` to different banks; here the server is trusted to follow the
-protocol while curious about what it sees).
+sends different ``U3`` to different banks), and the public keys are not signed:
+a server that forges keys can read a bank's shares. The server is trusted to follow
+the protocol while curious about all it sees (semi-honest).
 
 Quantisation (Flower's, stochastic rounding): each coordinate is clipped to
 ``[-c, c]`` and mapped to an integer in ``[0, R]``, ``R = 2**quantization_bits``.
