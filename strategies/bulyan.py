@@ -82,7 +82,7 @@ class Bulyan(RobustStrategy):
             **kwargs,
         )
 
-    def min_clients(self) -> int:
+    def rule_min_clients(self) -> int:
         return bulyan_min_clients(self.num_malicious_nodes)
 
     def requirement(self) -> str:
@@ -94,7 +94,7 @@ class Bulyan(RobustStrategy):
             "coordinate the mean of the n - 4f selected values closest to the median"
         )
 
-    def aggregate_updates(
+    def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         return bulyan(updates, weights, self.num_malicious_nodes)

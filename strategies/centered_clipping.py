@@ -37,6 +37,10 @@ class CenteredClipping(RobustStrategy):
         shows it for every client, every round).
     iterations : int (default: 1)
         Clipping iterations per round (the paper uses 1 with a momentum center).
+    tau_factor : float, optional
+        Adaptive radius: each iteration ``tau_l = min(tau, tau_factor x median
+        distance to the center)`` of the round's updates; ``tau`` is then a
+        ceiling (``float("inf")`` allowed).
     num_malicious_nodes : int (default: 0)
         f; ``n >= 2f + 1`` is checked.
 
@@ -55,6 +59,7 @@ class CenteredClipping(RobustStrategy):
         *args: Any,
         tau: float,
         iterations: int = 1,
+        tau_factor: float | None = None,
         num_malicious_nodes: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -64,10 +69,17 @@ class CenteredClipping(RobustStrategy):
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
         self.tau = float(tau)
+        if tau_factor is not None and (
+            isinstance(tau_factor, bool)
+            or not isinstance(tau_factor, (int, float))
+            or not 0 < tau_factor < float("inf")
+        ):
+            raise ValueError(f"tau_factor must be a positive number, got {tau_factor!r}")
+        self.tau_factor = None if tau_factor is None else float(tau_factor)
         self.iterations = iterations
         self.center: np.ndarray | None = None
 
-    def min_clients(self) -> int:
+    def rule_min_clients(self) -> int:
         return median_min_clients(self.num_malicious_nodes)
 
     def requirement(self) -> str:
@@ -75,18 +87,25 @@ class CenteredClipping(RobustStrategy):
 
     def rule_summary(self) -> str:
         return (
-            f"centered clipping (tau={self.tau:g}, {self.iterations} iteration(s)) around the "
+            f"centered clipping (tau={self.tau:g}"
+            f"{'' if self.tau_factor is None else f' capping {self.tau_factor:g} x median'}"
+            f", {self.iterations} iteration(s)) around the "
             "previous round's aggregate, weighted by num-examples"
         )
 
-    def aggregate_updates(
+    def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         center = self.center
         if center is not None and center.shape != (updates.shape[1],):
             center = None  # the model changed shape: the history no longer applies
         result = centered_clipping(
-            updates, weights, tau=self.tau, center=center, iterations=self.iterations
+            updates,
+            weights,
+            tau=self.tau,
+            center=center,
+            iterations=self.iterations,
+            tau_factor=self.tau_factor,
         )
         self.center = np.array(result.update, dtype=np.float32)
         return result

@@ -59,7 +59,7 @@ class GeometricMedian(RobustStrategy):
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.max_iter, self.tol, self.eps = max_iter, float(tol), float(eps)
 
-    def min_clients(self) -> int:
+    def rule_min_clients(self) -> int:
         return median_min_clients(self.num_malicious_nodes)
 
     def requirement(self) -> str:
@@ -71,7 +71,7 @@ class GeometricMedian(RobustStrategy):
             f"tol={self.tol:g}), weighted by num-examples"
         )
 
-    def aggregate_updates(
+    def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         return geometric_median(

@@ -51,7 +51,7 @@ class Median(RobustStrategy):
         super().__init__(*args, num_malicious_nodes=num_malicious_nodes, **kwargs)
         self.report_distances = bool(report_distances)
 
-    def min_clients(self) -> int:
+    def rule_min_clients(self) -> int:
         return median_min_clients(self.num_malicious_nodes)
 
     def requirement(self) -> str:
@@ -60,7 +60,7 @@ class Median(RobustStrategy):
     def rule_summary(self) -> str:
         return "coordinate-wise median of the updates (unweighted)"
 
-    def aggregate_updates(
+    def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         return coordinate_median(updates, weights, report_distances=self.report_distances)

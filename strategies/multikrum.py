@@ -84,7 +84,7 @@ class MultiKrum(RobustStrategy):
             )
         self.num_nodes_to_select = None if num_nodes_to_select is None else int(num_nodes_to_select)
 
-    def min_clients(self) -> int:
+    def rule_min_clients(self) -> int:
         return max(krum_min_clients(self.num_malicious_nodes), self.num_nodes_to_select or 1)
 
     def requirement(self) -> str:
@@ -103,7 +103,7 @@ class MultiKrum(RobustStrategy):
             "with the smallest Krum scores (weights not used in the selection)"
         )
 
-    def aggregate_updates(
+    def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         return multi_krum(updates, weights, self.num_malicious_nodes, self.num_nodes_to_select)

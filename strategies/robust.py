@@ -23,6 +23,12 @@ rules (``Krum``, ``MultiKrum``, ``Median``, ``TrimmedMean``, ``Bulyan``,
   weight unless ``max_weight_median_multiple`` is passed (``None`` turns it off),
   so a count cannot buy more than that; ``pinned_weights`` (the counts a bank
   reported at setup) lowers claims further. Every lowered weight is audited.
+- ``bucket_size`` = s > 1: bucketing (Karimireddy, He, Jaggi, ICLR 2022) in front
+  of any rule: each round the updates are shuffled (seeded by ``bucket_seed`` and
+  the round), averaged in groups of s, and the rule runs on the ``ceil(n / s)``
+  bucket means with the same f (f attackers spoil at most f buckets). The rule's
+  n-vs-f condition then applies to the buckets; :meth:`min_clients` says so.
+  Subclasses implement :meth:`robust_aggregate` and :meth:`rule_min_clients`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.supercore import log
 
-from flower_ext.aggregation import AggregationResult
+from flower_ext.aggregation import AggregationResult, bucketed
 from flower_ext.validation import CheckedReply
 
 from .base import RoundReport, UpdateAggregationStrategy
@@ -67,6 +73,10 @@ class RobustStrategy(UpdateAggregationStrategy):
         arguments (weight caps, server step, audit).
     num_malicious_nodes : int (default: 0)
         f. Every rule checks that the sampled nodes can outvote f attackers.
+    bucket_size : int (default: 1, off)
+        s; > 1 runs the rule on means of random buckets of s updates.
+    bucket_seed : int (default: 0)
+        Seed of the bucket shuffles (one permutation per round, reproducible).
     max_weight_median_multiple : float or None
         For weight-using rules, default :data:`DEFAULT_WEIGHT_MEDIAN_MULTIPLE`
         (2.0); ``None`` switches the cap off.
@@ -75,15 +85,51 @@ class RobustStrategy(UpdateAggregationStrategy):
     #: Short name used in logs and in the audit trail's ``rule_params``.
     rule_name: str = "robust"
 
-    def __init__(self, *args: Any, num_malicious_nodes: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        num_malicious_nodes: int = 0,
+        bucket_size: int = 1,
+        bucket_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+            raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
+        self.bucket_size = bucket_size
+        self.bucket_seed = int(bucket_seed)
         if self.uses_weights:  # counts cannot buy influence by default (module docstring)
             kwargs.setdefault("max_weight_median_multiple", DEFAULT_WEIGHT_MEDIAN_MULTIPLE)
         super().__init__(*args, **kwargs)
         self.num_malicious_nodes = check_num_malicious(num_malicious_nodes)
 
-    # The smallest number of updates the rule aggregates with f attackers.
-    def min_clients(self) -> int:
+    # The smallest number of updates (or buckets) the rule aggregates with f attackers.
+    def rule_min_clients(self) -> int:
         return 1
+
+    def min_clients(self) -> int:
+        """Fewest updates per round: the rule's minimum, in buckets of s when bucketing."""
+        need = self.rule_min_clients()
+        return need if self.bucket_size <= 1 else (need - 1) * self.bucket_size + 1
+
+    def robust_aggregate(
+        self, updates: np.ndarray, weights: np.ndarray, server_round: int
+    ) -> AggregationResult:
+        """The rule's kernel on an (n, d) matrix (or the bucket means); each rule implements it."""
+        raise NotImplementedError
+
+    def aggregate_updates(
+        self, updates: np.ndarray, weights: np.ndarray, server_round: int
+    ) -> AggregationResult:
+        if self.bucket_size <= 1:
+            return self.robust_aggregate(updates, weights, server_round)
+        rng = np.random.default_rng([self.bucket_seed, server_round])
+        return bucketed(
+            lambda u, w: self.robust_aggregate(u, w, server_round),
+            updates,
+            weights,
+            self.bucket_size,
+            rng,
+        )
 
     def min_replies(self) -> int:
         return max(self.min_valid_replies, self.min_clients())
@@ -91,9 +137,12 @@ class RobustStrategy(UpdateAggregationStrategy):
     def check_client_count(self, num_nodes: int) -> None:
         need = self.min_clients()
         if num_nodes < need:
+            bucketing = (
+                f", applied to buckets of {self.bucket_size}" if self.bucket_size > 1 else ""
+            )
             raise ValueError(
                 f"{type(self).__name__} with num_malicious_nodes={self.num_malicious_nodes} "
-                f"needs at least {need} nodes per round ({self.requirement()}), but "
+                f"needs at least {need} nodes per round ({self.requirement()}{bucketing}), but "
                 f"{num_nodes} were sampled; sample more nodes (min_train_nodes, "
                 "fraction_train) or lower num_malicious_nodes"
             )
@@ -104,6 +153,13 @@ class RobustStrategy(UpdateAggregationStrategy):
 
     def summary(self) -> None:
         super().summary()
+        if self.bucket_size > 1:
+            log(
+                INFO,
+                "\t\t├── Bucketing: rule applied to means of random buckets of %d updates "
+                "(Karimireddy et al., ICLR 2022)",
+                self.bucket_size,
+            )
         log(
             INFO,
             "\t\t└── Tolerates f = %d malicious nodes; needs n >= %d (%s)",

@@ -62,7 +62,7 @@ class TrimmedMean(RobustStrategy):
         # Fails here, not at round 1, if beta = 0 with f > 0.
         trimmed_mean_min_clients(self.num_malicious_nodes, self.beta)
 
-    def min_clients(self) -> int:
+    def rule_min_clients(self) -> int:
         return trimmed_mean_min_clients(self.num_malicious_nodes, self.beta)
 
     def requirement(self) -> str:
@@ -74,7 +74,7 @@ class TrimmedMean(RobustStrategy):
             "from each end of every coordinate; unweighted)"
         )
 
-    def aggregate_updates(
+    def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
         k = trim_count(updates.shape[0], self.beta)

@@ -1,7 +1,9 @@
 """Aggregation kernels: pure functions over an (n, d) matrix of updates plus weights.
 
-``base`` holds the result types and the FedAvg rule; ``robust`` holds the
-Byzantine-robust rules. Nothing here imports Flower or torch.
+``base`` holds the result types, the FedAvg rule and the weight policy; ``robust``
+holds the Byzantine-robust rules; ``bucketing`` bucketing and adaptive radii;
+``moments`` the robust combination of feature moments (standardisation).
+Nothing here imports Flower or torch.
 """
 
 from .base import (
@@ -14,6 +16,8 @@ from .base import (
     weighted_mean,
     weighted_sum_into,
 )
+from .bucketing import adaptive_radius, bucket_means, bucketed
+from .moments import MomentsResult, robust_feature_moments
 from .robust import (
     bulyan,
     bulyan_min_clients,
@@ -37,6 +41,10 @@ from .robust import (
 __all__ = [
     "AggregationResult",
     "ClientReport",
+    "MomentsResult",
+    "adaptive_radius",
+    "bucket_means",
+    "bucketed",
     "bulyan",
     "bulyan_min_clients",
     "cap_weights",
@@ -54,6 +62,7 @@ __all__ = [
     "norm_bound",
     "normalised",
     "pairwise_sq_distances",
+    "robust_feature_moments",
     "trim_count",
     "trimmed_mean",
     "trimmed_mean_min_clients",

@@ -51,6 +51,7 @@ from .base import (
     check_matrix,
     normalised,
 )
+from .bucketing import adaptive_radius
 
 __all__ = [
     "bulyan",
@@ -809,6 +810,7 @@ def centered_clipping(
     tau: float,
     center: FloatVector | None = None,
     iterations: int = 1,
+    tau_factor: float | None = None,
 ) -> AggregationResult:
     r"""Centered clipping: average the differences to a center, each clipped to radius tau.
 
@@ -822,6 +824,13 @@ def centered_clipping(
     Robust Optimization", ICML 2021. ``tau = inf`` gives the weighted mean.
 
     Norms are exact (direct float64 differences, O(n d) per iteration).
+
+    Adaptive radius: with ``tau_factor``, every iteration uses
+    :math:`\tau_l = \min(\tau, \texttt{tau\_factor} \cdot
+    \operatorname{median}_i \lVert u_i - v_l \rVert)`
+    (:func:`~flower_ext.aggregation.bucketing.adaptive_radius`): the radius follows
+    the honest spread as training converges, and attackers, a minority, cannot
+    move the median. ``tau`` is then a ceiling (``inf`` allowed).
 
     Reports: all clients ``selected`` with their data-size ``weight``; ``score`` is
     :math:`\lVert u_i - v_{L-1} \rVert` and ``clip_factor`` the min(1, tau/.) of the
@@ -844,9 +853,12 @@ def centered_clipping(
             raise ValueError("center must be finite")
 
     norms = factors = np.ones(n)
+    radius = tau
     for _ in range(iterations):
         norms = _row_distances(updates, v)
-        factors = _clip_factors(norms, tau)
+        if tau_factor is not None:
+            radius = adaptive_radius(norms, tau_factor, ceiling=tau)
+        factors = _clip_factors(norms, radius)
         scaled = alpha * factors
         # v + sum_i a_i s_i (u_i - v) = (1 - sum_i a_i s_i) v + (a * s) @ U: one matvec
         # in the updates' dtype (casting U to float64 would copy the whole matrix).
@@ -861,7 +873,8 @@ def centered_clipping(
         reason = ""
         if factors[i] < 1.0:
             reason = (
-                f"distance {norms[i]:.4g} to the center > tau {tau:.4g}: "
+                f"distance {norms[i]:.4g} to the center > tau {radius:.4g}"
+                f"{' (adaptive)' if tau_factor is not None else ''}: "
                 f"difference scaled by {factors[i]:.3g}"
             )
         reports.append(
@@ -880,6 +893,7 @@ def norm_bound(
     updates: FloatMatrix,
     weights: FloatVector,
     max_norm: float,
+    norm_factor: float | None = None,
 ) -> AggregationResult:
     r"""Norm bounding: scale each update to L2 norm at most ``max_norm``, then average.
 
@@ -890,6 +904,12 @@ def norm_bound(
     NeurIPS FL workshop 2019. Equal to :func:`centered_clipping` with a zero center
     and one iteration; kept separate for its name and reasons.
 
+    Adaptive bound: with ``norm_factor``,
+    :math:`M = \min(\texttt{max\_norm}, \texttt{norm\_factor} \cdot
+    \operatorname{median}_i \lVert u_i \rVert)` from this round's norms
+    (:func:`~flower_ext.aggregation.bucketing.adaptive_radius`); ``max_norm`` is
+    then a ceiling (``inf`` allowed).
+
     Reports: all clients ``selected`` with their data-size ``weight``; ``score`` is
     the update's L2 norm, ``clip_factor`` = min(1, M / norm), with a reason for
     every scaled update.
@@ -899,6 +919,8 @@ def norm_bound(
     max_norm = _check_radius(max_norm, "max_norm")
     alpha = normalised(weights)
     norms = _row_distances(updates, None)
+    if norm_factor is not None:
+        max_norm = adaptive_radius(norms, norm_factor, ceiling=max_norm)
     factors = _clip_factors(norms, max_norm)
     aggregate = (alpha * factors).astype(updates.dtype) @ updates
     reports = []
