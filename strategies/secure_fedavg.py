@@ -267,8 +267,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._global is None or self._grid is None or server_round not in self._params:
+        if self._global is None or self._grid is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        if server_round not in self._params:  # no train messages this round (fraction 0)
+            return None, None
         replies = list(replies)
         params = self._params[server_round]
         report = RoundReport(server_round, sampled=list(self._sampled.get(server_round, [])))
@@ -447,6 +449,8 @@ class SecureFedAvg(UpdateAggregationStrategy):
             rec = msg.content.config_records[RECORD_KEY]
             try:
                 dsts = [int(d) for d in rec["dst"]]  # type: ignore[union-attr]
+                if sorted(dsts) != [n for n in nodes if n != node]:
+                    raise ValueError("not one share for every other bank")
                 sent[node] = (dict(zip(dsts, rec["ct"], strict=True)), rec["seed-digest"])
             except (KeyError, TypeError, ValueError) as err:
                 self.audit.record(

@@ -37,9 +37,10 @@ class Federation:
     ``drop`` maps a protocol stage to the nodes that vanish at it (no reply).
     """
 
-    def __init__(self, nodes, drop=None):
+    def __init__(self, nodes, drop=None, tamper=None):
         self.nodes = list(nodes)
         self.drop = drop or {}
+        self.tamper = tamper or (lambda stage, node, out: out)
         self.contexts = {
             n: Context(run_id=4242, node_id=n, node_config={}, state=RecordDict(), run_config={})
             for n in self.nodes
@@ -78,7 +79,8 @@ class Federation:
                 continue
             TaskIdentity.node_id = node
             try:
-                replies.append(secagg_mod(msg, self.contexts[node], self._train))
+                out = secagg_mod(msg, self.contexts[node], self._train)
+                replies.append(self.tamper(stage, node, out))
             finally:
                 _as_server()
         return replies
@@ -243,3 +245,19 @@ def test_clipping_is_counted_and_reported(as_server):
     assert metrics["secagg-clipped"] > 0
     _, metrics = Federation(NODES).run_round(SecureFedAvg(threshold=2))
     assert metrics["secagg-clipped"] == 0
+
+
+def test_a_bank_that_skips_a_share_is_dropped_and_the_round_goes_on(as_server):
+    def tamper(stage, node, out):
+        if stage == "share-keys" and node == 202:
+            rec = out.content[RECORD_KEY]
+            rec["dst"], rec["ct"] = rec["dst"][:1], rec["ct"][:1]
+        return out
+
+    audit = AuditTrail()
+    fed = Federation(NODES, tamper=tamper)
+    new, metrics = fed.run_round(SecureFedAvg(threshold=3, audit=audit))
+    survivors = [101, 303, 404]
+    _check_close(new, _plain_mean(_global(), survivors), metrics["secagg-max-error"] + 1e-6)
+    reasons = [e["reason"] for e in audit.events if e["event"] == "secagg_dropout"]
+    assert any("every other bank" in r for r in reasons)
