@@ -377,9 +377,14 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
             raise DataError(f"csv-dirichlet-alpha must be > 0, got {spec.dirichlet_alpha}")
         if spec.num_banks < 1:
             raise DataError(f"cannot split into {spec.num_banks} banks")
-        partitioner = _dirichlet_with_both_classes(frame, spec)
-    if spec.split != "dirichlet":  # the Dirichlet draw above already holds the rows
-        partitioner.dataset = Dataset.from_pandas(frame, preserve_index=False)
+        return _named_banks(
+            {
+                f"bank-{b}": frame.iloc[rows].reset_index(drop=True)
+                for b, rows in enumerate(dirichlet_bank_indices(frame, spec))
+            },
+            spec,
+        )
+    partitioner.dataset = Dataset.from_pandas(frame, preserve_index=False)
     try:
         num = partitioner.num_partitions
     except ValueError as err:  # raised when the Dirichlet draw cannot satisfy the min size
@@ -397,6 +402,12 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
             name = f"bank-{bank_index}-{spec.partition_column}={_fmt(value)}"
         else:
             name = f"bank-{bank_index}"
+        banks[name] = part
+    return _named_banks(banks, spec)
+
+
+def _named_banks(banks: dict[str, pd.DataFrame], spec: CsvSpec) -> dict[str, pd.DataFrame]:
+    for name, part in banks.items():
         if len(part) == 0:
             raise DataError(f"{name} was left with no rows by the '{spec.split}' split")
         if len(part) < MIN_BANK_ROWS:
@@ -404,69 +415,89 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
                 f"{name} has {len(part)} row(s) after the '{spec.split}' split; a bank needs "
                 f"at least {MIN_BANK_ROWS} (it holds out a test split)"
             )
-        banks[name] = part
     return banks
 
 
-#: Dirichlet draws tried (seed, seed + 1, ...) before a split that starves a class is refused.
-DIRICHLET_TRIES = 20
+#: Dirichlet draws tried (seed, seed + 1, ...) when one cannot meet the minimum bank size.
+DIRICHLET_TRIES = 4
 
 
-def _dirichlet_with_both_classes(frame: pd.DataFrame, spec: CsvSpec):
-    """A DirichletPartitioner whose draw leaves every bank ``min_class_rows`` of each class.
+def dirichlet_bank_indices(frame: pd.DataFrame, spec: CsvSpec) -> list[np.ndarray]:
+    """Row indices per bank: a Dirichlet(alpha) label skew that keeps both classes everywhere.
 
-    Dirichlet label skew at small alpha often gives a bank no defaults at all; such a
-    bank has no AUC and no verdict, and its local-only baseline is meaningless. Draws
-    are retried with the next seeds; when none of :data:`DIRICHLET_TRIES` works the
-    split is refused with the numbers, rather than run with a one-class bank.
+    flwr-datasets' :class:`DirichletPartitioner` draws the skew (``self_balancing``,
+    at least 20 rows a bank). At small alpha it often leaves a bank with no defaults
+    at all: such a bank has no AUC, no verdict and a meaningless local-only baseline.
+    So each bank short of ``min_class_rows`` rows of a class gets them moved over,
+    at random, from the bank holding most of that class (the skew stays, the
+    smallest possible change to it); the moves are logged. When the table itself
+    has too few rows of a class for that, the split is refused with the numbers.
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    labels = frame[spec.label_column].to_numpy()
-    counts = np.bincount(labels.astype(np.int64), minlength=2)
+    labels = frame[spec.label_column].to_numpy().astype(np.int64)
+    counts = np.bincount(labels, minlength=2)
     need = spec.min_class_rows
     if counts.min() < need * spec.num_banks:
         raise DataError(
-            f"the table has {counts[1]} default(s) and {counts[0]} non-default(s): too few to "
-            f"give each of {spec.num_banks} banks at least {need} of each class"
+            f"csv-split 'dirichlet': the table has {counts[1]} default(s) and {counts[0]} "
+            f"non-default(s), too few to give each of {spec.num_banks} banks at least {need} "
+            "of each class; lower num-banks (or use csv-split 'iid')"
         )
     dataset = Dataset.from_pandas(frame, preserve_index=False)
-    worst = ""
+    problem = ""
     for attempt in range(DIRICHLET_TRIES):
+        # At least 20 rows a bank; past a few seeds any size (the top-up below still gives
+        # every bank 2 x min_class_rows), since a tiny alpha rarely meets a minimum size.
+        smallest = min(20, len(frame) // spec.num_banks) if attempt < 3 else 0
         partitioner = DirichletPartitioner(
             num_partitions=spec.num_banks,
             partition_by=spec.label_column,
             alpha=spec.dirichlet_alpha,
-            min_partition_size=20,
+            min_partition_size=smallest,
             self_balancing=True,
             seed=spec.seed + attempt,
         )
         partitioner.dataset = dataset
         try:
-            parts = [partitioner.load_partition(i) for i in range(spec.num_banks)]
+            partitioner.load_partition(0)  # draws every bank's indices
         except ValueError as err:
-            worst = str(err)
+            problem = str(err)
             continue
-        classes = [np.bincount(np.asarray(p[spec.label_column]), minlength=2) for p in parts]
-        short = [(b, c) for b, c in enumerate(classes) if c.min() < need]
-        if not short:
-            if attempt:
-                logging.getLogger(__name__).info(
-                    "dirichlet split: seed %d kept >= %d rows of each class at every bank "
-                    "(%d earlier draw(s) did not)",
-                    spec.seed + attempt,
-                    need,
-                    attempt,
-                )
-            return partitioner
-        b, c = short[0]
-        worst = f"bank-{b} got {c[1]} default(s) and {c[0]} non-default(s)"
-    raise DataError(
-        f"csv-split 'dirichlet' at alpha {spec.dirichlet_alpha} with {spec.num_banks} banks: "
-        f"no draw in {DIRICHLET_TRIES} seeds left every bank at least {need} of each class "
-        f"(last: {worst}); raise csv-dirichlet-alpha or lower num-banks"
-    )
+        banks = [
+            np.asarray(partitioner._partition_id_to_indices[b], dtype=np.int64)
+            for b in range(spec.num_banks)
+        ]
+        return _top_up_classes(banks, labels, need, spec.seed)
+    raise DataError(f"could not split into banks: {problem}")
+
+
+def _top_up_classes(
+    banks: list[np.ndarray], labels: np.ndarray, need: int, seed: int
+) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    moved = 0
+    for cls in (1, 0):
+        while True:
+            have = np.array([(labels[b] == cls).sum() for b in banks])
+            short = int(np.argmin(have))
+            if have[short] >= need:
+                break
+            donor = int(np.argmax(have))
+            take = min(need - have[short], have[donor] - need)
+            rows = banks[donor][labels[banks[donor]] == cls]
+            chosen = rng.choice(rows, size=take, replace=False)
+            banks[donor] = np.setdiff1d(banks[donor], chosen)
+            banks[short] = np.concatenate([banks[short], chosen])
+            moved += take
+    if moved:
+        logging.getLogger(__name__).info(
+            "dirichlet split: moved %d row(s) so that every bank has >= %d of each class",
+            moved,
+            need,
+        )
+    return [np.sort(b) for b in banks]
 
 
 def _natural_order(value: object) -> tuple[int, float, str]:
