@@ -4,29 +4,40 @@ Honest clients' code is untouched: the handler trains as usual and this mod,
 on the malicious nodes only, rewrites the TRAIN reply with a kernel of
 :mod:`flower_ext.attacks`. Everything comes from the run config::
 
-    attack = "sign-flip"        # none|sign-flip|scaling|gaussian|label-flip|alie|ipm
+    attack = "sign-flip"        # see flower_ext.attacks.ATTACKS
     malicious-banks = "0,3"     # node indices (node config bank-index / partition-id)
     attack-scale = 10.0         # sign-flip, scaling
     attack-noise-std = 1.0      # gaussian
     attack-alie-z = 0.0         # 0: Baruch et al.'s z_max(n, f), n = num-banks
     attack-ipm-epsilon = 5.0
     attack-seed = 0
+    attack-count-factor = 0.0   # num-examples multiplier; 0: 100 for weight-inflation, else 1
+    attack-moments-factor = 1e4 # poisoned-standardisation: sum-sq multiplier
+    attack-knowledge = "colluders"  # or "all": the attackers know every bank's honest update
+    attack-perturbation = "std" # min-max / min-sum direction: std, unit, sign
 
 How each attack is plumbed:
 
 - ``sign-flip``, ``scaling``, ``gaussian``: the reply's weights become
   ``global + attack(local - global)``, with the reply's keys and dtypes.
+- ``weight-inflation`` (and any attack with ``attack-count-factor`` > 1): the
+  reply's ``num-examples`` is multiplied; ``weight-inflation`` also flips labels.
+- ``poisoned-standardisation``: the QUERY reply's ``moments`` get ``sum-sq``
+  multiplied by ``attack-moments-factor``; training stays honest.
 - ``label-flip``: for the duration of the call the mod puts a flag in
   ``context.state`` (ConfigRecord ``attack``, ``flip-labels = True``) and the
   app's train handler trains on :func:`training_labels`, i.e. ``1 - y``. The flag
   lives in node state, which the server cannot write: a server cannot make an
   honest bank flip its labels through the train config.
-- ``alie``, ``ipm``: the colluding attackers pool their honest updates
+- ``alie``, ``ipm``, ``min-max``, ``min-sum``, ``fang-trim``, ``fang-krum``,
+  ``mimic``: the colluding attackers pool their honest updates
   (:mod:`flower_ext.attacks` explains this threat model). The mod gets the other
   colluders' honest updates from the ``colluder_updates`` hook given to
   :class:`AttackMod` (the bank app trains them from the same global model and
   the same seeds, so every colluder computes the same pool and sends the same
-  vector); without a hook the attacker's own update is the whole pool.
+  vector); without a hook the attacker's own update is the whole pool. With
+  ``attack-knowledge = "all"`` the hook is asked for every other bank's honest
+  update (the papers' omniscient attacker; costs one training per bank).
 
 Other message types, error replies and replies that do not match the model
 received pass through untouched; the incoming message is never modified.
@@ -38,11 +49,27 @@ from collections.abc import Callable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
-from flower_ext.attacks import COLLUDING_ATTACKS, AttackConfig, apply_attack, flip_labels
+from flower_ext.attacks import (
+    COLLUDING_ATTACKS,
+    LABEL_FLIP_ATTACKS,
+    AttackConfig,
+    apply_attack,
+    flip_labels,
+    inflate_count,
+    poison_moments,
+)
 from flower_ext.records import ArrayLayout
 
 STATE_KEY = "attack"
@@ -97,7 +124,8 @@ class AttackMod:
         self.index_keys = index_keys
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+        kind = msg.metadata.message_type
+        if kind not in (MessageType.TRAIN, MessageType.QUERY) or not msg.has_content():
             return call_next(msg, context)
         cfg = AttackConfig.from_config(
             context.run_config,
@@ -107,7 +135,25 @@ class AttackMod:
         if not cfg.is_malicious(index):
             return call_next(msg, context)
         assert index is not None
-        if cfg.attack == "label-flip":
+        if kind == MessageType.QUERY:
+            if cfg.attack != "poisoned-standardisation":
+                return call_next(msg, context)
+            return _poison_query_reply(call_next(msg, context), cfg.moments_factor)
+        out = self._attack_train(msg, context, call_next, cfg, index)
+        factor = cfg.effective_count_factor()
+        if factor > 1 and not out.has_error() and out.has_content():
+            out = _inflate_reply_count(out, factor)
+        return out
+
+    def _attack_train(
+        self,
+        msg: Message,
+        context: Context,
+        call_next: ClientAppCallable,
+        cfg: AttackConfig,
+        index: int,
+    ) -> Message:
+        if cfg.attack in LABEL_FLIP_ATTACKS:
             context.state[STATE_KEY] = ConfigRecord({FLIP_LABELS: True})
             try:
                 return call_next(msg, context)
@@ -131,18 +177,56 @@ class AttackMod:
         update = layout.flatten(local, dtype=np.float64) - global_flat
         honest = None
         if cfg.attack in COLLUDING_ATTACKS:
-            others = [i for i in cfg.malicious if i != index]
+            known = cfg.malicious
+            if cfg.knowledge == "all" and cfg.num_clients > 0:
+                known = tuple(range(cfg.num_clients))
+            others = [i for i in known if i != index]
             pool = {index: update}
             if others and self.colluder_updates is not None:
                 pool.update(zip(others, self.colluder_updates(msg, context, others), strict=True))
             honest = np.stack([pool[i] for i in sorted(pool)])  # same order on every colluder
         server_round = int(msg.content.config_records.get("config", {}).get("server-round", 0))  # type: ignore[union-attr,arg-type]
         rng = np.random.default_rng([cfg.seed, index, server_round])
-        attacked = apply_attack(cfg, update, honest=honest, rng=rng)
+        rank = cfg.malicious.index(index) if index in cfg.malicious else 0
+        attacked = apply_attack(
+            cfg, update, honest=honest, rng=rng, attacker_rank=rank, server_round=server_round
+        )
         content = RecordDict()
         for key, record in out.content.items():
             content[key] = layout.unflatten(global_flat + attacked) if key == arrays_key else record
         return Message(metadata=out.metadata, content=content)
+
+
+def _inflate_reply_count(out: Message, factor: float) -> Message:
+    """The reply with every ``num-examples`` metric multiplied by ``factor``."""
+    content = RecordDict()
+    for key, record in out.content.items():
+        if isinstance(record, MetricRecord) and "num-examples" in record:
+            record = MetricRecord(dict(record))
+            record["num-examples"] = inflate_count(record["num-examples"], factor)  # type: ignore[arg-type]
+        content[key] = record
+    return Message(metadata=out.metadata, content=content)
+
+
+def _poison_query_reply(out: Message, factor: float) -> Message:
+    """The feature-moments reply with ``sum-sq`` multiplied (poisoned standardisation)."""
+    if out.has_error() or not out.has_content() or "moments" not in out.content:
+        return out
+    moments = out.content["moments"]
+    if not isinstance(moments, MetricRecord) or "sum-sq" not in moments:
+        return out
+    _, _, total_sq = poison_moments(
+        moments["num-examples"],  # type: ignore[arg-type]
+        np.asarray(moments["sum"]),
+        np.asarray(moments["sum-sq"]),
+        factor,
+    )
+    content = RecordDict()
+    for key, record in out.content.items():
+        if key == "moments":
+            record = MetricRecord({**dict(moments), "sum-sq": [float(v) for v in total_sq]})
+        content[key] = record
+    return Message(metadata=out.metadata, content=content)
 
 
 #: The ready-made mod (ALIE/IPM pool only the attacker's own update).
