@@ -14,9 +14,16 @@
 ``geometric-median``   ``GeometricMedian``                    ``num-malicious``,
                                                               ``geomed-max-iter``
 ``centered-clipping``  ``CenteredClipping``                   ``clip-tau``,
-                                                              ``clip-iterations``
-``norm-bound``         ``NormBound``                          ``max-norm``
+                                                              ``clip-iterations``,
+                                                              ``clip-tau-factor``
+``norm-bound``         ``NormBound``                          ``max-norm``,
+                                                              ``norm-factor``
 =====================  =====================================  ======================
+
+``bucket-size`` (every robust rule; 1 = off) puts bucketing (Karimireddy et al.,
+ICLR 2022) in front of the rule. ``norm-factor`` / ``clip-tau-factor`` > 0 make
+the radius adaptive: that multiple of the round's median norm (distance to the
+center), with ``max-norm`` / ``clip-tau`` as ceilings.
 
 Every rule also takes ``max-weight`` and ``max-weight-median-multiple`` (caps
 on the banks' ``num-examples``; 0: no absolute cap, and the rule's own median
@@ -65,7 +72,11 @@ class RobustSettings:
     max_norm: float = 1.0
     geomed_max_iter: int = 100
     max_weight: float = 0.0  # 0: no cap
-    max_weight_median_multiple: float = 0.0  # 0: no cap
+    max_weight_median_multiple: float = 0.0  # 0: the rule's default
+    bucket_size: int = 1  # 1: no bucketing
+    norm_factor: float = 0.0  # 0: fixed max-norm
+    clip_tau_factor: float = 0.0  # 0: fixed clip-tau
+    seed: int = 42  # the run's seed; seeds the bucket shuffles
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> RobustSettings:
@@ -83,24 +94,44 @@ class RobustSettings:
                 max_weight_median_multiple=float(
                     cfg.get("max-weight-median-multiple", d.max_weight_median_multiple)  # type: ignore[arg-type]
                 ),
+                bucket_size=int(cfg.get("bucket-size", d.bucket_size)),  # type: ignore[arg-type]
+                norm_factor=float(cfg.get("norm-factor", d.norm_factor)),  # type: ignore[arg-type]
+                clip_tau_factor=float(cfg.get("clip-tau-factor", d.clip_tau_factor)),  # type: ignore[arg-type]
+                seed=int(cfg.get("seed", d.seed)),  # type: ignore[arg-type]
             )
         except (TypeError, ValueError) as err:
             raise SettingsError(f"invalid run config for robust aggregation: {err}") from err
 
 
 def _robust(cls: type, **params: Any) -> Callable[[RobustSettings, dict[str, Any]], Any]:
-    """A builder passing ``num-malicious`` and the named rule parameters to ``cls``."""
+    """A builder passing ``num-malicious``, ``bucket-size`` and the named rule parameters.
+
+    A parameter mapped to a ``*_factor`` attribute is passed only when > 0 (0: off).
+    """
 
     def build(rs: RobustSettings, common: dict[str, Any]) -> UpdateAggregationStrategy:
         values = {name: getattr(rs, attr) for name, attr in params.items()}
-        return cls(**common, num_malicious_nodes=rs.num_malicious, **values)  # type: ignore[no-any-return]
+        values = {k: v for k, v in values.items() if not (k.endswith("_factor") and v <= 0)}
+        return cls(  # type: ignore[no-any-return]
+            **common,
+            num_malicious_nodes=rs.num_malicious,
+            bucket_size=rs.bucket_size,
+            bucket_seed=rs.seed,
+            **values,
+        )
 
     return build
 
 
 def _multikrum(rs: RobustSettings, common: dict[str, Any]) -> UpdateAggregationStrategy:
     select = rs.multikrum_select if rs.multikrum_select > 0 else None
-    return MultiKrum(**common, num_malicious_nodes=rs.num_malicious, num_nodes_to_select=select)
+    return MultiKrum(
+        **common,
+        num_malicious_nodes=rs.num_malicious,
+        num_nodes_to_select=select,
+        bucket_size=rs.bucket_size,
+        bucket_seed=rs.seed,
+    )
 
 
 BUILDERS: dict[str, Callable[[RobustSettings, dict[str, Any]], UpdateAggregationStrategy]] = {
@@ -111,8 +142,13 @@ BUILDERS: dict[str, Callable[[RobustSettings, dict[str, Any]], UpdateAggregation
     "trimmed-mean": _robust(TrimmedMean, beta="trim_beta"),
     "bulyan": _robust(Bulyan),
     "geometric-median": _robust(GeometricMedian, max_iter="geomed_max_iter"),
-    "centered-clipping": _robust(CenteredClipping, tau="clip_tau", iterations="clip_iterations"),
-    "norm-bound": _robust(NormBound, max_norm="max_norm"),
+    "centered-clipping": _robust(
+        CenteredClipping,
+        tau="clip_tau",
+        iterations="clip_iterations",
+        tau_factor="clip_tau_factor",
+    ),
+    "norm-bound": _robust(NormBound, max_norm="max_norm", norm_factor="norm_factor"),
 }
 AGGREGATIONS = tuple(BUILDERS)
 
