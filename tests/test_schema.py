@@ -328,3 +328,19 @@ def test_continuous_partition_column_is_binned(tmp_path):
     edges = [float(b.name.split("=")[1].strip("([").split(",")[0]) for b in banks]
     assert edges == sorted(edges)
     assert sum(len(b.y_train) + len(b.y_test) for b in banks) == n
+
+
+def test_the_readme_schema_example_loads_the_readme_export(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("#### Preparing a schema") :]
+    toml = re.search(r"```toml\n(.*?)```", block, re.S).group(1)
+    lines = re.search(r"```text\n(.*?)```", block, re.S).group(1).strip().splitlines()
+    schema = parse_schema(toml)
+    table = read_raw(_write(tmp_path, "\n".join([lines[0]] + lines[1:] * 3) + "\n"), schema)
+    names, x, y = apply_preprocessing(table, schema, _plan(table, schema))
+    assert "branch" not in " ".join(names) and "customer_no" not in names
+    assert {"limit", "rate", "income:missing"} <= set(names)
+    assert y.tolist() == [0, 1] * 3 and np.isfinite(x).all()
