@@ -200,6 +200,23 @@ def max_abs_sum(ctx: ts.Context) -> float:
     return float(2.0 ** (context_data_bits(ctx) - math.log2(ctx.global_scale) - 3))
 
 
+#: Standard deviation of one fresh ciphertext's error per value, in units of ``scale``
+#: (public-key encryption noise of N = 4096 keys, measured ~2^10 before decoding).
+ENCRYPTION_NOISE = 2.0**10
+
+
+def noise_floor(ctx: ts.Context) -> float:
+    """Typical absolute error one fresh ciphertext adds to each value it carries.
+
+    ``2^10 / scale``: about 2.4e-7 with the default ``scale_bits = 32`` (3.8e-6 with
+    28). A value much smaller than this decrypts to noise; the sum of ``k`` ciphertexts
+    carries about ``sqrt(k)`` times it. :class:`flower_ext.mods.HEMod` refuses a
+    contribution whose weighted update would sink into it
+    (:func:`flower_ext.mods.he.check_precision`).
+    """
+    return float(ENCRYPTION_NOISE / ctx.global_scale)
+
+
 def context_parameters(ctx: ts.Context) -> CKKSParameters:
     """The parameters of ``ctx`` (the special prime's size is not recoverable: given as total)."""
     sc = ctx.seal_context().data

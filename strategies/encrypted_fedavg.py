@@ -57,9 +57,12 @@ from flower_ext.crypto import (
     codec_for,
     context_fingerprint,
     load_public_context,
+    max_abs_sum,
+    noise_floor,
     num_chunks,
 )
 from flower_ext.mods.he import (
+    ABS_TOLERANCE,
     CIPHERTEXTS,
     FINGERPRINT_KEY,
     FORMAT_KEY,
@@ -257,6 +260,20 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         except CryptoError as err:
             raise ValueError(f"EncryptedFedAvg cannot use this context: {err}") from err
         self.slots = self.codec.slots
+        # The scale's useful range: above it one example moving a weight by 1 already
+        # overflows the sum; below it even a bank of max_plausible_examples rows would
+        # decrypt with more than 1e-6 of CKKS noise per weight (banks refuse then too,
+        # HEMod's check_precision; this fails at construction instead of every round).
+        low = noise_floor(self.context) / (ABS_TOLERANCE * self.max_plausible_examples)
+        high = max_abs_sum(self.context)
+        if not low <= weight_scale <= high:
+            raise ValueError(
+                f"weight_scale {weight_scale:g} is outside [{low:.2g}, {high:.3g}] for these "
+                f"keys: above, one example moving a weight by 1 overflows the encrypted sum; "
+                f"below, even a bank of max_plausible_examples={self.max_plausible_examples:g} "
+                f"rows would decrypt with more CKKS noise (about {noise_floor(self.context):.2g}"
+                f" / (scale x rows)) than {ABS_TOLERANCE:g} per weight"
+            )
         self.weight_scale = float(weight_scale)
         #: Digests of every ciphertext accepted so far (exact replays are refused).
         self._seen_digests: dict[bytes, int] = {}

@@ -88,7 +88,7 @@ def test_bank_app_runs_end_to_end_with_he_and_update_dp(tmp_path):
     assert metrics["status"] == "finished", metrics.get("error")
     for entry in metrics["rounds"]:
         assert entry["clients"]["accepted"] == 3 and not entry["clients"]["rejected"]
-        assert "dp-epsilon" in entry["train"]
+        assert "dp-epsilon-max" in entry["train"]
         assert entry["evaluate"].get("auc") is not None  # banks decrypt and evaluate
     assert metrics["final"]["auc"] is not None
     assert verify_audit_trail(run_dir / "audit.jsonl") is None

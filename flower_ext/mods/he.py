@@ -30,14 +30,24 @@ to those of the ``he-num-banks`` banks the server sampled, could pass the CKKS
 range (:func:`check_sum_range`). Whatever the server sends, the mod answers
 with a reply, never an exception.
 
+Two more refusals guard against an *active* server: a contribution whose weighted
+update would sink into the CKKS noise (:func:`check_precision`, a weight scale
+too small), and a message that breaks what the bank pinned earlier in the run
+(:meth:`HEMod.pin`: the public base model, one global model per round, the
+round's range settings). These narrow, but do not close, the server's use of a
+bank as a decryption oracle through its clear metrics (README, "What HE
+protects, and what it does not").
+
 Where the secret context comes from, first match wins: the ``secret_context``
 argument; the node config ``he-secret-context`` (deployment:
 ``flower-supernode --node-config "he-secret-context='/keys/bank-secret.ckks'"``);
-the run config ``he-secret-context`` (simulation); the per-run simulation key
+then, **only for a bank whose node config does not say** ``he = true``, the run
+config ``he-secret-context`` (simulation) and the per-run simulation key
 directory (:func:`flower_ext.crypto.simulation_key_dir`) the bank app's server
 fills in a simulation when both paths are empty - used only if this user owns it
-and nobody else can read it, and never by a bank whose node config says
-``he = true`` (a deployed bank uses its own key file).
+and nobody else can read it. A bank whose node config says ``he = true`` and
+names no key refuses: the run config is the server's, and a key file the server
+names could be one the server made.
 
 The final model: :func:`decrypt_result` turns what ``EncryptedFedAvg.start``
 returned (or saved) into the plaintext model, for a bank holding the key.
@@ -80,9 +90,10 @@ from flower_ext.crypto import (
     encrypt_packed,
     load_secret_context,
     max_abs_sum,
+    noise_floor,
     simulation_key_dir,
 )
-from flower_ext.records import ArrayLayout, array_view
+from flower_ext.records import ArrayLayout, array_view, arrays_sha256
 
 #: Train/evaluate config keys the server sets.
 FINGERPRINT_KEY = "he-fingerprint"
@@ -105,6 +116,16 @@ CIPHERTEXTS = "he.ciphertexts"
 WEIGHT_TOTAL = "he.weight-total"
 RESERVED_PREFIX = "he."
 TOPK_RATIO_KEY = "topk-ratio"
+#: Flower's round number in every train/evaluate config, and the run's round count.
+ROUND_KEY = "server-round"
+NUM_ROUNDS_KEY = "num-server-rounds"
+#: ``context.state`` record where a bank pins what the server showed it (see :meth:`HEMod.pin`).
+PINS_STATE_KEY = "he-pins"
+#: Precision floor (:func:`check_precision`): a bank's ciphertext noise, in model units,
+#: may exceed neither ``ABS_TOLERANCE`` nor ``2^-MIN_SIGNAL_BITS`` of its largest update
+#: coordinate.
+ABS_TOLERANCE = 1e-6
+MIN_SIGNAL_BITS = 8
 
 
 class HEConfigError(RuntimeError):
@@ -250,8 +271,9 @@ class HEMod:
     ----------
     secret_context : str | Path | tenseal.Context, optional
         The banks' secret context (``bank-secret.ckks`` from ``flower-ext keygen``).
-        Omitted: node config, then run config ``he-secret-context``, then (simulation
-        only) the per-run key directory.
+        Omitted: node config ``he-secret-context``; then, unless the node config says
+        ``he = true``, run config ``he-secret-context`` and (simulation only) the
+        per-run key directory.
     enabled : bool, optional
         Force the mod on or off. Omitted: the bank's own node config ``he`` when it
         has one (the bank's setting wins over the run config), else on when the
@@ -299,19 +321,28 @@ class HEMod:
         """The bank's secret context (see the module docstring for where it comes from)."""
         if self.secret_context is not None:
             return load_secret_context(self.secret_context)
-        for source in (context.node_config, context.run_config):
-            path = str(source.get(SECRET_CONTEXT_KEY, "") or "")
-            if path:
-                return load_secret_context(path)
+        node_path = str(context.node_config.get(SECRET_CONTEXT_KEY, "") or "")
+        if node_path:
+            return load_secret_context(node_path)
+        if _as_bool(context.node_config.get(ENABLED_KEY, False)):
+            # A bank that asked for HE in its own node config is a deployed bank: its key
+            # comes from its own node config only, never from a path the run config (the
+            # server) names, nor from keys someone else generated on this host.
+            raise HEConfigError(
+                "this bank's node config says he = true but names no key: set the node "
+                f"config '{SECRET_CONTEXT_KEY}' to this bank's bank-secret.ckks (flower-supernode "
+                f"--node-config \"he=true {SECRET_CONTEXT_KEY}='/keys/bank-secret.ckks'\"); a "
+                f"bank configured for HE never loads the key file the run config "
+                f"'{SECRET_CONTEXT_KEY}' names (the server chooses the run config)"
+            )
+        run_path = str(context.run_config.get(SECRET_CONTEXT_KEY, "") or "")
+        if run_path:
+            return load_secret_context(run_path)
         how = (
             "set the node config "
             f"'{SECRET_CONTEXT_KEY}' (deployment) or the run config '{SECRET_CONTEXT_KEY}' "
             "(simulation) to the bank-secret.ckks written by `flower-ext keygen`"
         )
-        if _as_bool(context.node_config.get(ENABLED_KEY, False)):
-            # A bank that asked for HE in its own node config is a deployed bank: it
-            # never takes keys someone else generated on this host.
-            raise HEConfigError(f"this bank's node config says he = true but names no key: {how}")
         fallback = simulation_key_dir(context.run_id) / SECRET_FILE
         if fallback.is_file():
             _check_private(fallback)
@@ -381,14 +412,121 @@ class HEMod:
         if len(msg.content.array_records) != 1:
             raise HEConfigError("the message has no single ArrayRecord holding the global model")
         arrays_key, record = next(iter(msg.content.array_records.items()))
-        base, _ = split_global(record)
+        base, he_arrays = split_global(record)
+        pins = self.pin(msg, context, base, he_arrays, round_cfg)
         start = time.perf_counter()
         plain = decrypt_global(ctx, record)
         self._last_decrypt = time.perf_counter() - start
+        context.state[PINS_STATE_KEY] = pins  # only a model that decrypted is pinned
         content = RecordDict()
         for key, value in msg.content.items():
             content[key] = plain if key == arrays_key else value
         return ctx, Message(metadata=msg.metadata, content=content), base, round_cfg
+
+    def pin(
+        self,
+        msg: Message,
+        context: Context,
+        base: ArrayRecord,
+        he_arrays: ArrayRecord,
+        round_cfg: tuple[int, float],
+    ) -> ConfigRecord:
+        """Check a message against what this bank pinned earlier in the run; the new pins.
+
+        Against an *active* server that uses the bank as a decryption oracle (it sends
+        another bank's ciphertext as "the global model" with a crafted public base
+        and reads the clear metrics, see the README), the bank keeps in
+        ``context.state`` (per run, per node: Flower keeps it between messages):
+
+        * the public base model of its first message: a later message with another
+          base is refused (the base of :class:`EncryptedFedAvg` never changes within
+          a run; changing it is how a server isolates one input or pins the bias);
+        * one global model per model index (train round ``r`` carries model
+          ``r - 1``, evaluate round ``r`` model ``r``, as Flower's loop sends them): a
+          second, different model (ciphertexts or total weight) for an index already
+          seen, or a model older than the newest seen, is refused; so is a round past
+          the run config's ``num-server-rounds``. Each bank thus decrypts at most one
+          model per round, and evaluates the very model it then trains on;
+        * the train round's ``he-num-banks`` and ``he-weight-scale``: a repeated train
+          message for the same round must announce the same ones (one range or
+          precision refusal per round, not a binary search).
+
+        Raises :class:`HEConfigError` saying which rule the message broke.
+        """
+        config = _config(msg)
+        if ROUND_KEY not in config:
+            raise HEConfigError(
+                f"the message has no '{ROUND_KEY}': this bank decrypts one global model per "
+                "round and cannot tell which round this one is"
+            )
+        rnd = _number(config[ROUND_KEY], ROUND_KEY)
+        if rnd < 1 or rnd != int(rnd):
+            raise HEConfigError(f"'{ROUND_KEY}' must be a positive integer, got {rnd:g}")
+        rnd_i = int(rnd)
+        rounds = context.run_config.get(NUM_ROUNDS_KEY)
+        if (
+            isinstance(rounds, int)
+            and not isinstance(rounds, bool)
+            and rounds > 0
+            and rnd_i > rounds
+        ):
+            raise HEConfigError(
+                f"round {rnd_i} is past the run's {NUM_ROUNDS_KEY} = {rounds}; refused"
+            )
+        is_train = msg.metadata.message_type == MessageType.TRAIN
+        slot = rnd_i - 1 if is_train else rnd_i
+        base_digest = arrays_sha256(base)
+        model_digest = arrays_sha256(he_arrays) if len(he_arrays) else "base"
+        num_banks, scale = round_cfg
+        old = context.state.config_records.get(PINS_STATE_KEY)
+        if old is None:
+            pins = ConfigRecord(
+                {
+                    "base": base_digest,
+                    "slot": slot,
+                    "model": model_digest,
+                    "train-round": 0,
+                    "num-banks": 0,
+                    "weight-scale": 0.0,
+                }
+            )
+        else:
+            pins = ConfigRecord(dict(old))
+            if old["base"] != base_digest:
+                raise HEConfigError(
+                    "the server sent a public base model different from the one this bank "
+                    f"received first in this run (sha256 {str(old['base'])[:12]}..., now "
+                    f"{base_digest[:12]}...): the base of an encrypted federation never "
+                    "changes within a run, and a crafted base would let the server read "
+                    "another bank's update through this bank's metrics; refused"
+                )
+            pinned_slot = int(old["slot"])  # type: ignore[arg-type]
+            if slot < pinned_slot:
+                raise HEConfigError(
+                    f"the server sent global model {slot} after this bank already received "
+                    f"model {pinned_slot}: an older model is refused"
+                )
+            if slot == pinned_slot and old["model"] != model_digest:
+                raise HEConfigError(
+                    f"the server sent a second, different global model {slot} (round "
+                    f"{rnd_i}): a bank decrypts one model per round, evaluates it and trains "
+                    "on that same model; refused"
+                )
+            pins["slot"] = slot
+            pins["model"] = model_digest
+        if is_train:
+            if int(pins["train-round"]) == rnd_i and (  # type: ignore[arg-type]
+                int(pins["num-banks"]) != num_banks  # type: ignore[arg-type]
+                or float(pins["weight-scale"]) != scale  # type: ignore[arg-type]
+            ):
+                raise HEConfigError(
+                    f"the server repeated train round {rnd_i} with other '{NUM_BANKS_KEY}' or "
+                    f"'{WEIGHT_SCALE_KEY}' than it announced first; refused"
+                )
+            pins["train-round"] = rnd_i
+            pins["num-banks"] = num_banks
+            pins["weight-scale"] = scale
+        return pins
 
     def _encrypt_reply(
         self,
@@ -432,6 +570,7 @@ class HEMod:
         if not np.isfinite(peak):
             raise HEConfigError("the update is not finite (NaN or Inf); nothing was encrypted")
         check_sum_range(ctx, peak, num_banks, weight=weight, scale=scale, weight_key=weight_key)
+        check_precision(ctx, peak, weight=weight, scale=scale, weight_key=weight_key)
         packed = encrypt_packed(ctx, update)
         seconds = time.perf_counter() - start
         content = RecordDict()
@@ -474,6 +613,11 @@ def check_sum_range(
     rejects any other reply), so if every bank keeps ``num_banks * |s n_i u_i|``
     under :func:`flower_ext.crypto.max_abs_sum`, the sum's ``|sum_i s n_i u_i|``
     stays under it too, whatever the others send. ``peak`` is ``max |s n u|``.
+
+    The refusal goes to the server, which chose ``num_banks``: it never states
+    ``peak``, only the largest power-of-two weight scale that fits. That tells the
+    server the power-of-two bucket of this bank's largest weighted update
+    coordinate (one bucket per round: the bank pins the round's ``he-num-banks``).
     """
     limit = max_abs_sum(ctx)
     if peak * num_banks <= limit:
@@ -481,11 +625,43 @@ def check_sum_range(
     fit = limit / (num_banks * peak / scale) if peak > 0 else scale
     fit = 2.0 ** math.floor(math.log2(fit)) if fit > 0 else 0.0
     raise HEConfigError(
-        f"{num_banks} banks x |{scale:g} x {weight_key}={weight:g} x (local - base)| = "
-        f"{num_banks} x {peak:.3g} could reach {num_banks * peak:.3g}, above the {limit:.3g} "
-        "the CKKS modulus holds for the sum (it would decrypt to garbage); nothing was sent. "
-        f"Set the server's weight scale to {fit:g} or less (EncryptedFedAvg(weight_scale=...), "
-        "run config he-weight-scale), or generate keys with a smaller --scale-bits"
+        f"{num_banks} banks x max|{scale:g} x {weight_key} x (local - base)| could exceed "
+        f"the {limit:.3g} the CKKS modulus holds for the sum (it would decrypt to garbage); "
+        f"nothing was sent. Set the server's weight scale to {fit:g} or less (a power of "
+        "two; EncryptedFedAvg(weight_scale=...), run config he-weight-scale), or generate "
+        "keys with a smaller --scale-bits"
+    )
+
+
+def check_precision(
+    ctx: ts.Context,
+    peak: float,
+    *,
+    weight: float = 1.0,
+    scale: float = 1.0,
+    weight_key: str = "num-examples",
+) -> None:
+    """Refuse a contribution that would sink into the CKKS noise.
+
+    One ciphertext adds about ``e = noise_floor(ctx)`` (2.4e-7 with the default
+    keys) to every value it carries, so this bank's update comes back with an error
+    of about ``e / (s n)`` per coordinate. The bank refuses when that error exceeds
+    both ``ABS_TOLERANCE`` (1e-6) and ``2^-MIN_SIGNAL_BITS`` (1/256) of its largest
+    update coordinate, i.e. it encrypts only if ``s n >= e / 1e-6`` (0.24) or
+    ``s n max|u| = peak >= 256 e`` (6.1e-5). A server weight scale of 1e-9 with
+    1,000 rows (error 0.2 on updates of 0.01) is refused instead of silently ruining
+    the model. ``peak`` is ``max |s n u|``.
+    """
+    floor = noise_floor(ctx)
+    if floor <= ABS_TOLERANCE * scale * weight or floor <= peak * 2.0**-MIN_SIGNAL_BITS:
+        return
+    raise HEConfigError(
+        f"the weight scale {scale:g} x {weight_key}={weight:g} is too small: this bank's "
+        f"update would decrypt with an error of about {floor / (scale * weight):.1g} per "
+        f"weight, above {ABS_TOLERANCE:g} and above 1/{2**MIN_SIGNAL_BITS} of its largest "
+        f"coordinate (CKKS noise {floor:.2g} per value); nothing was sent. Raise the "
+        "server's weight scale (EncryptedFedAvg(weight_scale=...), run config "
+        "he-weight-scale)"
     )
 
 
