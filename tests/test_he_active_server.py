@@ -422,3 +422,42 @@ def test_server_validates_the_weight_scale_range(keys):
     with pytest.raises(ValueError, match="outside"):
         strategy_for(keys, weight_scale=1e-6, max_plausible_examples=1e5)
     strategy_for(keys, weight_scale=1e-6)
+
+
+# ---------------------------------------------------------------------- closing the oracle
+def test_a_bank_can_send_no_metric_of_a_decrypted_model(keys, as_server):
+    """D2, the rest: with node config he-clear-metrics = false a bank sends nothing computed
+    from a decrypted model (no train-loss, no evaluation): the server, even one that shows
+    it another bank's ciphertext, has no clear output to solve. The run config (the
+    server's) cannot switch it back on."""
+    strategy = strategy_for(keys)
+    d = deltas()
+    train = first_train(strategy)
+    replies = []
+    for node, msg in train.items():
+        bank = Bank(keys, node, d[node])
+        bank.ctx = bank_ctx(node, {"he-clear-metrics": False}, {**RUN, "he-clear-metrics": True})
+        handler = bank.handler
+
+        def with_loss(m: Message, c: Context, handler=handler) -> Message:
+            out = handler(m, c)
+            out.content["metrics"]["train-loss"] = 0.25
+            out.content["metrics"]["dp-epsilon"] = 1.5
+            return out
+
+        bank.handler = with_loss
+        replies.append(bank(msg))
+    for out in replies:
+        assert not out.has_error(), out.error.reason
+        assert dict(out.content["metrics"]) == {
+            "num-examples": WEIGHTS[int(out.metadata.src_node_id)],
+            "dp-epsilon": 1.5,
+        }
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert sorted(strategy.round_reports[1].accepted) == NODES
+    evaluate = by_node(strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid(NODES)))
+    bank = Bank(keys, 51)
+    bank.ctx = bank_ctx(51, {"he-clear-metrics": "false"})
+    out = bank(evaluate[51])
+    assert out.has_error() and "evaluation refused" in out.error.reason
+    assert not bank.seen  # nothing was decrypted or evaluated

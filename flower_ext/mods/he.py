@@ -74,6 +74,7 @@ from flwr.app import (
     Error,
     Message,
     MessageType,
+    MetricRecord,
     RecordDict,
 )
 from flwr.clientapp.typing import ClientAppCallable
@@ -126,6 +127,19 @@ PINS_STATE_KEY = "he-pins"
 #: coordinate.
 ABS_TOLERANCE = 1e-6
 MIN_SIGNAL_BITS = 8
+#: Node config (the bank's own; the run config cannot set it): ``false`` makes the bank
+#: send no number computed from a decrypted model - train replies keep only the weight
+#: and the DP accounting values (which do not depend on the model), evaluation is refused.
+CLEAR_METRICS_KEY = "he-clear-metrics"
+#: Train metrics that do not depend on the model (the privacy ledger's spending).
+MODEL_FREE_METRICS = (
+    "dp-epsilon",
+    "dp-delta",
+    "dp-noise-multiplier",
+    "dp-max-grad-norm",
+    "dp-sample-rate",
+    "dp-steps",
+)
 
 
 class HEConfigError(RuntimeError):
@@ -279,6 +293,12 @@ class HEMod:
         has one (the bank's setting wins over the run config), else on when the
         server announces HE (``he-fingerprint`` in the config) or the run config
         says ``he = true``.
+    clear_metrics : bool, optional
+        ``False``: send no number computed from a decrypted model, so an active
+        server cannot use this bank as a decryption oracle through its metrics
+        (train replies keep only the weight and the DP accounting values; evaluate
+        messages are refused). Omitted: the node config ``he-clear-metrics``
+        (default true; the run config, the server's, cannot turn it on or off).
 
     Notes
     -----
@@ -296,9 +316,11 @@ class HEMod:
         secret_context: str | Path | ts.Context | None = None,
         *,
         enabled: bool | None = None,
+        clear_metrics: bool | None = None,
     ) -> None:
         self.secret_context = secret_context
         self.enabled = enabled
+        self.clear_metrics = clear_metrics
         #: (seconds decrypting, seconds encrypting, ciphertext bytes) per train reply.
         self.timings: list[tuple[float, float, int]] = []
         self._last_decrypt = 0.0
@@ -316,6 +338,12 @@ class HEMod:
         if _config(msg).get(FINGERPRINT_KEY):
             return True
         return _as_bool(context.run_config.get(ENABLED_KEY, False))
+
+    def sends_metrics(self, context: Context) -> bool:
+        """Whether this bank sends metrics of decrypted models (the bank's own setting)."""
+        if self.clear_metrics is not None:
+            return self.clear_metrics
+        return _as_bool(context.node_config.get(CLEAR_METRICS_KEY, True))
 
     def context_for(self, context: Context) -> ts.Context:
         """The bank's secret context (see the module docstring for where it comes from)."""
@@ -356,6 +384,12 @@ class HEMod:
             return call_next(msg, context)
         if not self.is_active(msg, context):
             return call_next(msg, context)
+        if kind == MessageType.EVALUATE and not self.sends_metrics(context):
+            return _error_reply(
+                msg,
+                f"he_mod: this bank sends no metrics of a decrypted model (node config "
+                f"{CLEAR_METRICS_KEY} = false): evaluation refused",
+            )
         try:
             ctx, plain_msg, base, round_cfg = self._decrypt_incoming(msg, context)
         except (HEConfigError, CryptoError, OSError) as err:
@@ -366,7 +400,7 @@ class HEMod:
         if kind != MessageType.TRAIN or out.has_error() or not out.has_content():
             return out
         try:
-            return self._encrypt_reply(msg, out, ctx, base, round_cfg)
+            return self._encrypt_reply(msg, out, ctx, base, round_cfg, context)
         except (HEConfigError, CryptoError) as err:
             return _error_reply(msg, f"he_mod: {err}")
         except Exception as err:  # never let an unencrypted reply out on an unexpected error
@@ -535,6 +569,7 @@ class HEMod:
         ctx: ts.Context,
         base: ArrayRecord,
         round_cfg: tuple[int, float],
+        context: Context,
     ) -> Message:
         if RECORD_KEY in out.content.config_records or any(
             k.startswith("topk") for k in out.content.config_records
@@ -573,10 +608,13 @@ class HEMod:
         check_precision(ctx, peak, weight=weight, scale=scale, weight_key=weight_key)
         packed = encrypt_packed(ctx, update)
         seconds = time.perf_counter() - start
+        keep = None if self.sends_metrics(context) else {weight_key, *MODEL_FREE_METRICS}
         content = RecordDict()
         for key, value in out.content.items():
             if key == arrays_key:
                 content[key] = ArrayRecord({CIPHERTEXTS: Array(packed)})
+            elif keep is not None and isinstance(value, MetricRecord):
+                content[key] = MetricRecord({k: v for k, v in value.items() if k in keep})
             else:
                 content[key] = value
         content[RECORD_KEY] = ConfigRecord(
