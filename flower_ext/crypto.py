@@ -67,7 +67,12 @@ carry no MAC - a bank can send garbage that decrypts to garbage, and the server
 (which holds the public key) can encrypt any model and send it as the global
 one. The server can check structure, key fingerprint, slots and that every
 coefficient is below ``q``, not content. All banks share one secret key: the
-server plus any one bank can decrypt every bank's individual ciphertext.
+server plus any one bank can decrypt every bank's individual ciphertext, and an
+*active* server needs no colluding bank - it sends one bank's ciphertext to another
+as "the global model" and reads what the receiving bank reports in clear about it
+(metrics, losses). The scheme protects the updates against an honest-but-curious
+server only; :class:`flower_ext.mods.HEMod` narrows the oracle (pinned base, one
+model per round, ``he-clear-metrics = false``) and DP on the updates covers it.
 """
 
 from __future__ import annotations

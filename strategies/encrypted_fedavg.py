@@ -169,8 +169,12 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         ``s * n_i * (local_i - base)`` and the server sums ``W = sum_i s * n_i``, so
         ``s`` cancels in ``sum / W``. Large federations lower it (e.g. 1e-3 for
         banks with a million rows) so the encrypted sum stays in the CKKS range;
-        a bank refuses, naming the largest ``s`` that fits, rather than let the
-        sum wrap. Precision is about ``2e-7 * sqrt(banks) / W`` per parameter.
+        a bank refuses, naming the largest power-of-two ``s`` that fits, rather than
+        let the sum wrap. Precision is about ``2e-7 * sqrt(banks) / W`` per parameter;
+        a bank also refuses an ``s`` so small its update would sink into the CKKS noise
+        (:func:`flower_ext.mods.he.check_precision`), and ``s`` outside
+        ``[noise_floor / (1e-6 * max_plausible_examples), max_abs_sum]`` is refused
+        here.
     proximal_mu, max_plausible_examples, min_valid_replies, audit
         As in :class:`UpdateAggregationStrategy`.
     server_learning_rate, server_momentum, max_weight, max_weight_median_multiple
@@ -187,6 +191,11 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
     messages, :func:`flower_ext.validation.bind_replies`), so the sum of honest
     contributions cannot wrap. A bank that sends garbage can still spoil the sum:
     CKKS has no integrity.
+
+    Threat model: the banks' updates are protected against an honest-but-curious
+    server. An active server could send one bank's ciphertext to another as the
+    global model and read the receiver's clear metrics; the banks refuse what they
+    can check (:meth:`flower_ext.mods.HEMod.pin`), and the README states what remains.
 
     Central evaluation: :meth:`start` refuses an ``evaluate_fn`` (the server holds
     ciphertexts); banks evaluate, and a key-holding bank gets the final model
