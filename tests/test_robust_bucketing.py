@@ -132,3 +132,31 @@ def test_bucketing_raises_the_node_minimum_and_says_so():
         Median(bucket_size=0)
     with pytest.raises(ValueError, match="norm_factor"):
         NormBound(max_norm=1.0, norm_factor=-1.0)
+
+
+def test_factory_passes_bucketing_adaptive_radii_and_weight_defaults():
+    from test_robust_strategies import settings_with
+
+    from bank_risk.strategy_factory import build_strategy
+    from flower_ext.audit import AuditTrail
+
+    def build(**kw):
+        return build_strategy(settings_with(**kw), AuditTrail(), num_nodes=10)
+
+    median = build(aggregation="median", num_malicious=2, bucket_size=2, seed=7)
+    assert median.bucket_size == 2 and median.bucket_seed == 7
+    norm = build(aggregation="norm-bound", max_norm=5.0, norm_factor=1.5)
+    assert norm.norm_factor == 1.5 and norm.max_norm == 5.0
+    assert build(aggregation="norm-bound", max_norm=5.0).norm_factor is None
+    clip = build(aggregation="centered-clipping", clip_tau=3.0, clip_tau_factor=2.0)
+    assert clip.tau_factor == 2.0
+    # 0 = the rule's default cap: 2x median for weight-using robust rules, none for fedavg.
+    assert build(aggregation="geometric-median").max_weight_median_multiple == 2.0
+    assert build(aggregation="fedavg").max_weight_median_multiple is None
+    assert (
+        build(aggregation="fedavg", max_weight_median_multiple=4.0).max_weight_median_multiple == 4
+    )
+    from bank_risk.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="krum"):
+        build(aggregation="krum", num_malicious=2, bucket_size=2)
