@@ -17,7 +17,16 @@ start, because a server that generated the key set would hold the banks' secret 
 
 Range: run config ``he-weight-scale`` (default 1.0) is the public factor the
 banks multiply ``num-examples`` by before encrypting; lower it for banks with
-millions of rows (see :class:`flower_ext.strategies.EncryptedFedAvg`).
+millions of rows (see :class:`flower_ext.strategies.EncryptedFedAvg`). Too small a
+scale is refused too (the server at start, a bank whose update would sink into the
+CKKS noise every round).
+
+Threat model: HE keeps the updates from an honest-but-curious server. Against a
+server that may send a bank another bank's ciphertext as "the global model" and read
+its clear metrics, each bank pins the base and one model per round (``HEMod.pin``);
+to send no metric of a decrypted model at all, a bank sets node config
+``he-clear-metrics=false`` (no federated evaluation from it), or the federation runs
+DP on the updates (README, "What HE protects, and what it does not").
 """
 
 from __future__ import annotations
