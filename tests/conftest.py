@@ -49,6 +49,17 @@ def outgoing(arrays: ArrayRecord, node_id: int, message_type: str = MessageType.
     )
 
 
+#: What a finished run's audit trail may hold after its ``run_end``: signatures only.
+AFTER_RUN_END = {"head_signed", "report_written"}
+
+
+def assert_trail_finished(events: list[dict]) -> None:
+    """The trail holds ``run_end``, and after it only the server's closing signatures."""
+    kinds = [e["event"] for e in events]
+    assert "run_end" in kinds, kinds[-5:]
+    assert set(kinds[kinds.index("run_end") + 1 :]) <= AFTER_RUN_END, kinds[-5:]
+
+
 def sent(messages):
     """Give outgoing messages the ids a Grid gives them when it sends them (their object id).
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_trail_finished
 
 from flower_ext.audit import MAX_REASON_CHARS, verify_audit_trail
 from flower_ext.data.synthetic import bank_name
@@ -49,7 +50,7 @@ def _check_short(reason: str) -> None:
 def _finished(metrics: dict, events: list[dict]) -> None:
     assert metrics["status"] == "finished"
     assert [e["round"] for e in events if e["event"] == "round_aggregated"] == [1, 2]
-    assert events[-1]["event"] == "run_end"
+    assert_trail_finished(events)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import assert_trail_finished
 
 from flower_ext.audit import verify_audit_trail
 
@@ -64,5 +65,5 @@ def test_banks_stop_at_their_budget_and_the_run_finishes(tmp_path):
     why = [e for e in events if e["event"] == "reply_rejected"]
     assert why and all("privacy budget exhausted" in e["reason"] for e in why)
     assert any(e["event"] == "privacy" for e in events)
-    assert events[-1]["event"] == "run_end"
+    assert_trail_finished(events)
     assert verify_audit_trail(run_dir / "audit.jsonl") is None
