@@ -29,7 +29,7 @@ def test_he_encrypts_the_dp_update(tmp_path, as_server):
     nodes, weights = [51, 52], {51: 700, 52: 1300}
     sent = list(strategy.configure_train(1, arrays_of(g0), ConfigRecord(), FakeGrid(nodes)))
     he, dp = HEMod(keys.secret), UpdateDPMod(seed=0)
-    run_config = {"dp": "update", "dp-noise-multiplier": 0.5, "dp-max-grad-norm": 1.0}
+    run_config = {"dp": "update", "dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0}
     noised: dict[int, dict[str, np.ndarray]] = {}
     replies = []
     for msg in sent:
@@ -74,7 +74,7 @@ def test_bank_app_runs_end_to_end_with_he_and_update_dp(tmp_path):
         {
             "he": True,
             "dp": "update",
-            "dp-noise-multiplier": 0.3,
+            "dp-noise-multiplier": 1.0,
             "num-server-rounds": 2,
             "num-banks": 3,
             "rows-per-bank": 600,
