@@ -5,7 +5,6 @@ On a TRAIN message, with run config ``dp = "update"``, the mod:
 1. loads the client's update-level :class:`~flower_ext.privacy.PrivacyLedger`
    from ``context.state`` and refuses the round (an error reply with code
    :data:`~flower_ext.privacy.PRIVACY_BUDGET_ERROR_CODE`, nothing trained)
-   if one more release would exceed the budget;
    if one more release would exceed the budget; with node config ``ledger-dir``
    the release is reserved in the bank's ledger file under its lock first
    (:class:`~flower_ext.privacy.LedgerFile`), so concurrent runs cannot overspend;
@@ -17,8 +16,17 @@ On a TRAIN message, with run config ``dp = "update"``, the mod:
 3. charges one Gaussian release at sample rate 1 to the ledger, accounted
    under "replace the bank's whole contribution" (sensitivity ``2C``, so the
    ledger records ``sigma / 2``), and adds the ``dp-*`` metrics to the reply.
-   No norm of the update is ever sent, and ``train-loss`` (computed on the
-   bank's rows before any noise) is removed from the reply.
+   No norm of the update is ever sent, and the reply's metrics are an
+   *allow-list*: ``num-examples`` (declared public) and the ``dp-*`` keys the mod
+   writes; anything else the handler computed on the bank's rows before the
+   noise (``train-loss``, Flower's ``train_loss``, ...) is dropped.
+
+The bank's own policy (node config ``dp-required``, ``dp-epsilon-budget``,
+``dp-max-delta``; :class:`~flower_ext.privacy.BankDPPolicy`) always wins over the
+run config: a train message under a run that breaks it is answered with error
+:data:`~flower_ext.privacy.PRIVACY_POLICY_ERROR_CODE`, nothing trained, and the
+budget is ``min(run's, bank's)``. An update with a NaN or an infinity is never
+sent (it cannot be clipped): the same error code, the release stays charged.
 
 ``frozen_keys`` name arrays training must not change (e.g. the bank model's
 standardisation buffers): they are reset to the global values, so they carry
@@ -38,16 +46,24 @@ from flwr.clientapp.typing import ClientAppCallable
 from flower_ext.privacy import (
     UPDATE_LEDGER_KEY,
     UPDATE_LEDGER_UNIT,
+    DPSGDConfig,
+    NonFiniteUpdateError,
     PrivacyBudgetExhausted,
     PrivacyLedger,
+    PrivacyPolicyViolation,
     UpdateDPConfig,
+    bank_privacy,
     budget_refusal,
     ledger_file_for,
+    policy_refusal,
     privacy_config_from_run_config,
     privatize_update,
     secure_numpy_generator,
 )
 from flower_ext.records import as_c_array
+
+#: Reply metrics a DP train reply may carry besides the mod's own ``dp-*`` keys.
+DEFAULT_ALLOWED_METRICS = ("num-examples",)
 
 
 class UpdateDPMod:
@@ -63,9 +79,11 @@ class UpdateDPMod:
     seed : int, optional
         Seed of the noise, for tests only: whoever knows it can subtract the
         noise. Default: a generator seeded from the OS CSPRNG for every release.
-    drop_metrics : tuple of str
-        Reply metrics computed on the bank's data before the noise, removed
-        because the guarantee does not cover them (default ``train-loss``).
+    allowed_metrics : tuple of str
+        The only handler metrics kept in the reply (default ``num-examples``,
+        declared public), besides the ``dp-*`` keys the mod writes: everything
+        else was computed on the bank's rows before the noise and is outside the
+        guarantee. Add a key only if it is public or privatised on its own.
     """
 
     def __init__(
@@ -73,26 +91,38 @@ class UpdateDPMod:
         config: UpdateDPConfig | None = None,
         frozen_keys: tuple[str, ...] = (),
         seed: int | None = None,
-        drop_metrics: tuple[str, ...] = ("train-loss",),
+        allowed_metrics: tuple[str, ...] = DEFAULT_ALLOWED_METRICS,
     ) -> None:
         self.config = config
         self.frozen_keys = tuple(frozen_keys)
-        self.drop_metrics = tuple(drop_metrics)
+        self.allowed_metrics = tuple(allowed_metrics)
         self._rng = np.random.default_rng(seed) if seed is not None else None
 
-    def settings(self, msg: Message, context: Context) -> UpdateDPConfig | None:
+    def run_settings(self, msg: Message, context: Context) -> DPSGDConfig | UpdateDPConfig | None:
+        """The run's DP settings (either mode; None when off), before the bank's policy."""
         if self.config is not None:
             return self.config
         run = context.run_config
         train_cfg = msg.content.config_records.get("config")
         rounds = (train_cfg or {}).get("num-server-rounds", run.get("num-server-rounds", 1))
-        cfg = privacy_config_from_run_config(run, int(rounds), 1)  # type: ignore[arg-type]
+        return privacy_config_from_run_config(run, int(rounds), 1)  # type: ignore[arg-type]
+
+    def settings(self, msg: Message, context: Context) -> UpdateDPConfig | None:
+        """The update-level settings after the bank's policy; None when another mode runs.
+
+        Raises :class:`~flower_ext.privacy.PrivacyPolicyViolation` when the run
+        breaks the bank's node-config policy.
+        """
+        cfg = bank_privacy(context, self.run_settings(msg, context))
         return cfg if isinstance(cfg, UpdateDPConfig) else None
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
             return call_next(msg, context)
-        cfg = self.settings(msg, context)
+        try:
+            cfg = self.settings(msg, context)
+        except PrivacyPolicyViolation as err:
+            return policy_refusal(msg, str(err))
         if cfg is None:
             return call_next(msg, context)
         if len(msg.content.array_records) != 1:
@@ -115,7 +145,7 @@ class UpdateDPMod:
                 )
             else:
                 ledger.check_budget(cfg.budget, cfg.delta, accounted, 1.0, 1)
-                ledger.record(accounted, 1.0, 1)
+                ledger.record(accounted, 1.0, 1, cfg.delta)
                 ledger.rounds += 1
         except PrivacyBudgetExhausted as err:
             if ledger_file is not None:  # the state mirrors what the file (all runs) spent
@@ -135,7 +165,10 @@ class UpdateDPMod:
         glob = {k: global_arrays[k].numpy() for k in keys}
         update = [local_arrays[k].numpy().astype(np.float64) - glob[k] for k in noised_keys]
         rng = self._rng if self._rng is not None else secure_numpy_generator()
-        noised = privatize_update(update, cfg.clip_norm, sigma, rng)
+        try:
+            noised = privatize_update(update, cfg.clip_norm, sigma, rng)
+        except NonFiniteUpdateError as err:  # cannot be clipped: nothing leaves the bank
+            return policy_refusal(msg, f"update_dp_mod: {err}")
         private = dict(zip(noised_keys, noised, strict=True))
         new_arrays = ArrayRecord(
             {
@@ -153,10 +186,10 @@ class UpdateDPMod:
                 content[key] = new_arrays
             elif isinstance(record, MetricRecord):
                 metrics = MetricRecord(
-                    {k: v for k, v in record.items() if k not in self.drop_metrics}
+                    {k: v for k, v in record.items() if k in self.allowed_metrics}
                 )
-                metrics["dp-epsilon"] = ledger.epsilon(cfg.delta)
-                metrics["dp-delta"] = cfg.delta
+                metrics["dp-epsilon"] = ledger.epsilon(cfg.delta)  # at the strictest delta
+                metrics["dp-delta"] = ledger.strictest_delta(cfg.delta)
                 metrics["dp-noise-multiplier"] = sigma
                 metrics["dp-max-grad-norm"] = cfg.clip_norm
                 metrics["dp-sample-rate"] = 1.0

@@ -36,16 +36,17 @@ Two mechanisms, two threats:
 
 Noise nobody else can predict: unless Opacus's ``secure_mode`` is on (it needs
 torchcsprng), every DP-SGD round draws its Gaussian noise *and* its Poisson
-batches from a fresh ``torch.Generator`` seeded with 64 bits from the OS
-CSPRNG (:func:`secure_torch_generator`), and every update-level release draws
-from a fresh PCG64 seeded with 128 bits (:func:`secure_numpy_generator`). These
-never touch the run seed or torch's global generator, so the server, which
-knows the run config, cannot replay them, and no two banks share a stream; the
-seed still makes everything else (initial model, splits) reproducible. Opacus
-warns "Secure RNG turned off" because the draws themselves are Mersenne
-Twister / PCG output, not CSPRNG output, and the floating-point attack on
-Gaussian sampling (Mironov, CCS 2012) is only mitigated in ``secure_mode``;
-the warning is left visible on purpose.
+batches from a fresh ``torch.Generator`` whose whole Mersenne Twister state (624
+words) is filled from the OS CSPRNG (:func:`secure_torch_generator`;
+``manual_seed`` would keep only 32 bits of any seed, which can be brute-forced),
+and every update-level release draws from a fresh PCG64 seeded with 128 bits
+(:func:`secure_numpy_generator`). These never touch the run seed or torch's
+global generator, so the server, which knows the run config, cannot replay them,
+and no two banks share a stream; the seed still makes everything else (initial
+model, splits) reproducible. Opacus warns "Secure RNG turned off" because the
+draws themselves are Mersenne Twister / PCG output, not CSPRNG output, and the
+floating-point attack on Gaussian sampling (Mironov, CCS 2012) is only mitigated
+in ``secure_mode``; the warning is left visible on purpose.
 
 The privacy ledger (:class:`PrivacyLedger`) is what Flower's Opacus example
 lacks: it keeps the accountant's full history ``[(noise_multiplier,
@@ -82,25 +83,35 @@ for _handler in logging.getLogger().handlers[:]:
 
 from .accounting import (  # noqa: E402
     ACCOUNTANTS,
+    CLIP_BOUNDS,
     DEFAULT_GRAD_SAMPLE_MODE,
+    DELTA_BOUNDS,
     DP_MODES,
+    DP_REQUIREMENTS,
+    EPSILON_BOUNDS,
     GRAD_SAMPLE_MODES,
     METRIC_KEYS,
+    NOISE_BOUNDS,
     PRIVACY_BUDGET_ERROR_CODE,
     PRIVACY_METRIC_KEYS,
+    PRIVACY_POLICY_ERROR_CODE,
     SAMPLE_LEDGER_KEY,
     UPDATE_LEDGER_KEY,
     UPDATE_LEDGER_UNIT,
     UPDATE_SENSITIVITY,
+    BankDPPolicy,
     DPSGDConfig,
     LedgerFile,
     PrivacyBudgetExhausted,
     PrivacyConfigError,
     PrivacyLedger,
+    PrivacyPolicyViolation,
     UpdateDPConfig,
+    bank_privacy,
     budget_refusal,
     is_budget_refusal,
     ledger_file_for,
+    policy_refusal,
     privacy_config_from_run_config,
     privacy_train_metrics_aggr_fn,
     round_privacy,
@@ -121,6 +132,7 @@ from .dpsgd import (  # noqa: E402
     train_private_epochs,
 )
 from .mechanisms import (  # noqa: E402
+    NonFiniteUpdateError,
     privatize_update,
     secure_numpy_generator,
     secure_torch_generator,
@@ -128,27 +140,37 @@ from .mechanisms import (  # noqa: E402
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIP_BOUNDS",
     "DEFAULT_GRAD_SAMPLE_MODE",
+    "DELTA_BOUNDS",
     "DP_MODES",
+    "DP_REQUIREMENTS",
+    "EPSILON_BOUNDS",
     "GRAD_SAMPLE_MODES",
     "INPUT_KEYS",
     "METRIC_KEYS",
+    "NOISE_BOUNDS",
     "PRIVACY_BUDGET_ERROR_CODE",
     "PRIVACY_METRIC_KEYS",
+    "PRIVACY_POLICY_ERROR_CODE",
     "SAMPLE_LEDGER_KEY",
     "TARGET_KEYS",
     "UPDATE_LEDGER_KEY",
     "UPDATE_LEDGER_UNIT",
     "UPDATE_SENSITIVITY",
+    "BankDPPolicy",
     "DPSGDConfig",
     "FlatClipDPOptimizer",
     "LedgerFile",
+    "NonFiniteUpdateError",
     "PrivacyBudgetExhausted",
     "PrivacyConfigError",
     "PrivacyLedger",
+    "PrivacyPolicyViolation",
     "PrivacyReport",
     "PrivateTraining",
     "UpdateDPConfig",
+    "bank_privacy",
     "budget_refusal",
     "check_module",
     "default_loss",
@@ -156,6 +178,7 @@ __all__ = [
     "ledger_file_for",
     "make_private",
     "poisson_loader",
+    "policy_refusal",
     "privacy_config_from_run_config",
     "privacy_train_metrics_aggr_fn",
     "privatize_update",

@@ -14,7 +14,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,20 @@ METRIC_KEYS = (
 )
 
 
+#: Sane bounds, enforced on the run config, the node config and the config classes.
+#: Epsilon: below 0.1 Opacus's noise search fails ("budget too low"), above 50 it is no
+#: privacy and the search takes ever longer (1e15 never ends).
+EPSILON_BOUNDS = (0.1, 50.0)
+#: Delta: should be far below 1 / rows; 1e-10 keeps the accountants' numerics sane.
+DELTA_BOUNDS = (1e-10, 1e-2)
+#: The noise multiplier the accountant sees (for update-level DP, ``dp-noise-multiplier
+#: / 2``): below 0.3 epsilon is > 100 anyway and PRV needs minutes and gigabytes (at
+#: ~0.05 it allocates 13.8 GiB and answers inf); above 1e4 nothing is learnt.
+NOISE_BOUNDS = (0.3, 1e4)
+#: Clip norm (per-sample gradient, or update L2).
+CLIP_BOUNDS = (1e-6, 1e6)
+
+
 class PrivacyConfigError(ValueError):
     """A DP setting, model or loader the wrapper cannot use."""
 
@@ -64,9 +78,25 @@ class PrivacyBudgetExhausted(RuntimeError):
 # --------------------------------------------------------------------------- ledger
 def _positive(name: str, value: float | None) -> list[str]:
     """``[]`` if ``value`` is None or a finite number > 0, else the problem in words."""
-    if value is None or (math.isfinite(value) and value > 0):
+    if value is None or (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
         return []
-    return [f"{name} must be a finite number > 0, got {value}"]
+    return [f"{name} must be a finite number > 0, got {value!r}"]
+
+
+def _within(name: str, value: float | None, bounds: tuple[float, float]) -> list[str]:
+    """``[]`` if ``value`` is None or a number in ``bounds``, else the problem in words."""
+    problems = _positive(name, value)
+    if problems or value is None:
+        return problems
+    low, high = bounds
+    if not low <= value <= high:
+        return [f"{name} must be in [{low:g}, {high:g}], got {value:g}"]
+    return []
 
 
 def _noise_problems(
@@ -74,6 +104,7 @@ def _noise_problems(
     target_epsilon: float | None,
     delta: float,
     accountant: str,
+    sensitivity: float = 1.0,
 ) -> list[str]:
     """What is wrong with the noise settings both DP configurations share.
 
@@ -83,10 +114,22 @@ def _noise_problems(
     problems = []
     if (noise_multiplier is None) == (target_epsilon is None):
         problems.append("give exactly one of noise_multiplier and target_epsilon")
+    # The library accepts any noise > 0 (tests compare against near-noiseless runs);
+    # the run config enforces NOISE_BOUNDS. PRV below the floor would need gigabytes.
     problems += _positive("noise_multiplier", noise_multiplier)
-    problems += _positive("target_epsilon", target_epsilon)
-    if not 0 < delta < 1:
-        problems.append(f"delta must be in (0, 1), got {delta}")
+    if (
+        accountant == "prv"
+        and not problems
+        and noise_multiplier is not None
+        and noise_multiplier / sensitivity < NOISE_BOUNDS[0]
+    ):
+        problems.append(
+            f"noise_multiplier {noise_multiplier:g} is below {NOISE_BOUNDS[0] * sensitivity:g}, "
+            "where the PRV accountant needs minutes and gigabytes (and epsilon is > 100); "
+            "use more noise or accountant='rdp'"
+        )
+    problems += _within("target_epsilon", target_epsilon, EPSILON_BOUNDS)
+    problems += _within("delta", delta, DELTA_BOUNDS)
     if accountant not in ACCOUNTANTS:
         problems.append(f"accountant must be one of {ACCOUNTANTS}, got '{accountant}'")
     return problems
@@ -109,13 +152,19 @@ class PrivacyLedger:
     rounds : int
         Rounds in which the client spent budget.
     unit : str
-        What one "neighbour" differs by: ``"sample"`` (DP-SGD) or ``"client"``.
+        What one "neighbour" differs by: ``"sample"`` (DP-SGD) or ``"bank-replace"``.
+    delta : float, optional
+        The smallest delta any charge was made at (None before the first). Epsilon
+        is always reported and enforced at ``min(delta asked, this)``: a run that
+        asks for a larger delta (a smaller-looking epsilon) cannot re-spend the
+        budget other runs spent at a stricter one.
     """
 
     accountant: str = "rdp"
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds: int = 0
     unit: str = "sample"
+    delta: float | None = None
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -144,23 +193,31 @@ class PrivacyLedger:
     def from_values(
         cls, values: Mapping[str, Any], accountant: str = "rdp", unit: str = "sample"
     ) -> PrivacyLedger:
-        """The ledger held in ``values`` (the fields :meth:`values` writes).
+        """The ledger held in ``values`` (the fields :meth:`values` writes), validated.
+
+        Raises :class:`PrivacyConfigError` for anything that is not a ledger
+        (missing fields, lists of different lengths, steps or rounds that are not
+        non-negative integers, noise multipliers or sample rates out of range): a
+        broken ledger is never read as a fresh or a negative spending.
 
         A ledger kept under the older add/remove relation for update-level DP
         (unit ``"client"``, sensitivity C) is converted to the replace relation
         (unit ``"bank-replace"``, sensitivity 2C) by halving its noise
         multipliers, which is exactly what those releases cost under it.
         """
-        stored = str(values.get("accountant", accountant))
+        problems = _ledger_problems(values)
+        if problems:
+            raise PrivacyConfigError("not a valid privacy ledger: " + "; ".join(problems))
+        stored = str(values["accountant"])
         if stored != accountant:
             raise PrivacyConfigError(
                 f"the privacy ledger was kept with the '{stored}' accountant; switching to "
                 f"'{accountant}' mid-run would restart the accounting"
             )
-        sigmas = [float(v) for v in values.get("noise-multiplier", [])]
-        rates = [float(v) for v in values.get("sample-rate", [])]
-        steps = [int(v) for v in values.get("steps", [])]
-        stored_unit = str(values.get("unit", unit))
+        sigmas = [float(v) for v in values["noise-multiplier"]]
+        rates = [float(v) for v in values["sample-rate"]]
+        steps = [int(v) for v in values["steps"]]
+        stored_unit = str(values["unit"])
         if stored_unit == "client" and unit == UPDATE_LEDGER_UNIT:
             sigmas = [s / UPDATE_SENSITIVITY for s in sigmas]
             stored_unit = unit
@@ -172,13 +229,14 @@ class PrivacyLedger:
         return cls(
             accountant=stored,
             history=list(zip(sigmas, rates, steps, strict=True)),
-            rounds=int(values.get("rounds", 0)),
+            rounds=int(values["rounds"]),
             unit=stored_unit,
+            delta=None if values.get("delta") is None else float(values["delta"]),
         )
 
     def values(self) -> dict[str, Any]:
         """The ledger as plain values (what :meth:`save` and :class:`LedgerFile` store)."""
-        return {
+        out: dict[str, Any] = {
             "accountant": self.accountant,
             "unit": self.unit,
             "rounds": self.rounds,
@@ -186,10 +244,13 @@ class PrivacyLedger:
             "sample-rate": [float(h[1]) for h in self.history],
             "steps": [int(h[2]) for h in self.history],
         }
+        if self.delta is not None:
+            out["delta"] = float(self.delta)
+        return out
 
     def copy(self) -> PrivacyLedger:
         return PrivacyLedger(
-            self.accountant, [tuple(h) for h in self.history], self.rounds, self.unit
+            self.accountant, [tuple(h) for h in self.history], self.rounds, self.unit, self.delta
         )  # type: ignore[misc]
 
     def save(self, state: RecordDict, key: str = SAMPLE_LEDGER_KEY) -> None:
@@ -207,12 +268,23 @@ class PrivacyLedger:
     def total_steps(self) -> int:
         return int(sum(h[2] for h in self.history))
 
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (0.0 before the first step)."""
-        return _epsilon(self.accountant, self.history, delta)
+    def strictest_delta(self, delta: float) -> float:
+        """``delta``, or the smaller delta an earlier charge used."""
+        return delta if self.delta is None else min(float(delta), self.delta)
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        """Add ``steps`` steps, merged into the last entry as Opacus does."""
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at :meth:`strictest_delta` (0.0 before the first step)."""
+        return _epsilon(self.accountant, self.history, self.strictest_delta(delta))
+
+    def record(
+        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float | None = None
+    ) -> None:
+        """Add ``steps`` steps, merged into the last entry as Opacus does.
+
+        ``delta`` (the delta the charge was checked at) lowers :attr:`delta` if smaller.
+        """
+        if delta is not None:
+            self.delta = self.strictest_delta(delta)
         if steps <= 0:
             return
         self.history = _extend(self.history, noise_multiplier, sample_rate, steps)
@@ -226,7 +298,7 @@ class PrivacyLedger:
     ) -> float:
         """Epsilon after ``steps`` more steps at (noise_multiplier, sample_rate)."""
         history = _extend(self.history, noise_multiplier, sample_rate, steps)
-        return _epsilon(self.accountant, history, delta)
+        return _epsilon(self.accountant, history, self.strictest_delta(delta))
 
     def check_budget(
         self,
@@ -242,12 +314,46 @@ class PrivacyLedger:
             spent = self.epsilon(delta)
             reason = (
                 f"privacy budget exhausted: epsilon spent {spent:.4g} of budget {budget:g} "
-                f"(delta={delta:g}, {self.unit}-level, {self.accountant}); the next round "
+                f"(delta={self.strictest_delta(delta):g}, {self.unit}-level, {self.accountant}); "
+                f"the next round "
                 f"({steps} steps, noise multiplier {noise_multiplier:.4g}, sample rate "
                 f"{sample_rate:.4g}) would reach {projected:.4g}, so this client does not train"
             )
             raise PrivacyBudgetExhausted(reason, spent, projected, budget)
         return projected
+
+
+def _ledger_problems(values: Mapping[str, Any]) -> list[str]:
+    """What makes ``values`` not a ledger (empty when it is one)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = [
+        f"field '{k}' is missing"
+        for k in ("accountant", "unit", "rounds", "noise-multiplier", "sample-rate", "steps")
+        if k not in values
+    ]
+    if problems:
+        return problems
+    lists = [values[k] for k in ("noise-multiplier", "sample-rate", "steps")]
+    if not all(isinstance(v, list | tuple) for v in lists):
+        return ["noise-multiplier, sample-rate and steps must be lists"]
+    if len({len(v) for v in lists}) != 1:
+        problems.append("noise-multiplier, sample-rate and steps differ in length")
+    if not all(number(v) and v > 0 for v in values["noise-multiplier"]):
+        problems.append("every noise multiplier must be a finite number > 0")
+    if not all(number(v) and 0 < v <= 1 for v in values["sample-rate"]):
+        problems.append("every sample rate must be in (0, 1]")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values["steps"]):
+        problems.append("every steps entry must be an integer > 0")
+    rounds = values["rounds"]
+    if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0):
+        problems.append(f"rounds must be an integer >= 0, got {rounds!r}")
+    delta = values.get("delta")
+    if delta is not None and not (number(delta) and 0 < delta < 1):
+        problems.append(f"delta must be in (0, 1), got {delta!r}")
+    return problems
 
 
 def _extend(
@@ -272,9 +378,23 @@ def _epsilon(accountant: str, history: Sequence[tuple[float, float, int]], delta
 
 
 def _quiet_noise_multiplier(**kwargs: Any) -> float:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Optimal order.*")
-        return float(get_noise_multiplier(**kwargs))
+    """Opacus's noise search; its failures become a :class:`PrivacyConfigError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Optimal order.*")
+            sigma = float(get_noise_multiplier(**kwargs))
+    except (ValueError, OverflowError) as err:
+        raise PrivacyConfigError(
+            f"dp-target-epsilon {kwargs.get('target_epsilon')!r} cannot be reached at "
+            f"delta {kwargs.get('target_delta')!r} over {kwargs.get('steps')} steps at sample "
+            f"rate {kwargs.get('sample_rate')!r}: {err}"
+        ) from err
+    if not NOISE_BOUNDS[0] <= sigma <= NOISE_BOUNDS[1]:
+        raise PrivacyConfigError(
+            f"dp-target-epsilon {kwargs.get('target_epsilon')!r} needs noise multiplier "
+            f"{sigma:.4g}, outside {NOISE_BOUNDS}; choose another target"
+        )
+    return sigma
 
 
 # --------------------------------------------------------------------------- config
@@ -305,10 +425,10 @@ class DPSGDConfig:
         problems = _noise_problems(
             self.noise_multiplier, self.target_epsilon, self.delta, self.accountant
         )
-        problems += _positive("max_grad_norm", self.max_grad_norm)
+        problems += _within("max_grad_norm", self.max_grad_norm, CLIP_BOUNDS)
         if self.rounds < 1 or self.local_epochs < 1:
             problems.append("rounds and local_epochs must be >= 1")
-        problems += _positive("epsilon_budget", self.epsilon_budget)
+        problems += _within("epsilon_budget", self.epsilon_budget, EPSILON_BOUNDS)
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             problems.append(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
@@ -328,14 +448,12 @@ class DPSGDConfig:
             return float(self.noise_multiplier)
         assert self.target_epsilon is not None
         total = self.rounds * self.local_epochs * steps_per_epoch
-        return float(
-            _quiet_noise_multiplier(
-                target_epsilon=self.target_epsilon,
-                target_delta=self.delta,
-                sample_rate=sample_rate,
-                steps=total,
-                accountant=self.accountant,
-            )
+        return _quiet_noise_multiplier(
+            target_epsilon=self.target_epsilon,
+            target_delta=self.delta,
+            sample_rate=sample_rate,
+            steps=total,
+            accountant=self.accountant,
         )
 
 
@@ -368,12 +486,16 @@ class UpdateDPConfig:
 
     def __post_init__(self) -> None:
         problems = _noise_problems(
-            self.noise_multiplier, self.target_epsilon, self.delta, self.accountant
+            self.noise_multiplier,
+            self.target_epsilon,
+            self.delta,
+            self.accountant,
+            UPDATE_SENSITIVITY,
         )
-        problems += _positive("clip_norm", self.clip_norm)
+        problems += _within("clip_norm", self.clip_norm, CLIP_BOUNDS)
         if self.rounds < 1:
             problems.append("rounds must be >= 1")
-        problems += _positive("epsilon_budget", self.epsilon_budget)
+        problems += _within("epsilon_budget", self.epsilon_budget, EPSILON_BOUNDS)
         if problems:
             raise PrivacyConfigError("invalid update-level DP settings: " + "; ".join(problems))
 
@@ -401,15 +523,26 @@ class UpdateDPConfig:
         return self.noise() / UPDATE_SENSITIVITY
 
 
-def _run_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+def _run_float(
+    cfg: Mapping[str, Any], key: str, default: float, where: str = "run config"
+) -> float:
+    """``cfg[key]`` as a float: an int or a float, finite; bools and strings are refused."""
     value = cfg.get(key, default)
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise PrivacyConfigError(f"run config {key} must be a number, got {value!r}") from err
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PrivacyConfigError(
+            f"{where} {key} must be a number (int or float, not a bool or a string), got {value!r}"
+        )
+    out = float(value)
     if not math.isfinite(out):
-        raise PrivacyConfigError(f"run config {key} must be finite, got {value!r}")
+        raise PrivacyConfigError(f"{where} {key} must be finite, got {value!r}")
     return out
+
+
+def _in(key: str, value: float, bounds: tuple[float, float], unit: str = "") -> list[str]:
+    low, high = bounds
+    if low <= value <= high:
+        return []
+    return [f"{key} must be in [{low:g}, {high:g}]{unit}, got {value:g}"]
 
 
 def privacy_config_from_run_config(
@@ -418,49 +551,85 @@ def privacy_config_from_run_config(
     """The DP settings of a Flower run config (keys ``dp``, ``dp-*``); None when off.
 
     ``dp-target-epsilon`` > 0 picks the noise for the whole run; 0 (the app's
-    default, meaning "not set") uses ``dp-noise-multiplier``, which must then
-    be > 0. ``dp-epsilon-budget`` > 0 is the enforced budget; 0 means the target
-    epsilon (or none). Every impossible value is refused here, before any
-    training, with the run-config key named.
+    default, meaning "not set") uses ``dp-noise-multiplier``. ``dp-epsilon-budget``
+    > 0 is the enforced budget (at least the target); 0 means the target epsilon
+    (or none). Every impossible value is refused here, before any training, with
+    the run-config key named: values must be ints or floats (no bools, no numeric
+    strings) within :data:`EPSILON_BOUNDS`, :data:`DELTA_BOUNDS`,
+    :data:`NOISE_BOUNDS` (the accounted multiplier: ``dp-noise-multiplier / 2`` for
+    ``dp = "update"``) and :data:`CLIP_BOUNDS`. The bank's own node config can
+    only tighten these (:class:`BankDPPolicy`).
 
     Raises
     ------
     PrivacyConfigError
         Naming every bad ``dp-*`` key and value.
     """
-    mode = str(cfg.get("dp", "off"))
-    if mode not in DP_MODES:
-        raise PrivacyConfigError(f"dp must be one of {DP_MODES}, got '{mode}'")
+    mode = cfg.get("dp", "off")
+    if not isinstance(mode, str) or mode not in DP_MODES:
+        raise PrivacyConfigError(f"dp must be one of {DP_MODES}, got {mode!r}")
     if mode == "off":
         return None
-    target = _run_float(cfg, "dp-target-epsilon", 0.0)
-    budget = _run_float(cfg, "dp-epsilon-budget", 0.0)
-    sigma = _run_float(cfg, "dp-noise-multiplier", 1.0)
-    delta = _run_float(cfg, "dp-delta", 1e-5)
-    norm = _run_float(cfg, "dp-max-grad-norm", 1.0)
-    accountant = str(cfg.get("dp-accountant", "rdp"))
-    mode_name = str(cfg.get("dp-grad-sample-mode", DEFAULT_GRAD_SAMPLE_MODE))
-    problems = []
+    problems: list[str] = []
+    values: dict[str, float] = {}
+    for key, default in (
+        ("dp-target-epsilon", 0.0),
+        ("dp-epsilon-budget", 0.0),
+        ("dp-noise-multiplier", 1.0),
+        ("dp-delta", 1e-5),
+        ("dp-max-grad-norm", 1.0),
+    ):
+        try:
+            values[key] = _run_float(cfg, key, default)
+        except PrivacyConfigError as err:
+            problems.append(str(err).removeprefix("run config "))
+    target = values.get("dp-target-epsilon", 0.0)
+    budget = values.get("dp-epsilon-budget", 0.0)
+    sigma = values.get("dp-noise-multiplier", 1.0)
+    delta = values.get("dp-delta", 1e-5)
+    norm = values.get("dp-max-grad-norm", 1.0)
+    accountant = cfg.get("dp-accountant", "rdp")
+    mode_name = cfg.get("dp-grad-sample-mode", DEFAULT_GRAD_SAMPLE_MODE)
+    sensitivity = UPDATE_SENSITIVITY if mode == "update" else 1.0
     if target < 0:
         problems.append(
             f"dp-target-epsilon must be > 0 (or 0 to use dp-noise-multiplier), got {target:g}"
         )
-    if target == 0 and not sigma > 0:
+    elif target > 0:
+        problems += _in("dp-target-epsilon", target, EPSILON_BOUNDS, " (or 0: not set)")
+    if not sigma > 0:
         problems.append(
-            f"dp-noise-multiplier must be > 0 when dp-target-epsilon is not set, got {sigma:g} "
-            "(0 would be no privacy at all)"
+            f"dp-noise-multiplier must be > 0, got {sigma:g} (0 would be no privacy at all)"
+        )
+    else:
+        problems += _in(
+            "dp-noise-multiplier",
+            sigma,
+            (NOISE_BOUNDS[0] * sensitivity, NOISE_BOUNDS[1] * sensitivity),
+            f" for dp='{mode}'" if mode == "update" else "",
         )
     if budget < 0:
         problems.append(f"dp-epsilon-budget must be > 0 (or 0 for none), got {budget:g}")
+    elif budget > 0:
+        problems += _in("dp-epsilon-budget", budget, EPSILON_BOUNDS, " (or 0: none)")
+        if target > 0 and budget < target:
+            problems.append(
+                f"dp-epsilon-budget {budget:g} is below dp-target-epsilon {target:g}: the "
+                "noise is chosen to spend the target, so the run would stop partway"
+            )
     if not 0 < delta < 1:
         problems.append(f"dp-delta must be in (0, 1), got {delta:g}")
+    else:
+        problems += _in("dp-delta", delta, DELTA_BOUNDS)
     if not norm > 0:
         problems.append(f"dp-max-grad-norm must be > 0, got {norm:g}")
+    else:
+        problems += _in("dp-max-grad-norm", norm, CLIP_BOUNDS)
     if accountant not in ACCOUNTANTS:
-        problems.append(f"dp-accountant must be one of {ACCOUNTANTS}, got '{accountant}'")
-    if mode == "dp-sgd" and mode_name not in GRAD_SAMPLE_MODES:
+        problems.append(f"dp-accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if mode_name not in GRAD_SAMPLE_MODES:
         problems.append(
-            f"dp-grad-sample-mode must be one of {GRAD_SAMPLE_MODES}, got '{mode_name}'"
+            f"dp-grad-sample-mode must be one of {GRAD_SAMPLE_MODES}, got {mode_name!r}"
         )
     if int(rounds) < 1 or int(local_epochs) < 1:
         problems.append("num-server-rounds and local-epochs must be >= 1")
@@ -507,9 +676,15 @@ class LedgerFile:
         The ``context.state`` key the ledger is mirrored under.
     """
 
-    def __init__(self, path: str | os.PathLike[str], key: str = SAMPLE_LEDGER_KEY) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        key: str = SAMPLE_LEDGER_KEY,
+        exclusive_with: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
         self.path = Path(path)
         self.key = key
+        self.exclusive_with = tuple(Path(p) for p in exclusive_with)
 
     @property
     def lock_path(self) -> Path:
@@ -517,15 +692,39 @@ class LedgerFile:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the exclusive lock of this ledger (blocks until it is free)."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """Hold the exclusive lock of this ledger and of the ledgers it excludes.
+
+        The locks are taken in path order, so two modes reserving at once cannot
+        deadlock, and neither can slip a charge past the other's check.
+        """
+        paths = sorted({self.path, *self.exclusive_with})
+        with contextlib.ExitStack() as stack:
+            for path in paths:
+                stack.enter_context(_flocked(path.with_name(path.name + ".lock")))
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+
+    def _check_siblings(self) -> None:
+        """Refuse a charge when a ledger of the other DP mode (same bank) has charges.
+
+        The two modes account different neighbouring relations (one customer row,
+        one bank's whole contribution), so their spending cannot be composed into
+        one budget; a bank that mixed them would hold two budgets at once. Called
+        under :meth:`locked`.
+        """
+        for other in self.exclusive_with:
+            if not other.is_file():
+                continue
+            values = LedgerFile(other)._read() or {}
+            if values.get("steps"):
+                raise PrivacyBudgetExhausted(
+                    f"privacy ledger {other} already holds charges of the other DP mode; "
+                    f"{self.path.name} and it cannot share one budget (different "
+                    "neighbouring relations), so this bank refuses to mix DP modes in one "
+                    "ledger-dir",
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                )
 
     def _read(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -571,6 +770,15 @@ class LedgerFile:
             )
             return start, []
         runs = values.get("runs", [])
+        problems = _ledger_problems(values)
+        if not isinstance(runs, list):
+            problems.append("runs must be a list")
+        if problems:
+            raise PrivacyConfigError(
+                f"privacy ledger file {self.path} is not a valid ledger ("
+                + "; ".join(problems)
+                + "); refusing to train rather than trust it"
+            )
         return PrivacyLedger.from_values(values, accountant, unit), list(runs)
 
     def restore(self, state: RecordDict, accountant: str = "rdp", unit: str = "sample") -> None:
@@ -601,8 +809,9 @@ class LedgerFile:
         with self.locked():
             before, runs = self._ledger(ledger, ledger.accountant, ledger.unit)
             after = before.copy()
+            self._check_siblings()
             projected = after.check_budget(budget, delta, noise_multiplier, sample_rate, steps)
-            after.record(noise_multiplier, sample_rate, steps)
+            after.record(noise_multiplier, sample_rate, steps, delta)
             after.rounds += 1
             runs.append(
                 {
@@ -612,6 +821,7 @@ class LedgerFile:
                     "noise-multiplier": float(noise_multiplier),
                     "sample-rate": float(sample_rate),
                     "delta": float(delta),
+                    "delta-accounted": after.strictest_delta(delta),
                     "epsilon-after": projected,
                     **dict(note or {}),
                 }
@@ -660,7 +870,9 @@ def ledger_file_for(context: Any, key: str = SAMPLE_LEDGER_KEY) -> LedgerFile | 
     """The ledger file of this node (node config ``ledger-dir``), or None if not configured.
 
     The file is named after the node's bank (``bank-index``, or the simulation's
-    ``partition-id``), which stays the same when the SuperNode restarts.
+    ``partition-id``), which stays the same when the SuperNode restarts. The
+    DP-SGD and update-level ledgers of one bank exclude each other: once one has
+    charges, the other mode is refused (:meth:`LedgerFile._check_siblings`).
     """
     node = context.node_config
     directory = str(node.get("ledger-dir", ""))
@@ -675,7 +887,133 @@ def ledger_file_for(context: Any, key: str = SAMPLE_LEDGER_KEY) -> LedgerFile | 
             "node config sets ledger-dir but neither bank-index nor partition-id, so the "
             "ledger file cannot be tied to this bank across restarts"
         )
-    return LedgerFile(Path(directory) / f"{ident}.{key}.json", key)
+    others = [k for k in (SAMPLE_LEDGER_KEY, UPDATE_LEDGER_KEY) if k != key]
+    return LedgerFile(
+        Path(directory) / f"{ident}.{key}.json",
+        key,
+        exclusive_with=[Path(directory) / f"{ident}.{k}.json" for k in others],
+    )
+
+
+@contextlib.contextmanager
+def _flocked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- bank policy
+#: ``Error.code`` of a train reply the bank refuses under its own privacy policy (node
+#: config), or because its update is not finite: nothing is sent.
+PRIVACY_POLICY_ERROR_CODE = 4101
+
+#: What node config ``dp-required`` accepts.
+DP_REQUIREMENTS = ("none", "any", "dp-sgd", "update")
+
+
+class PrivacyPolicyViolation(RuntimeError):
+    """The run's DP settings break the bank's own policy: the bank does not train."""
+
+
+@dataclass(frozen=True)
+class BankDPPolicy:
+    """The bank's own DP floor, from its node config; it always wins over the run config.
+
+    The run config is written by whoever submits the run (the server side); a bank
+    that must keep its own guarantee sets, in its SuperNode's node config:
+
+    ``dp-required``
+        ``"none"`` (default), ``"any"`` (or ``true``: some DP mode), ``"dp-sgd"``
+        or ``"update"``: a run whose ``dp`` is off, or another mode, is refused
+        (the modes protect different units, neither is "stronger").
+    ``dp-epsilon-budget``
+        The bank's own cap: the enforced budget is ``min(run's, bank's)``, also
+        for a run that sets no budget at all.
+    ``dp-max-delta``
+        A run asking for a larger ``dp-delta`` is refused.
+
+    Flower types node config values from the command line (``dp-max-delta=1e-5``
+    is a float); numeric strings and bools are refused as numbers.
+    """
+
+    required: str = "none"
+    epsilon_budget: float | None = None
+    max_delta: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.required not in DP_REQUIREMENTS:
+            problems.append(f"dp-required must be one of {DP_REQUIREMENTS}, got {self.required!r}")
+        problems += _within("dp-epsilon-budget", self.epsilon_budget, EPSILON_BOUNDS)
+        problems += _within("dp-max-delta", self.max_delta, DELTA_BOUNDS)
+        if problems:
+            raise PrivacyConfigError("invalid node config: " + "; ".join(problems))
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> BankDPPolicy:
+        """The policy in a node config (keys ``dp-required``, ``dp-epsilon-budget``,
+        ``dp-max-delta``); every key absent is no constraint."""
+        required = node.get("dp-required", "none")
+        if isinstance(required, bool):
+            required = "any" if required else "none"
+        elif isinstance(required, str):
+            text = required.strip().lower()
+            required = {"true": "any", "false": "none", "off": "none", "": "none"}.get(text, text)
+        budget = (
+            _run_float(node, "dp-epsilon-budget", 0.0, "node config")
+            if "dp-epsilon-budget" in node
+            else None
+        )
+        max_delta = (
+            _run_float(node, "dp-max-delta", 0.0, "node config") if "dp-max-delta" in node else None
+        )
+        return cls(required=str(required), epsilon_budget=budget, max_delta=max_delta)
+
+    def apply(
+        self, cfg: DPSGDConfig | UpdateDPConfig | None
+    ) -> DPSGDConfig | UpdateDPConfig | None:
+        """The run's settings tightened by this policy; raises if they break it.
+
+        Raises
+        ------
+        PrivacyPolicyViolation
+            DP off or the wrong mode where the bank requires one, or a larger delta.
+        """
+        mode = "off" if cfg is None else "update" if isinstance(cfg, UpdateDPConfig) else "dp-sgd"
+        if self.required != "none" and (cfg is None or self.required not in ("any", mode)):
+            raise PrivacyPolicyViolation(
+                f"bank privacy policy: node config dp-required='{self.required}' but the run "
+                f"config has dp='{mode}'; this bank does not train without it"
+            )
+        if cfg is None:
+            return None
+        if self.max_delta is not None and cfg.delta > self.max_delta:
+            raise PrivacyPolicyViolation(
+                f"bank privacy policy: the run config's dp-delta {cfg.delta:g} exceeds the "
+                f"node config's dp-max-delta {self.max_delta:g}; this bank does not train"
+            )
+        if self.epsilon_budget is not None:
+            budget = cfg.budget
+            capped = self.epsilon_budget if budget is None else min(budget, self.epsilon_budget)
+            cfg = replace(cfg, epsilon_budget=capped)
+        return cfg
+
+
+def bank_privacy(
+    context: Any, cfg: DPSGDConfig | UpdateDPConfig | None
+) -> DPSGDConfig | UpdateDPConfig | None:
+    """The run's DP settings after the bank's node-config policy (:class:`BankDPPolicy`)."""
+    return BankDPPolicy.from_node_config(context.node_config).apply(cfg)
+
+
+def policy_refusal(msg: Message, reason: str) -> Message:
+    """The reply of a bank that refuses to train or send under its own privacy policy."""
+    return Message(Error(code=PRIVACY_POLICY_ERROR_CODE, reason=reason), reply_to=msg)
 
 
 def budget_refusal(msg: Message, err: PrivacyBudgetExhausted) -> Message:
@@ -763,25 +1101,35 @@ def privacy_train_metrics_aggr_fn(records: list[RecordDict], weighting_key: str)
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIP_BOUNDS",
     "DEFAULT_GRAD_SAMPLE_MODE",
+    "DELTA_BOUNDS",
     "DP_MODES",
+    "DP_REQUIREMENTS",
+    "EPSILON_BOUNDS",
     "GRAD_SAMPLE_MODES",
     "METRIC_KEYS",
+    "NOISE_BOUNDS",
     "PRIVACY_BUDGET_ERROR_CODE",
     "PRIVACY_METRIC_KEYS",
+    "PRIVACY_POLICY_ERROR_CODE",
     "SAMPLE_LEDGER_KEY",
     "UPDATE_LEDGER_KEY",
     "UPDATE_LEDGER_UNIT",
     "UPDATE_SENSITIVITY",
+    "BankDPPolicy",
     "DPSGDConfig",
     "LedgerFile",
     "PrivacyBudgetExhausted",
     "PrivacyConfigError",
     "PrivacyLedger",
+    "PrivacyPolicyViolation",
     "UpdateDPConfig",
+    "bank_privacy",
     "budget_refusal",
     "is_budget_refusal",
     "ledger_file_for",
+    "policy_refusal",
     "privacy_config_from_run_config",
     "privacy_train_metrics_aggr_fn",
     "round_privacy",

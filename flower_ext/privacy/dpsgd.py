@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -163,6 +164,7 @@ class PrivateTraining:
                     unit=self.ledger.unit,
                 )
                 self.ledger.history, self.ledger.rounds = settled.history, settled.rounds
+                self.ledger.delta = settled.delta
                 steps_before = self.ledger.total_steps - taken
             cleanup = getattr(self.module, "_close", None) or getattr(
                 self.module, "remove_hooks", None
@@ -176,9 +178,9 @@ class PrivateTraining:
                         with contextlib.suppress(AttributeError):
                             delattr(p, attr)
         total = self.ledger.total_steps
-        return PrivacyReport(
+        return PrivacyReport(  # at the strictest delta the ledger has charged at
             epsilon=self.ledger.epsilon(self.config.delta),
-            delta=self.config.delta,
+            delta=self.ledger.strictest_delta(self.config.delta),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             sample_rate=self.sample_rate,
@@ -340,8 +342,9 @@ def make_private(
             steps=planned,
             note=note,
         )
-        ledger.history, ledger.rounds = before.history, before.rounds
+        ledger.history, ledger.rounds, ledger.delta = before.history, before.rounds, before.delta
     projected = ledger.check_budget(config.budget, config.delta, sigma, sample_rate, planned)
+    ledger.delta = ledger.strictest_delta(config.delta)  # the round is charged at it
     if not config.secure_mode:
         first = next(iter(module.parameters()), None)
         device = first.device if first is not None else None
@@ -373,6 +376,7 @@ def make_private(
         dp_criterion = criterion
     if config.fused_clipping and type(dp_optimizer) is DPOptimizer and not config.secure_mode:
         dp_optimizer.__class__ = FlatClipDPOptimizer  # same state, fewer kernel launches
+    _guard_reserved_steps(dp_optimizer, engine.accountant, ledger.total_steps, planned)
     if not config.secure_mode:
         if isinstance(data_loader.dataset, TensorDataset):
             dp_loader = poisson_loader(data_loader.dataset, sample_rate, sampling_generator)
@@ -396,6 +400,39 @@ def make_private(
         ledger_file=ledger_file,
         default_criterion=criterion is None,
     )
+
+
+def _accounted_steps(accountant: IAccountant) -> int:
+    return int(sum(h[2] for h in accountant.history))
+
+
+def _guard_reserved_steps(
+    optimizer: DPOptimizer, accountant: IAccountant, steps_before: int, planned: int
+) -> None:
+    """Make ``optimizer`` refuse any step beyond the ``planned`` ones the round reserved.
+
+    The budget was checked (and, with a ledger file, charged) for ``planned``
+    steps; one more would spend what was never checked. Every step goes through
+    ``pre_step`` (``optimizer.step()`` calls it), which is where Opacus clips,
+    noises and accounts, so the guard sits in front of it.
+    """
+    inner = optimizer.pre_step
+
+    def pre_step(closure: Callable[[], float] | None = None) -> bool:
+        taken = _accounted_steps(accountant) - steps_before
+        if taken >= planned:
+            raise PrivacyBudgetExhausted(
+                f"DP-SGD: this round reserved {planned} steps (local_epochs x 1/q) and has "
+                f"taken {taken}; one more step would spend privacy budget that was never "
+                "checked. Train for the configured local_epochs, or make a new round with "
+                "make_private",
+                math.nan,
+                math.nan,
+                math.nan,
+            )
+        return inner(closure)
+
+    optimizer.pre_step = pre_step  # type: ignore[method-assign]
 
 
 class FlatClipDPOptimizer(DPOptimizer):
@@ -548,9 +585,20 @@ def train_private_epochs(
         The keys of dict batches for :func:`split_batch`.
 
     Every Poisson batch is a step, an empty one included (noise only), so the
-    steps taken equal the steps accounted and planned.
+    steps taken equal the steps accounted and planned. More epochs than the
+    round reserved are refused before the first extra step
+    (:class:`PrivacyBudgetExhausted`).
     """
     epochs = private.config.local_epochs if epochs is None else epochs
+    if epochs * private.steps_per_epoch > private.planned_steps:
+        raise PrivacyBudgetExhausted(
+            f"DP-SGD: {epochs} epochs ({epochs * private.steps_per_epoch} steps) asked, but "
+            f"this round reserved {private.planned_steps} steps (local_epochs="
+            f"{private.config.local_epochs}); set local_epochs in the DPSGDConfig instead",
+            math.nan,
+            math.nan,
+            math.nan,
+        )
     split = batch_to_xy or (lambda b: split_batch(b, input_key, target_key))
     if private.grad_sample_mode == "ghost":
         crit = private.criterion

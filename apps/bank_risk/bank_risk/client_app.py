@@ -27,8 +27,11 @@ from flower_ext.mods.attack import training_labels
 from flower_ext.privacy import (
     DPSGDConfig,
     PrivacyBudgetExhausted,
+    PrivacyPolicyViolation,
+    bank_privacy,
     budget_refusal,
     ledger_file_for,
+    policy_refusal,
     train_local_private,
 )
 from flower_ext.training import evaluate_model, train_local
@@ -167,7 +170,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     # The labels as they are, unless the attack mod flips them (test federations only).
     labels = training_labels(bank.y_train, context)
-    privacy = settings.privacy()
+    try:  # the bank's own DP policy (node config dp-required, ...) wins over the run config
+        privacy = bank_privacy(context, settings.privacy())
+    except PrivacyPolicyViolation as err:
+        return policy_refusal(msg, str(err))
     dp_metrics: dict[str, float | int] = {}
     if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
         try:
