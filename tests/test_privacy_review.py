@@ -394,3 +394,15 @@ def test_update_mod_metrics_are_an_allow_list(as_server):
         "dp-sample-rate",
         "dp-steps",
     }  # before: a deny-list let Flower's train_loss (and anything else) through
+
+
+def test_the_server_reports_policy_refusals_like_budget_refusals():
+    from flower_ext.privacy import round_privacy
+
+    rejected = {
+        1: f"client error {PRIVACY_POLICY_ERROR_CODE}: bank privacy policy: dp-required",
+        2: f"client error {PRIVACY_BUDGET_ERROR_CODE}: privacy budget exhausted",
+        3: "client error 7: something else",
+    }
+    out = round_privacy({}, rejected, {1: "bank-a", 2: "bank-b", 3: "bank-c"})
+    assert set(out) == {"bank-a", "bank-b"} and "dp-required" in out["bank-a"]["refused"]

@@ -1028,6 +1028,11 @@ def is_budget_refusal(reason: str) -> bool:
     )
 
 
+def is_privacy_refusal(reason: str) -> bool:
+    """A budget refusal, or a bank refusing under its own privacy policy (error 4101)."""
+    return is_budget_refusal(reason) or f"client error {PRIVACY_POLICY_ERROR_CODE}:" in reason
+
+
 # --------------------------------------------------------------------------- server helpers
 _REPORT_FIELDS = {
     "dp-epsilon": "epsilon",
@@ -1048,7 +1053,7 @@ def round_privacy(
 
     Clients whose reply carried ``dp-*`` metrics get ``{epsilon, delta,
     noise_multiplier, max_grad_norm, sample_rate, steps}``; clients that refused
-    for budget get ``{"refused": reason}``.
+    for budget or under their own privacy policy get ``{"refused": reason}``.
     """
     out: dict[str, dict[str, Any]] = {}
     for node, metrics in client_metrics.items():
@@ -1057,7 +1062,7 @@ def round_privacy(
         name = labels.get(node) or str(node)
         out[name] = {new: metrics[old] for old, new in _REPORT_FIELDS.items() if old in metrics}
     for node, reason in rejected.items():
-        if is_budget_refusal(reason):
+        if is_privacy_refusal(reason):
             out[labels.get(node) or str(node)] = {"refused": reason}
     return out
 
@@ -1128,6 +1133,7 @@ __all__ = [
     "bank_privacy",
     "budget_refusal",
     "is_budget_refusal",
+    "is_privacy_refusal",
     "ledger_file_for",
     "policy_refusal",
     "privacy_config_from_run_config",
