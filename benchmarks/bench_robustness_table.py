@@ -216,7 +216,7 @@ def summarise(
     # Per (rule, attack, #malicious): worst seed's final and minimum AUC, and gaps to clean.
     table: dict[str, dict[str, Any]] = {}
     for c in cells:
-        key = f"{c['attack']} | f={c['num_malicious_banks']}"
+        key = f"{c['attack']}, f={c['num_malicious_banks']}"
         row = table.setdefault(c["rule"], {}).setdefault(
             key, {"final_auc": None, "min_auc": None, "gap_final": None, "gap_min": None}
         )
