@@ -186,3 +186,44 @@ def test_mod_poisons_the_standardisation_query_of_malicious_banks_only(as_server
     out, update, _ = run_mod(AttackMod(), 2, **config)
     np.testing.assert_allclose(update["w"], HONEST_STEP)
     assert out.content["metrics"]["num-examples"] == 10
+
+
+@pytest.mark.slow
+def test_simulation_default_app_neutralises_poisoned_standardisation_and_inflation(tmp_path):
+    """The real app on Ray with FedAvg and defaults: bank 1 poisons its moments and inflates
+    its count 100x; the standardisation leaves it out, its train weight stays pinned."""
+    import json
+
+    from bank_risk.simulate import run_bank_simulation
+    from flower_ext.data.synthetic import bank_name
+
+    run_dir = run_bank_simulation(
+        {
+            "num-server-rounds": 2,
+            "num-banks": 6,
+            "rows-per-bank": 400,
+            "aggregation": "fedavg",
+            "attack": "poisoned-standardisation",
+            "attack-count-factor": 100.0,
+            "malicious-banks": "1",
+            "local-only-baseline": False,
+            "centralized-baseline": False,
+            "output-dir": str(tmp_path),
+            "run-name": "poison",
+        }
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").open()]
+    rejected = [e for e in events if e["event"] == "stats_rejected"]
+    assert [e["label"] for e in rejected] == [bank_name(1)]
+    assert "outlier std" in rejected[0]["reason"]
+    standardisation = next(e for e in events if e["event"] == "standardisation")
+    assert standardisation["banks"] == 5 and len(standardisation["outliers"]) == 1
+    updates = [e for e in events if e["event"] == "client_update"]
+    bad = [e for e in updates if e["label"] == bank_name(1)]
+    assert len(bad) == 2
+    for e in bad:  # claimed 100x its rows: pinned back to the setup count
+        assert e["weight_capped"] and "pinned" in e["weight_cap_reason"]
+        assert e["weight"] < 0.35
+    assert metrics["final"]["auc"] > 0.7
