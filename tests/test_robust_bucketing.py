@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import arrays_of, reply
-from test_robust_strategies import model, shifted, start_round, update_of
+from test_robust_strategies import SHAPES, start_round, update_of
 
 from flower_ext.aggregation import (
     adaptive_radius,
@@ -17,6 +17,22 @@ from flower_ext.aggregation import (
     norm_bound,
 )
 from flower_ext.strategies import CenteredClipping, Krum, Median, NormBound, TrimmedMean
+
+_RNG = np.random.default_rng(1414)
+
+
+def model() -> dict[str, np.ndarray]:
+    """A random model of test_robust_strategies' SHAPES, from this module's own RNG."""
+    return {k: _RNG.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def shifted(base: dict[str, np.ndarray], delta: float, noise: float = 0.0):
+    return arrays_of(
+        {
+            k: (v + delta + noise * _RNG.normal(size=v.shape)).astype(np.float32)
+            for k, v in base.items()
+        }
+    )
 
 
 def _reference_buckets(u, w, s, seed):
@@ -147,7 +163,8 @@ def test_factory_passes_bucketing_adaptive_radii_and_weight_defaults():
     assert median.bucket_size == 2 and median.bucket_seed == 7
     norm = build(aggregation="norm-bound", max_norm=5.0, norm_factor=1.5)
     assert norm.norm_factor == 1.5 and norm.max_norm == 5.0
-    assert build(aggregation="norm-bound", max_norm=5.0).norm_factor is None
+    assert build(aggregation="norm-bound", max_norm=5.0).norm_factor == 1.5  # the default
+    assert build(aggregation="norm-bound", max_norm=5.0, norm_factor=0).norm_factor is None
     clip = build(aggregation="centered-clipping", clip_tau=3.0, clip_tau_factor=2.0)
     assert clip.tau_factor == 2.0
     # 0 = the rule's default cap: 2x median for weight-using robust rules, none for fedavg.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import arrays_of, reply
-from test_robust_strategies import model, shifted, start_round, update_of
+from test_robust_strategies import SHAPES, start_round, update_of
 
 from flower_ext.aggregation import weight_policy
 from flower_ext.strategies import (
@@ -16,6 +16,22 @@ from flower_ext.strategies import (
     NormBound,
 )
 from flower_ext.strategies.robust import DEFAULT_WEIGHT_MEDIAN_MULTIPLE
+
+_RNG = np.random.default_rng(1414)
+
+
+def model() -> dict[str, np.ndarray]:
+    """A random model of test_robust_strategies' SHAPES, from this module's own RNG."""
+    return {k: _RNG.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def shifted(base: dict[str, np.ndarray], delta: float, noise: float = 0.0):
+    return arrays_of(
+        {
+            k: (v + delta + noise * _RNG.normal(size=v.shape)).astype(np.float32)
+            for k, v in base.items()
+        }
+    )
 
 
 def test_weight_policy_kernel_pins_then_caps_with_reasons():

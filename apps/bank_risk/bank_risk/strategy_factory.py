@@ -74,7 +74,7 @@ class RobustSettings:
     max_weight: float = 0.0  # 0: no cap
     max_weight_median_multiple: float = 0.0  # 0: the rule's default
     bucket_size: int = 1  # 1: no bucketing
-    norm_factor: float = 0.0  # 0: fixed max-norm
+    norm_factor: float = 1.5  # 0: fixed max-norm; 1.5 measured (README Figures)
     clip_tau_factor: float = 0.0  # 0: fixed clip-tau
     seed: int = 42  # the run's seed; seeds the bucket shuffles
 
