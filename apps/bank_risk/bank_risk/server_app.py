@@ -58,7 +58,7 @@ from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import client_label, reply_sender
 
-from .encryption import prepare_keys
+from .encryption import he_enabled, prepare_keys
 from .preprocessing_query import with_preprocessing
 from .settings import BankAppSettings, SettingsError
 from .strategy_factory import build_strategy, check_run_config
@@ -676,7 +676,9 @@ def run_federation(
         inner.min_valid_replies = settings.min_banks
     # The banks' labels from the query, so even a bank failing round 1 is audited by name.
     inner.labels.update(labels)
-    if checkpoint is None:  # counts cannot buy influence: weights pinned to the setup counts
+    # Counts cannot buy influence: train weights pinned to the setup counts (with HE the banks
+    # pre-multiply by their own weight, so the server has nothing to pin; README says so).
+    if checkpoint is None and not he_enabled(settings.raw):
         inner.pinned_weights.update(stats.counts)
     strategy = wrap_strategy(inner, settings, audit)
     recorder = RoundRecorder(settings, strategy, metered, metrics, audit, run_dir=run_dir)
