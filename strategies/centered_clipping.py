@@ -47,8 +47,10 @@ class CenteredClipping(RobustStrategy):
     Weights
     -------
     :math:`\alpha_i` = (capped) ``num-examples`` share; a client's pull on the
-    aggregate is at most :math:`\alpha_i \tau`, so cap weights when counts are
-    not trusted.
+    aggregate is at most :math:`\alpha_i \tau`, so the count is policed.
+    By default capped at 2x the round's median (``max_weight_median_multiple=2.0``;
+    ``None`` turns it off) and at ``pinned_weights`` where given; every lowered
+    weight is audited (``weight_capped``, ``weight_cap_reason``).
     """
 
     uses_weights = True

@@ -34,8 +34,10 @@ class GeometricMedian(RobustStrategy):
     Weights
     -------
     :math:`\alpha_i` = (capped) ``num-examples`` share, as in RFA. An attacker
-    that inflates its count gains weight here: cap weights
-    (``max_weight_median_multiple``) when counts are not trusted.
+    that inflates its count gains weight here, so the count is policed.
+    By default capped at 2x the round's median (``max_weight_median_multiple=2.0``;
+    ``None`` turns it off) and at ``pinned_weights`` where given; every lowered
+    weight is audited (``weight_capped``, ``weight_cap_reason``).
     """
 
     uses_weights = True

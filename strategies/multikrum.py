@@ -37,6 +37,9 @@ class MultiKrum(RobustStrategy):
     -------
     Not used for the selection (an inflated ``num-examples`` cannot buy a
     place); the selected updates are averaged weighted by (capped) ``num-examples``.
+    By default capped at 2x the round's median (``max_weight_median_multiple=2.0``;
+    ``None`` turns it off) and at ``pinned_weights`` where given; every lowered
+    weight is audited (``weight_capped``, ``weight_cap_reason``).
     """
 
     uses_weights = True

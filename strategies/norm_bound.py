@@ -40,6 +40,9 @@ class NormBound(RobustStrategy):
     Weights
     -------
     :math:`\alpha_i` = (capped) ``num-examples`` share of the clipped updates.
+    By default capped at 2x the round's median (``max_weight_median_multiple=2.0``;
+    ``None`` turns it off) and at ``pinned_weights`` where given; every lowered
+    weight is audited (``weight_capped``, ``weight_cap_reason``).
     """
 
     uses_weights = True
