@@ -316,17 +316,24 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """What a restarted server needs besides the global model: (arrays, JSON fields).
 
-        The server momentum ``velocity`` (FedAvgM) and the bank labels seen so far;
-        the global model itself travels separately (the app's checkpoint).
+        The server momentum ``velocity`` (FedAvgM), the bank labels seen so far and
+        the pinned weights (a resumed run must not let a bank raise its count); the
+        global model itself travels separately (the app's checkpoint).
         """
         arrays = {} if self._velocity is None else {"velocity": self._velocity.copy()}
-        return arrays, {"labels": {str(k): v for k, v in self.labels.items()}}
+        return arrays, {
+            "labels": {str(k): v for k, v in self.labels.items()},
+            "pinned_weights": {str(k): float(v) for k, v in self.pinned_weights.items()},
+        }
 
     def import_state(self, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> None:
         """Restore :meth:`export_state`'s output (call before the first resumed round)."""
         velocity = arrays.get("velocity")
         self._velocity = None if velocity is None else np.asarray(velocity)
         self.labels.update({int(k): str(v) for k, v in fields.get("labels", {}).items()})
+        self.pinned_weights.update(
+            {int(k): float(v) for k, v in fields.get("pinned_weights", {}).items()}
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

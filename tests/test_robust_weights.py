@@ -112,3 +112,14 @@ def test_pinned_weights_neutralise_inflation_in_fedavg(as_server):
             assert "pinned 100" in clients[3]["weight_cap_reason"]
             events = [e for e in strategy.audit.events if e.get("event") == "client_update"]
             assert any(e.get("weight_cap_reason") for e in events)
+
+
+def test_pinned_weights_survive_a_resume() -> None:
+    """A restarted server restores the pins: a bank cannot raise its count after a crash."""
+    from flower_ext.strategies import FedAvg
+
+    before = FedAvg(pinned_weights={11: 500.0, 12: 800.0})
+    arrays, fields = before.export_state()
+    after = FedAvg()
+    after.import_state(arrays, fields)
+    assert after.pinned_weights == {11: 500.0, 12: 800.0}
