@@ -9,7 +9,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, bulyan, bulyan_min_clients
 
-from .robust import MetricsAggregationFn, RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
 
 
 class Bulyan(RobustStrategy):
@@ -68,16 +68,7 @@ class Bulyan(RobustStrategy):
                 "MultiKrum / TrimmedMean from flower_ext.strategies."
             )
         super().__init__(
-            fraction_train,
-            fraction_evaluate,
-            min_train_nodes,
-            min_evaluate_nodes,
-            min_available_nodes,
-            weighted_by_key,
-            arrayrecord_key,
-            configrecord_key,
-            train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             num_malicious_nodes=num_malicious_nodes,
             **kwargs,
         )

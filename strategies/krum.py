@@ -8,7 +8,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum, krum_min_clients
 
-from .robust import MetricsAggregationFn, RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
 
 
 class Krum(RobustStrategy):
@@ -73,16 +73,7 @@ class Krum(RobustStrategy):
     ) -> None:
         # Flower's positional order: num_malicious_nodes is the 6th argument.
         super().__init__(
-            fraction_train,
-            fraction_evaluate,
-            min_train_nodes,
-            min_evaluate_nodes,
-            min_available_nodes,
-            weighted_by_key,
-            arrayrecord_key,
-            configrecord_key,
-            train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             num_malicious_nodes=num_malicious_nodes,
             **kwargs,
         )

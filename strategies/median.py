@@ -8,7 +8,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, coordinate_median, median_min_clients
 
-from .robust import MetricsAggregationFn, RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
 
 
 class Median(RobustStrategy):
@@ -88,15 +88,6 @@ class FedMedian(Median):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            fraction_train,
-            fraction_evaluate,
-            min_train_nodes,
-            min_evaluate_nodes,
-            min_available_nodes,
-            weighted_by_key,
-            arrayrecord_key,
-            configrecord_key,
-            train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             **kwargs,
         )

@@ -8,7 +8,7 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum_min_clients, multi_krum
 
-from .robust import MetricsAggregationFn, RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
 
 
 class MultiKrum(RobustStrategy):
@@ -63,16 +63,7 @@ class MultiKrum(RobustStrategy):
     ) -> None:
         # Flower's positional order: num_malicious_nodes 6th, num_nodes_to_select 7th.
         super().__init__(
-            fraction_train,
-            fraction_evaluate,
-            min_train_nodes,
-            min_evaluate_nodes,
-            min_available_nodes,
-            weighted_by_key,
-            arrayrecord_key,
-            configrecord_key,
-            train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             num_malicious_nodes=num_malicious_nodes,
             **kwargs,
         )

@@ -14,7 +14,7 @@ from flower_ext.aggregation import (
     trimmed_mean_min_clients,
 )
 
-from .robust import MetricsAggregationFn, RobustStrategy
+from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
 
 
 class TrimmedMean(RobustStrategy):
@@ -108,16 +108,7 @@ class FedTrimmedAvg(TrimmedMean):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            fraction_train,
-            fraction_evaluate,
-            min_train_nodes,
-            min_evaluate_nodes,
-            min_available_nodes,
-            weighted_by_key,
-            arrayrecord_key,
-            configrecord_key,
-            train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             beta=beta,
             **kwargs,
         )
