@@ -337,11 +337,19 @@ def verdict_section(metrics: dict[str, Any]) -> str:
     verdicts = [r.get("verdict") for r in banks.values()]
     if banks and any(verdicts):
         counts = {v: verdicts.count(v) for v in VERDICT_CLASS}
+        defined = sum(counts.values())
+        without = "".join(  # counted only where a verdict is defined; the others say why
+            f"; {html.escape(b)}: "
+            + html.escape(str(r.get("auc_null_reason") or r.get("verdict_note") or "no verdict"))
+            for b, r in banks.items()
+            if r.get("verdict") not in VERDICT_CLASS
+        )
         lead.append(
             f"Federation <b>gains</b> at {counts['gains']}, shows <b>no significant "
             f"difference</b> at {counts['no significant difference']} and <b>loses</b> at "
-            f"{counts['loses']} of {len(banks)} banks (federated vs local-only AUC, paired "
-            "95% DeLong interval computed by each bank on its own test rows)."
+            f"{counts['loses']} of {defined} bank{'s' if defined != 1 else ''} with a verdict "
+            "(federated vs local-only AUC, paired 95% DeLong interval computed by each bank on "
+            f"its own test rows){without}."
         )
     elif banks:
         note = next((r.get("verdict_note") for r in banks.values() if r.get("verdict_note")), "")
@@ -371,6 +379,24 @@ def verdict_section(metrics: dict[str, Any]) -> str:
         lead.append(text + ".")
         if c_auc and auc > c_auc and ceiling.get("explanation"):
             lead.append(html.escape(ceiling["explanation"]))
+    for warning in metrics.get("warnings") or []:
+        lead.append(f'<span class="v lose">Warning</span> {html.escape(str(warning))}.')
+    best = metrics.get("best_round") or {}
+    if best.get("round") is not None:
+        lead.append(
+            f"Best round by pooled <i>validation</i> AUC: round {best['round']} (validation "
+            f"{_fmt(best.get('validation_auc'))}, test AUC {_fmt(best.get('auc'))}); final round "
+            f"{best.get('final_round')}: validation {_fmt(best.get('final_validation_auc'))}, "
+            f"test AUC {_fmt(best.get('final_auc'))}"
+            + (
+                f"; its model is <code>{html.escape(str(best['file']))}</code>"
+                if best.get("file")
+                else ""
+            )
+            + "."
+        )
+    elif best.get("null_reason"):
+        lead.append(f"No best round: {html.escape(str(best['null_reason']))}.")
     health = metrics.get("model_health") or {}
     if health:
         lead.append(

@@ -12,6 +12,8 @@ ends, then ``finished`` or ``failed`` (with ``error``). A resumed run (run confi
 ``checkpoint.npz`` (:func:`save_checkpoint`) holds what a new ServerApp needs to
 continue a run: the global model after the last finished round, that round's
 number and the strategy's own state. It is replaced atomically after every round.
+``best_model.npz`` has the same format (no strategy state): the global model of the round
+with the best pooled validation AUC so far (``load_checkpoint(run_dir, BEST_MODEL_FILE)``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 CHECKPOINT_FILE = "checkpoint.npz"
+#: The best round's model (by pooled validation AUC), in the checkpoint format.
+BEST_MODEL_FILE = "best_model.npz"
 
 
 @dataclass
@@ -124,9 +128,12 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
-    """Write ``<run_dir>/checkpoint.npz`` atomically (temp file, fsync, rename)."""
-    path = Path(run_dir) / CHECKPOINT_FILE
+def save_checkpoint(
+    run_dir: str | Path, checkpoint: Checkpoint, filename: str = CHECKPOINT_FILE
+) -> Path:
+    """Write ``<run_dir>/checkpoint.npz`` (or ``filename``) atomically (temp file, fsync,
+    rename)."""
+    path = Path(run_dir) / filename
     payload: dict[str, np.ndarray] = {}
     keys = list(checkpoint.arrays.keys())
     for i, key in enumerate(keys):
@@ -150,12 +157,13 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: str | Path) -> Checkpoint:
-    """Read ``<run_dir>/checkpoint.npz``; the model's hash is checked against the saved one."""
-    path = Path(run_dir) / CHECKPOINT_FILE
+def load_checkpoint(run_dir: str | Path, filename: str = CHECKPOINT_FILE) -> Checkpoint:
+    """Read ``<run_dir>/checkpoint.npz`` (or ``filename``); the model's hash is checked against
+    the saved one."""
+    path = Path(run_dir) / filename
     if not path.is_file():
         raise FileNotFoundError(
-            f"no {CHECKPOINT_FILE} in {run_dir}: the run never finished a round, or it is "
+            f"no {filename} in {run_dir}: the run never finished a round, or it is "
             "not a bank-app run directory"
         )
     with np.load(path, allow_pickle=False) as data:

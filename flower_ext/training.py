@@ -8,6 +8,7 @@ it damps the client drift that makes FedAvg oscillate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,35 @@ class TrainConfig:
     momentum: float = 0.9
     proximal_mu: float = 0.0
     seed: int = 0
+
+
+#: Learning-rate schedules over the server's rounds (run config ``lr-schedule``).
+LR_SCHEDULES = ("constant", "cosine", "step")
+#: Where ``cosine`` ends: this fraction of the base rate in the last round.
+LR_FINAL_FRACTION = 0.1
+
+
+def round_learning_rate(schedule: str, base: float, server_round: int, num_rounds: int) -> float:
+    """The local learning rate of round ``server_round`` (1-based) of ``num_rounds``.
+
+    - ``constant``: ``base`` every round;
+    - ``cosine``: from ``base`` in round 1 down to ``LR_FINAL_FRACTION * base`` in the last
+      round along half a cosine (Loshchilov and Hutter, "SGDR", ICLR 2017, without restarts);
+    - ``step``: ``base`` halved after each quarter of the rounds (``base/8`` in the last).
+
+    The server computes it and sends it in the train config, so banks keep no state.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr-schedule must be one of {LR_SCHEDULES}, got '{schedule}'")
+    r = min(max(int(server_round), 1), max(int(num_rounds), 1))
+    if schedule == "constant" or num_rounds <= 1:
+        return float(base)
+    progress = (r - 1) / (num_rounds - 1)
+    if schedule == "cosine":
+        low = LR_FINAL_FRACTION * base
+        return float(low + (base - low) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    quarter = max(math.ceil(num_rounds / 4), 1)
+    return float(base * 0.5 ** min((r - 1) // quarter, 3))
 
 
 def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> DataLoader:

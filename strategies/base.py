@@ -58,6 +58,11 @@ HIST_NEG_KEY = "hist-neg"
 HIST_POS_KEY = "hist-pos"
 POOLED_AUC_KEY = "pooled-auc"  # flower-ext's extras, next to whatever the clients sent
 POOLED_KS_KEY = "pooled-ks"
+#: Validation sketches (the same sketch, on each bank's validation rows, under ``val-``):
+#: pooled over the banks that sent one, for best-round selection.
+VAL_PREFIX = "val-"
+POOLED_VAL_AUC_KEY = "pooled-val-auc"
+POOLED_VAL_KS_KEY = "pooled-val-ks"
 #: Default bound on the L2 norm of one update: no model's update comes near it, and
 #: below it no float32 sum or squared distance of a round can overflow.
 MAX_UPDATE_NORM = 1e18
@@ -756,6 +761,13 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             pooled = None
         if pooled is not None:
             metrics[POOLED_AUC_KEY], metrics[POOLED_KS_KEY] = pooled
+        with_val = [r.metrics for r in accepted if VAL_PREFIX + HIST_NEG_KEY in r.metrics]
+        try:  # banks too small to hold validation rows send none: pooled over the others
+            pooled_val = pooled_histogram_metrics(with_val, prefix=VAL_PREFIX)
+        except Exception:
+            pooled_val = None
+        if pooled_val is not None:
+            metrics[POOLED_VAL_AUC_KEY], metrics[POOLED_VAL_KS_KEY] = pooled_val
         self.evaluation_reports[server_round] = {
             "metrics": dict(metrics),
             "clients": {
@@ -835,22 +847,26 @@ def weighted_scalar_metrics(
     return out
 
 
-def pooled_histogram_metrics(records: list[MetricRecord]) -> tuple[float, float] | None:
+def pooled_histogram_metrics(
+    records: list[MetricRecord], prefix: str = ""
+) -> tuple[float, float] | None:
     """Pooled (AUC, KS) from per-bank score sketches or histograms, if every bank sent them.
 
     With ``hist-edges`` from every bank (``flower_ext.metrics.score_sketch``: each bank's
     own score quantiles) the sketches are merged on the union of the edges, accurate at
-    any score spread; otherwise the legacy fixed-bin histograms are summed.
+    any score spread; otherwise the legacy fixed-bin histograms are summed. ``prefix``
+    reads another set of sketches (``val-``: the banks' validation rows).
     """
-    if not records or not all(HIST_NEG_KEY in m and HIST_POS_KEY in m for m in records):
+    neg_key, pos_key, edges_key = (prefix + k for k in (HIST_NEG_KEY, HIST_POS_KEY, HIST_EDGES_KEY))
+    if not records or not all(neg_key in m and pos_key in m for m in records):
         return None
-    hists = [(m[HIST_NEG_KEY], m[HIST_POS_KEY]) for m in records]
+    hists = [(m[neg_key], m[pos_key]) for m in records]
     if not all(isinstance(n, list) and isinstance(p, list) for n, p in hists):
         return None
-    if all(isinstance(m.get(HIST_EDGES_KEY), list) for m in records):
+    if all(isinstance(m.get(edges_key), list) for m in records):
         with np.errstate(over="ignore", invalid="ignore"):
             auc, ks = pooled_sketch_metrics(
-                [(m[HIST_EDGES_KEY], n, p) for m, (n, p) in zip(records, hists, strict=True)]
+                [(m[edges_key], n, p) for m, (n, p) in zip(records, hists, strict=True)]
             )
         if auc is None or ks is None or not (math.isfinite(auc) and math.isfinite(ks)):
             return None

@@ -8,6 +8,7 @@ import pytest
 from conftest import outgoing
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
+from bank_risk.client_app import DATA_ERROR_CODE
 from bank_risk.client_app import app as client_app
 from bank_risk.settings import BankAppSettings, SettingsError
 from flower_ext.model import build_model
@@ -92,8 +93,11 @@ def test_query_returns_feature_moments(tmp_path, as_server):
 
 def test_wrong_number_of_supernodes_is_explained(tmp_path, as_server):
     ctx = _context(_config(_csv(tmp_path)), partition=0, partitions=2)
-    with pytest.raises(Exception, match="num-supernodes=3"):
-        client_app(_message(MessageType.TRAIN, 1, 100), ctx)
+    # A data problem is an error reply of one line naming the bank, not a raised exception.
+    out = client_app(_message(MessageType.TRAIN, 1, 100), ctx)
+    assert out.has_error() and out.error.code == DATA_ERROR_CODE
+    assert "num-supernodes=3" in out.error.reason and "bank 0" in out.error.reason
+    assert "\n" not in out.error.reason
 
 
 def test_bad_settings_are_named():

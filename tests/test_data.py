@@ -63,7 +63,9 @@ def test_synthetic_bank_split(tmp_path):
     source = DataSource(num_banks=3, rows_per_bank=500, seed=2)
     bank = load_bank(source, 1)
     assert bank.name == "bank-1-lower-tier-markets"
-    assert len(bank.x_test) == pytest.approx(0.25 * (len(bank.x_train) + len(bank.x_test)), abs=2)
+    rows = len(bank.x_train) + len(bank.x_val) + len(bank.x_test)
+    assert len(bank.x_test) == pytest.approx(0.25 * rows, abs=2)
+    assert len(bank.x_val) == pytest.approx(0.15 * (rows - len(bank.x_test)), abs=2)
     assert bank.x_train.dtype == np.float32
     with pytest.raises(DataError, match="outside"):
         load_bank(source, 3)

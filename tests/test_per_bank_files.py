@@ -90,11 +90,15 @@ def test_three_banks_three_files_every_row_used(bank_dir):
         ev = client_app(_message(MessageType.EVALUATE, 100 + i), ctx_eval)
         n_train = int(train.content["metrics"]["num-examples"])
         n_test = int(ev.content["metrics"]["num-examples"])
+        # validation rows (validation-fraction of the training rows): their sketch's counts
+        metrics = ev.content["metrics"]
+        n_val = int(sum(metrics["val-hist-neg"]) + sum(metrics["val-hist-pos"]))
         assert query.content["moments"]["num-examples"] == n_train
         assert list(query.content["features"]["names"]) == ["x1", "x2"]  # ID dropped
-        assert n_train + n_test == rows  # all of the bank's rows, none re-split away
+        assert n_val > 0
+        assert n_train + n_val + n_test == rows  # all of the bank's rows, none re-split away
         assert train.content["client-info"]["bank"] == f"bank-{i}"
-        totals.append(n_train + n_test)
+        totals.append(n_train + n_val + n_test)
     assert totals == list(ROWS)
 
 
@@ -107,16 +111,17 @@ def test_node_csv_path_wins_over_a_table_run_config(bank_dir, tmp_path):
     ctx = _context(cfg, {"bank-index": 1, "csv-path": str(bank_dir / "bank-1.csv")}, 101)
     out = client_app(_message(MessageType.QUERY, 101, config={"query": "x"}), ctx)
     all_rows_but_the_test_quarter = ROWS[1] - int(np.ceil(ROWS[1] * 0.25))
-    assert out.content["moments"]["num-examples"] == all_rows_but_the_test_quarter
+    validation = round(0.15 * all_rows_but_the_test_quarter)  # validation-fraction default
+    assert out.content["moments"]["num-examples"] == all_rows_but_the_test_quarter - validation
 
 
 def test_simulation_emulates_per_bank_files_with_a_directory(bank_dir):
     source = DataSource.from_config(_run_config(**{"csv-dir": str(bank_dir)}))
     banks = load_all_banks(source)  # the server in simulation: the ceiling can pool them
     assert [b.name for b in banks] == ["bank-0", "bank-1", "bank-2"]
-    assert [len(b.y_train) + len(b.y_test) for b in banks] == list(ROWS)
+    assert [len(b.y_train) + len(b.y_val) + len(b.y_test) for b in banks] == list(ROWS)
     one = load_bank(source, 2)
-    assert len(one.y_train) + len(one.y_test) == ROWS[2]
+    assert len(one.y_train) + len(one.y_val) + len(one.y_test) == ROWS[2]
     ctx = _context(_run_config(**{"csv-dir": str(bank_dir)}), {"partition-id": 1}, 101)
     ctx.node_config["num-partitions"] = 3
     out = client_app(_message(MessageType.QUERY, 101, config={"query": "x"}), ctx)

@@ -295,7 +295,7 @@ def test_text_partition_column_is_a_split_not_a_feature(tmp_path):
         "bank-1-lender=Beta Credit",
         "bank-2-lender=Cobalt",
     ]
-    assert sum(len(b.y_train) + len(b.y_test) for b in banks) == len(frame)
+    assert sum(len(b.y_train) + len(b.y_val) + len(b.y_test) for b in banks) == len(frame)
     names = banks[0].feature_names
     assert not any(n.startswith("lender") or n == "ID" for n in names)
     assert {"age", "age:missing", "limit", "purpose=car", "purpose=<other>"} <= set(names)
@@ -327,7 +327,7 @@ def test_continuous_partition_column_is_binned(tmp_path):
     assert banks[0].feature_names == ("x",)
     edges = [float(b.name.split("=")[1].strip("([").split(",")[0]) for b in banks]
     assert edges == sorted(edges)
-    assert sum(len(b.y_train) + len(b.y_test) for b in banks) == n
+    assert sum(len(b.y_train) + len(b.y_val) + len(b.y_test) for b in banks) == n
 
 
 def test_the_readme_schema_example_loads_the_readme_export(tmp_path):

@@ -134,7 +134,8 @@ def test_federated_preprocessing_then_standardisation_then_training(federation, 
     )
     (reply,) = sending.send_and_receive([msg], timeout=5.0)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert reply.content["metrics"]["num-examples"] == ROWS[1] - int(np.ceil(ROWS[1] * 0.25))
+    train_rows = ROWS[1] - int(np.ceil(ROWS[1] * 0.25))  # less the validation-fraction 0.15
+    assert reply.content["metrics"]["num-examples"] == train_rows - round(0.15 * train_rows)
     assert all("preprocessing" in m.content["config"] for m in grid.seen[3:])
     # The server's own pooled copy (simulation: csv-dir) builds the same features.
     pooled = DataSource.from_config({**config, "csv-dir": str(folder)})

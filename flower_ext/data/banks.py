@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,9 +54,18 @@ DATASETS = ("synthetic", "csv")
 CSV_SOURCES = ("table", "per-bank")
 
 
+def _no_rows() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class BankData:
-    """A bank's held-out split: features as float32, labels as 0/1 int64."""
+    """A bank's splits: features as float32, labels as 0/1 int64.
+
+    ``x_train`` holds the rows the bank trains on; ``x_val`` the validation rows carved out
+    of its training rows (``validation-fraction``, stratified, by seed), used only to pick
+    the best round; ``x_test`` the held-out test rows every figure is reported on.
+    """
 
     name: str
     feature_names: tuple[str, ...]
@@ -64,6 +73,8 @@ class BankData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray = field(default_factory=_no_rows)
+    y_val: np.ndarray = field(default_factory=_no_rows)
 
     @property
     def num_features(self) -> int:
@@ -81,6 +92,8 @@ class DataSource:
     seed: int = 42
     test_fraction: float = 0.25
     csv: CsvSpec | None = None
+    #: Share of each bank's training rows kept aside for validation (best-round selection).
+    validation_fraction: float = 0.15
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> DataSource:
@@ -124,6 +137,12 @@ class DataSource:
         test_fraction = float(cfg.get("test-fraction", 0.25))  # type: ignore[arg-type]
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test-fraction must be in (0, 1), got {test_fraction}")
+        validation_fraction = float(cfg.get("validation-fraction", 0.15))  # type: ignore[arg-type]
+        if not 0.0 <= validation_fraction <= 0.5:
+            raise DataError(
+                f"validation-fraction must be in [0, 0.5] (0 = no validation split), "
+                f"got {validation_fraction}"
+            )
         return cls(
             dataset=dataset,
             num_banks=num_banks,
@@ -132,6 +151,7 @@ class DataSource:
             seed=seed,
             test_fraction=test_fraction,
             csv=csv,
+            validation_fraction=validation_fraction,
         )
 
 
@@ -252,15 +272,49 @@ def _split_indices(
     return np.asarray(train), np.asarray(test)
 
 
-def split_bank(
-    name: str, frame: pd.DataFrame, label_column: str, test_fraction: float, seed: int
+def _validation_indices(
+    y: np.ndarray, train: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, validation)``: ``fraction`` of the training rows ``train`` held for validation,
+    stratified where both classes have 2+ rows, deterministic by ``seed``. No validation rows
+    when ``fraction`` is 0 or the bank is too small to spare any."""
+    n_val = round(fraction * len(train))
+    if n_val < 2 or len(train) - n_val < 2:
+        return train, train[:0]
+    counts = np.bincount(y[train], minlength=2)
+    stratify = y[train] if counts.min() >= 2 and n_val >= 2 else None
+    fit, val = train_test_split(train, test_size=n_val, random_state=seed + 1, stratify=stratify)
+    return np.asarray(fit), np.asarray(val)
+
+
+def _bank_data(
+    name: str,
+    features: tuple[str, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    validation_fraction: float = 0.0,
 ) -> BankData:
-    """Stratified train/test split of one bank (plain random if a class is too rare)."""
+    train, test = _split_indices(name, y, test_fraction, seed)
+    fit, val = _validation_indices(y, train, validation_fraction, seed)
+    return BankData(name, features, x[fit], y[fit], x[test], y[test], x[val], y[val])
+
+
+def split_bank(
+    name: str,
+    frame: pd.DataFrame,
+    label_column: str,
+    test_fraction: float,
+    seed: int,
+    validation_fraction: float = 0.0,
+) -> BankData:
+    """Stratified train/test split of one bank (plain random if a class is too rare), and
+    ``validation_fraction`` of the training rows held out for validation."""
     features = tuple(c for c in frame.columns if c != label_column)
     x = frame[list(features)].to_numpy(dtype=np.float32)
     y = frame[label_column].to_numpy(dtype=np.int64)
-    train, test = _split_indices(name, y, test_fraction, seed)
-    return BankData(name, features, x[train], y[train], x[test], y[test])
+    return _bank_data(name, features, x, y, test_fraction, seed, validation_fraction)
 
 
 def label_column_of(source: DataSource) -> str:
@@ -330,8 +384,9 @@ def _preprocessed_bank(
     name: str, raw: RawTable, schema: Schema, prep: Preprocessing, source: DataSource
 ) -> BankData:
     features, x, y = apply_preprocessing(raw, schema, prep)
-    train, test = _train_rows(name, raw, source)
-    return BankData(name, features, x[train], y[train], x[test], y[test])
+    return _bank_data(
+        name, features, x, y, source.test_fraction, source.seed, source.validation_fraction
+    )
 
 
 def load_bank(
@@ -353,7 +408,9 @@ def load_bank(
             seed=source.seed,
         )
         name = bank_name(bank_index)
-        return split_bank(name, frame, LABEL_COLUMN, source.test_fraction, source.seed)
+        return split_bank(
+            name, frame, LABEL_COLUMN, source.test_fraction, source.seed, source.validation_fraction
+        )
     assert source.csv is not None
     if schema_of(source.csv) is not None:
         name, raw, schema = raw_bank(source, bank_index)
@@ -377,7 +434,14 @@ def load_bank(
             )
         name = names[bank_index]
         frame = frames[name]
-    return split_bank(name, frame, label_column_of(source), source.test_fraction, source.seed)
+    return split_bank(
+        name,
+        frame,
+        label_column_of(source),
+        source.test_fraction,
+        source.seed,
+        source.validation_fraction,
+    )
 
 
 def local_preprocessing(source: DataSource) -> Preprocessing:
@@ -408,7 +472,9 @@ def load_all_banks(source: DataSource) -> list[BankData]:
             ]
     label = label_column_of(source)
     return [
-        split_bank(name, frame, label, source.test_fraction, source.seed)
+        split_bank(
+            name, frame, label, source.test_fraction, source.seed, source.validation_fraction
+        )
         for name, frame in bank_frames(source).items()
     ]
 

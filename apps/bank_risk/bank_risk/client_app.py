@@ -8,14 +8,16 @@ file. Nothing but model weights and aggregate statistics leaves the bank.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
-from logging import INFO
+from logging import ERROR, INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
@@ -42,6 +44,36 @@ from .client_mods import BANK_MODS
 from .settings import BankAppSettings
 
 app = ClientApp(mods=BANK_MODS)
+
+#: Error code of a bank's reply when its own data cannot be read (reason: one line).
+DATA_ERROR_CODE = 4200
+
+
+def _which_bank(context: Context) -> str:
+    node = context.node_config
+    for key in ("bank-index", "partition-id"):
+        if key in node:
+            return f"bank {node[key]}"
+    return f"node {context.node_id}"
+
+
+def one_line_data_errors(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
+    """A bank whose data cannot be read answers with one line (error ``DATA_ERROR_CODE``:
+    which bank, the file, column and row the ``DataError`` names) instead of raising: the
+    server audits it and names the bank, and no ClientApp traceback floods the console."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except DataError as err:
+            reason = f"data error at {_which_bank(context)}: " + " ".join(str(err).split())
+            log(ERROR, "[bank-risk] %s", reason)
+            return Message(Error(code=DATA_ERROR_CODE, reason=reason), reply_to=msg)
+
+    return wrapped
 
 
 @lru_cache(maxsize=8)
@@ -133,6 +165,7 @@ def preprocessing_stats_reply(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@one_line_data_errors
 def query(msg: Message, context: Context) -> Message:
     """Per-feature count, sum and sum of squares of the training rows (for standardisation);
     in a csv-schema run first the preprocessing statistics (``query = preprocessing-stats``)."""
@@ -157,7 +190,22 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def round_learning_rate_of(
+    config: ConfigRecord, settings: BankAppSettings, server_round: int
+) -> float:
+    """The round's learning rate as the server sent it (``learning-rate``, its ``lr-schedule``);
+    a missing or unusable value falls back to the bank's own computation of the schedule."""
+    try:
+        value = float(config.get("learning-rate", float("nan")))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if np.isfinite(value) and 0.0 < value <= 10.0 * settings.learning_rate:
+        return value
+    return settings.round_learning_rate(server_round)
+
+
 @app.train()
+@one_line_data_errors
 def train(msg: Message, context: Context) -> Message:
     settings, bank = load_context_bank(context, msg)
     config = msg.content["config"]
@@ -167,6 +215,7 @@ def train(msg: Message, context: Context) -> Message:
     train_cfg = settings.train_config(
         seed=settings.seed * 1000 + server_round,
         proximal_mu=float(config.get("proximal-mu", settings.proximal_mu)),
+        learning_rate=round_learning_rate_of(config, settings, server_round),
     )
     # The labels as they are, unless the attack mod flips them (test federations only).
     labels = training_labels(bank.y_train, context)
@@ -236,7 +285,16 @@ def local_only_metrics(bank: BankData, settings: BankAppSettings) -> tuple[RiskM
     )
     started = time.perf_counter()
     log(INFO, "[bank-risk] %s: training the local-only baseline (%d epochs)", bank.name, cfg.epochs)
-    train_local(model, bank.x_train, bank.y_train, cfg)
+    if settings.lr_schedule == "constant":
+        train_local(model, bank.x_train, bank.y_train, cfg)
+    else:  # the federation's schedule, round by round, so the comparison stays like for like
+        for rnd in range(1, settings.num_rounds + 1):
+            step = settings.train_config(
+                seed=settings.seed * 1000 + rnd,
+                proximal_mu=0.0,
+                learning_rate=settings.round_learning_rate(rnd),
+            )
+            train_local(model, bank.x_train, bank.y_train, step)
     _, logits = evaluate_model(model, bank.x_test, bank.y_test)
     log(
         INFO,
@@ -247,7 +305,22 @@ def local_only_metrics(bank: BankData, settings: BankAppSettings) -> tuple[RiskM
     return risk_metrics_from_logits(bank.y_test, logits), logits
 
 
+#: Keys of a bank's validation sketch in its evaluate reply (pooled by the strategy).
+VAL_HIST_KEYS = ("val-hist-edges", "val-hist-neg", "val-hist-pos")
+
+
+def validation_sketch(model: CreditRiskModel, bank: BankData) -> dict[str, object]:
+    """The score sketch of the bank's validation rows (best-round selection); empty when it
+    has none. Same sketch as the test rows' (``flower_ext.metrics.score_sketch``)."""
+    if len(bank.y_val) == 0:
+        return {}
+    _, logits = evaluate_model(model, bank.x_val, bank.y_val)
+    edges, neg, pos = score_sketch(bank.y_val, logits)
+    return dict(zip(VAL_HIST_KEYS, (edges.tolist(), neg.tolist(), pos.tolist()), strict=True))
+
+
 @app.evaluate()
+@one_line_data_errors
 def evaluate(msg: Message, context: Context) -> Message:
     settings, bank = load_context_bank(context, msg)
     config = msg.content["config"]
@@ -263,6 +336,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "hist-neg": neg.tolist(),
         "hist-pos": pos.tolist(),
         **_metric_entries("", metrics),
+        **validation_sketch(model, bank),
     }
     notes: dict[str, object] = {}
     if metrics.undefined_reason:

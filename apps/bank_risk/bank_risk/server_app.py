@@ -48,6 +48,7 @@ from flower_ext.privacy import round_privacy
 from flower_ext.records import arrays_sha256
 from flower_ext.report import build_report
 from flower_ext.runlog import (
+    BEST_MODEL_FILE,
     Checkpoint,
     MetricsFile,
     load_checkpoint,
@@ -65,10 +66,13 @@ from .strategy_factory import build_strategy, check_run_config
 from .strategy_wrappers import wrap_strategy
 from .verdicts import (
     app_config_defaults,
+    best_round_summary,
+    ceiling_gap_warning,
     per_bank_row,
     train_ceiling,
     verdict_counts,
     verdict_lines,
+    verdict_summary,
 )
 
 app = ServerApp()
@@ -89,8 +93,15 @@ def is_simulation(grid: Grid) -> bool:
 def app_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """A strategy's evaluate metrics in the app's terms: ``auc``/``ks`` are the pooled
     figures (the banks send score histograms, the strategy pools them)."""
-    out = {k: v for k, v in metrics.items() if not str(k).startswith("hist-")}  # sketches
-    for pooled, key in (("pooled-auc", "auc"), ("pooled-ks", "ks")):
+    out = {  # the sketches themselves (test and validation rows) are not figures
+        k: v for k, v in metrics.items() if not str(k).startswith(("hist-", "val-hist-"))
+    }
+    for pooled, key in (
+        ("pooled-auc", "auc"),
+        ("pooled-ks", "ks"),
+        ("pooled-val-auc", "validation_auc"),
+        ("pooled-val-ks", "validation_ks"),
+    ):
         if pooled in out:
             out[key] = out.pop(pooled)
     if out.get("auc") is not None:
@@ -241,6 +252,8 @@ def federated_standardisation(
             problems[node] = audit.record("stats_failed", node_id=node, label=label, reason=reason)[
                 "reason"
             ]
+            where = f"node {node}" + (f" ({label})" if label else "")
+            log(ERROR, "[bank-risk] %s: %s", where, short_reason(problems[node], 300))
             continue
         try:
             bank_names, part = _moments_of(reply, names)
@@ -262,7 +275,7 @@ def federated_standardisation(
             )["reason"]
     if len(parts) < max(required, 1) or names is None:
         missing = "; ".join(
-            f"node {n}{f' ({labels[n]})' if n in labels else ''}: {short_reason(why, 120)}"
+            f"node {n}{f' ({labels[n]})' if n in labels else ''}: {short_reason(why, 300)}"
             for n, why in sorted(problems.items())
         )
         raise RuntimeError(
@@ -362,6 +375,8 @@ class RoundRecorder:
         self.run_dir = run_dir  # where checkpoint.npz goes; None: no checkpoints
         self.last = time.perf_counter()
         self.privacy_by_bank: dict[str, dict[str, Any]] = {}  # latest DP figures per bank
+        #: The round with the best pooled validation AUC so far (``best_round`` in metrics).
+        self.best: dict[str, Any] = {}
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord, model_sha256: str) -> None:
         """``checkpoint.npz`` after the round: model, round, strategy state, DP figures."""
@@ -379,6 +394,7 @@ class RoundRecorder:
                     "num_rounds": self.settings.num_rounds,
                     "strategy": state_fields,
                     "privacy_by_bank": self.privacy_by_bank,
+                    "best": self.best,
                 },
             ),
         )
@@ -387,6 +403,32 @@ class RoundRecorder:
         """Take over a checkpoint's strategy state (before the first resumed round)."""
         self.strategy.import_state(checkpoint.state_arrays, checkpoint.meta.get("strategy", {}))
         self.privacy_by_bank.update(checkpoint.meta.get("privacy_by_bank", {}))
+        self.best.update(checkpoint.meta.get("best", {}))
+
+    def track_best(
+        self, server_round: int, arrays: ArrayRecord, eval_metrics: Mapping[str, Any], sha: str
+    ) -> None:
+        """Keep the round with the best pooled validation AUC (never the test AUC) and its
+        model (``best_model.npz``); ties keep the earlier round."""
+        val = eval_metrics.get("validation_auc")
+        if val is None or not np.isfinite(val):
+            return
+        if self.best and float(val) <= float(self.best["validation_auc"]):
+            return
+        self.best = {
+            "round": server_round,
+            "validation_auc": float(val),
+            "auc": eval_metrics.get("auc"),
+            "ks": eval_metrics.get("ks"),
+            "model_sha256": sha,
+        }
+        if self.run_dir is not None:
+            save_checkpoint(
+                self.run_dir,
+                Checkpoint(server_round, arrays, sha, {}, {"best": self.best}),
+                filename=BEST_MODEL_FILE,
+            )
+            self.best["file"] = BEST_MODEL_FILE
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         now = time.perf_counter()
@@ -418,6 +460,7 @@ class RoundRecorder:
                 "missing": report.missing if report else [],
             },
             "model_sha256": arrays_sha256(arrays),
+            "learning_rate": self.settings.round_learning_rate(server_round),
         }
         privacy = (
             round_privacy(report.client_metrics, report.rejected, self.strategy.labels)
@@ -439,16 +482,19 @@ class RoundRecorder:
             model_sha256=entry["model_sha256"],
             evaluate=eval_metrics,
         )
+        self.track_best(server_round, arrays, eval_metrics, entry["model_sha256"])
         self.checkpoint(server_round, arrays, entry["model_sha256"])
         auc, ks = eval_metrics.get("auc"), eval_metrics.get("ks")
+        val = eval_metrics.get("validation_auc")
         log(
             INFO,
-            "[bank-risk] round %d/%d  AUC %s  KS %s  %.1fs  up %.1f kB  down %.1f kB  "
-            "clients %d ok, %d rejected, %d missing",
+            "[bank-risk] round %d/%d  AUC %s  KS %s  validation AUC %s  %.1fs  up %.1f kB  "
+            "down %.1f kB  clients %d ok, %d rejected, %d missing",
             server_round,
             self.settings.num_rounds,
             f"{auc:.4f}" if auc is not None else "n/a",
             f"{ks:.4f}" if ks is not None else "n/a",
+            f"{val:.4f}" if val is not None else "n/a",
             seconds,
             bytes_up / 1e3,
             bytes_down / 1e3,
@@ -596,8 +642,11 @@ def run_rounds(
         log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
         audit.sign_head(before_round=current_round)  # the banks get it in their config
         config = {"num-server-rounds": num_rounds, **audit.published()}
+        # The round's learning rate under lr-schedule: the banks need no state for it.
+        rate = recorder.settings.round_learning_rate(current_round)
+        train_config = {**config, "learning-rate": rate}
         messages = list(
-            strategy.configure_train(current_round, arrays, ConfigRecord(dict(config)), grid)
+            strategy.configure_train(current_round, arrays, ConfigRecord(train_config), grid)
         )
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
         record_exchange(audit, current_round, "train", messages, replies)  # receipts match it
@@ -712,6 +761,9 @@ def run_federation(
                 per_bank[bank]["ceiling_auc"] = auc
     centralized, reason = ceiling.get("auc"), ceiling.get("null_reason") or ""
     final_sha = arrays_sha256(final_arrays)
+    best = best_round_summary(recorder.best, num_rounds, final_eval, settings)
+    gap_warning = ceiling_gap_warning(ceiling)
+    warnings = [gap_warning] if gap_warning else []
     beats = [b for b, r in per_bank.items() if (r.get("federation_gain") or 0) > 0]
     verdicts = verdict_counts(per_bank)
     health = {b: r["health"] for b, r in per_bank.items() if r.get("health")}
@@ -729,6 +781,9 @@ def run_federation(
         banks_where_federation_beats_local=len(beats),
         ceiling=ceiling,
         verdicts=verdicts,
+        verdict_summary=verdict_summary(per_bank),
+        best_round=best,
+        warnings=warnings,
         model_health=health,
         config_defaults=app_config_defaults(),
         total_seconds=time.perf_counter() - started,
@@ -740,9 +795,11 @@ def run_federation(
         model_sha256=final_sha,
         per_bank=per_bank,
         centralized_auc=centralized,
+        best_round=best,
+        warnings=warnings,
     )
-    for line in verdict_lines(final_eval, ceiling, per_bank, verdicts, settings):
-        log(INFO, "[bank-risk] %s", line)
+    for line in verdict_lines(final_eval, ceiling, per_bank, verdicts, settings, best, gap_warning):
+        log(WARNING if line.startswith("WARNING") else INFO, "[bank-risk] %s", line)
 
 
 def _fmt(value: float | None) -> str:

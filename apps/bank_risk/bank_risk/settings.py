@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flower_ext.data import DataSource
 from flower_ext.model import MODEL_KINDS, parse_hidden_units
 from flower_ext.privacy import DPSGDConfig, UpdateDPConfig, privacy_config_from_run_config
-from flower_ext.training import TrainConfig
+from flower_ext.training import LR_SCHEDULES, TrainConfig, round_learning_rate
 
 
 class SettingsError(ValueError):
@@ -111,6 +111,8 @@ class BankAppSettings:
     min_banks: int = 0
     #: A run directory whose ``checkpoint.npz`` this run continues; empty: a new run.
     resume_from: str = ""
+    #: Local learning rate over the rounds: "constant", "cosine" or "step" (README).
+    lr_schedule: str = "constant"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> BankAppSettings:
@@ -137,6 +139,7 @@ class BankAppSettings:
                 raw=dict(cfg),
                 min_banks=int(_get(cfg, "min-banks", 0)),  # type: ignore[arg-type]
                 resume_from=str(_get(cfg, "resume-from", "") or ""),
+                lr_schedule=str(_get(cfg, "lr-schedule", "constant") or "constant"),
             )
         except (TypeError, ValueError) as err:
             raise SettingsError(f"invalid run config: {err}") from err
@@ -151,6 +154,8 @@ class BankAppSettings:
             problems.append(f"local-epochs must be >= 1, got {self.local_epochs}")
         if self.learning_rate <= 0:
             problems.append(f"learning-rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr-schedule must be one of {LR_SCHEDULES}, got '{self.lr_schedule}'")
         if self.batch_size < 1:
             problems.append(f"batch-size must be >= 1, got {self.batch_size}")
         if self.model not in MODEL_KINDS:
@@ -190,10 +195,18 @@ class BankAppSettings:
         """Test-only fault injection (run config ``fault-*``); None when off."""
         return FaultInjection.from_config(self.raw)
 
-    def train_config(self, seed: int, proximal_mu: float) -> TrainConfig:
+    def round_learning_rate(self, server_round: int) -> float:
+        """The local learning rate of a round under ``lr-schedule`` (the server sends it)."""
+        return round_learning_rate(
+            self.lr_schedule, self.learning_rate, server_round, self.num_rounds
+        )
+
+    def train_config(
+        self, seed: int, proximal_mu: float, learning_rate: float | None = None
+    ) -> TrainConfig:
         return TrainConfig(
             epochs=self.local_epochs,
-            learning_rate=self.learning_rate,
+            learning_rate=self.learning_rate if learning_rate is None else learning_rate,
             batch_size=self.batch_size,
             proximal_mu=proximal_mu,
             seed=seed,

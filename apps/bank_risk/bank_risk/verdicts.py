@@ -42,6 +42,9 @@ from flower_ext.verdict import (
 
 from .settings import BankAppSettings
 
+#: Warn when the federated model is more than this AUC below the centralized ceiling and the
+#: paired DeLong difference is significant (``ceiling_gap_warning``).
+CEILING_GAP_AUC = 0.02
 CEILING_MAX_EPOCHS = 100
 CEILING_PATIENCE = 8
 CEILING_VALIDATION_FRACTION = 0.2
@@ -103,12 +106,81 @@ def _pair(low: Any, high: Any) -> list[float] | None:
     return [float(low), float(high)] if low is not None and high is not None else None
 
 
+def no_verdict_why(row: dict[str, Any]) -> str:
+    """Why one bank has no verdict, most specific first (e.g. no defaults in its test rows)."""
+    return str(row.get("auc_null_reason") or row.get("verdict_note") or "not computed")
+
+
+def verdict_summary(per_bank: dict[str, Any]) -> dict[str, Any]:
+    """The run's verdict count over the banks where a verdict is defined only, and why the
+    others have none (``verdict_summary`` in ``metrics.json``; console and report)."""
+    counts = verdict_counts(per_bank)
+    without = {b: no_verdict_why(per_bank[b]) for b in counts["no verdict"]}
+    with_verdict = len(per_bank) - len(without)
+    if with_verdict:
+        line = (
+            f"gains at {len(counts[GAINS])}, no significant difference at "
+            f"{len(counts[NO_DIFFERENCE])}, loses at {len(counts[LOSES])} of {with_verdict} "
+            f"bank{'s' if with_verdict != 1 else ''} with a verdict"
+        )
+    else:
+        line = f"no bank has a verdict (of {len(per_bank)})"
+    if without:
+        line += "; " + "; ".join(f"{b}: {why}" for b, why in without.items())
+    return {
+        "banks": len(per_bank),
+        "banks_with_verdict": with_verdict,
+        GAINS: len(counts[GAINS]),
+        NO_DIFFERENCE: len(counts[NO_DIFFERENCE]),
+        LOSES: len(counts[LOSES]),
+        "no_verdict": without,
+        "line": line,
+    }
+
+
+def ceiling_gap_warning(ceiling: dict[str, Any], gap: float = CEILING_GAP_AUC) -> str | None:
+    """A warning when the federated model is more than ``gap`` AUC below the centralized
+    ceiling on the pooled test rows *and* the paired DeLong difference is significant
+    (the ceiling is better beyond noise); None otherwise or where there is no comparison."""
+    cmp = ceiling.get("federated_vs_ceiling") or {}
+    diff, verdict = cmp.get("diff"), cmp.get("verdict")
+    if diff is None or verdict != LOSES or diff >= -gap:
+        return None
+    return (
+        f"the federated model is {-diff:.4f} AUC below the centralized ceiling (95% CI "
+        f"{cmp['low']:+.4f} to {cmp['high']:+.4f}, p = {cmp['p_value']:.3g}): more than "
+        f"{gap:g} and beyond noise. The federation underfits or drifts; try more local epochs "
+        "(local-epochs), more rounds, lr-schedule='cosine', or the best round's model "
+        "(best_model.npz)"
+    )
+
+
 def verdict_counts(per_bank: dict[str, Any]) -> dict[str, list[str]]:
     """Banks by verdict: gains / no significant difference / loses / no verdict."""
     out: dict[str, list[str]] = {GAINS: [], NO_DIFFERENCE: [], LOSES: [], "no verdict": []}
     for name, row in per_bank.items():
         out.get(row.get("verdict") or "no verdict", out["no verdict"]).append(name)
     return out
+
+
+def best_round_summary(
+    best: dict[str, Any], final_round: int, final_eval: dict[str, Any], settings: BankAppSettings
+) -> dict[str, Any]:
+    """``best_round`` of ``metrics.json``: the round with the best pooled *validation* AUC
+    (never chosen on the test rows), its pooled test AUC, and the final round next to it."""
+    out: dict[str, Any] = {
+        "final_round": final_round,
+        "final_auc": final_eval.get("auc"),
+        "final_validation_auc": final_eval.get("validation_auc"),
+    }
+    if not best:
+        reason = (
+            "no validation rows (validation-fraction = 0)"
+            if settings.data.validation_fraction <= 0
+            else "no pooled validation AUC in any round (validation rows of one class only?)"
+        )
+        return {"round": None, "null_reason": reason, **out}
+    return {**best, **out}
 
 
 def train_ceiling(
@@ -275,13 +347,17 @@ def verdict_lines(
     per_bank: dict[str, Any],
     verdicts: dict[str, list[str]],
     settings: BankAppSettings,
+    best: dict[str, Any] | None = None,
+    warning: str | None = None,
 ) -> list[str]:
-    """The console's closing lines: pooled figures, ceiling, then one verdict per bank."""
+    """The console's closing lines: pooled figures, best round, ceiling, one verdict per bank."""
     auc = final_eval.get("auc")
     lines = [
         f"final pooled AUC {_f(auc)} (Gini {_f(final_eval.get('gini'))}, "
         f"KS {_f(final_eval.get('ks'))})"
     ]
+    if best:
+        lines.append(best_round_line(best))
     if ceiling.get("auc") is not None:
         ratio = auc / ceiling["auc"] if auc is not None and ceiling["auc"] else None
         cmp = ceiling.get("federated_vs_ceiling") or {}
@@ -296,6 +372,8 @@ def verdict_lines(
             lines.append(ceiling["explanation"])
     else:
         lines.append(f"centralized ceiling n/a: {ceiling.get('null_reason')}")
+    if warning:
+        lines.append(f"WARNING: {warning}")
     n = len(per_bank)
     if verdicts["no verdict"] and len(verdicts["no verdict"]) == n:
         first = next(iter(per_bank.values()), {})
@@ -305,8 +383,7 @@ def verdict_lines(
     else:
         lines.append(
             "federated vs local-only (paired 95% DeLong on each bank's test rows): "
-            f"gains at {len(verdicts[GAINS])}, no significant difference at "
-            f"{len(verdicts[NO_DIFFERENCE])}, loses at {len(verdicts[LOSES])} of {n} banks"
+            + verdict_summary(per_bank)["line"]
         )
     for name, row in per_bank.items():
         ci = row.get("gain_ci")
@@ -323,6 +400,19 @@ def verdict_lines(
             text += f"  ({row['auc_null_reason']})"
         lines.append(text)
     return lines
+
+
+def best_round_line(best: dict[str, Any]) -> str:
+    """One line: best round by pooled validation AUC next to the final round."""
+    if best.get("round") is None:
+        return f"best round: n/a ({best.get('null_reason')})"
+    return (
+        f"best round by pooled validation AUC: round {best['round']} (validation "
+        f"{_f(best.get('validation_auc'))}, test AUC {_f(best.get('auc'))}); final round "
+        f"{best.get('final_round')}: validation {_f(best.get('final_validation_auc'))}, test AUC "
+        f"{_f(best.get('final_auc'))}"
+        + (f"; its model: {best['file']}" if best.get("file") else "")
+    )
 
 
 def app_config_defaults() -> dict[str, Any]:
