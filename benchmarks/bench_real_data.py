@@ -82,11 +82,12 @@ def write_exports(table: pd.DataFrame, folder: Path) -> dict[str, int]:
 def summary(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     curve = [r["evaluate"].get("auc") for r in metrics["rounds"]]
-    best = int(np.nanargmax([c if c is not None else np.nan for c in curve]))
+    best = metrics.get("best_round") or {}  # chosen on the banks' validation rows, not on test
     return {
         "final_auc": curve[-1],
-        "best_round": best + 1,
-        "best_round_auc": curve[best],
+        "best_round": best.get("round"),
+        "best_round_auc": best.get("auc"),
+        "best_round_validation_auc": best.get("validation_auc"),
         "centralized_auc": metrics.get("centralized_auc"),
         "auc_by_round": curve,
         "features": len(metrics.get("model", {}).get("features", [])),
