@@ -229,10 +229,12 @@ class Wrapper:
                 if line is None:
                     done = True
                     continue
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                # Record first, then echo: a Ctrl-C right after the user sees the run id
+                # must still stop that run.
                 self.run_id = self.run_id or parse_run_id(line)
                 self.output_dir = self.output_dir or parse_output_dir(line)
+                sys.stdout.write(line)
+                sys.stdout.flush()
             code = child.wait()
             if self.run_id is None:
                 return self._report(
