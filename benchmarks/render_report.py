@@ -2,7 +2,8 @@
 
     python benchmarks/render_report.py RUN_DIR [--out docs/report_first_screen.png]
 
-Builds the report (``flower_ext.report.build_report``), opens it in headless Chromium
+Opens the run's own report.html (built with ``flower_ext.report.build_report`` only when the
+run has none: the run's report is signed in its audit trail), in headless Chromium
 (Debian: ``apt-get install chromium``; or set ``CHROMIUM=/path/to/chrome``) at 1280x900,
 the first screen a committee member sees, and writes the screenshot. Prints JSON. With no
 browser installed it prints ``{"skipped": ...}`` and exits 0, so CI without one passes.
@@ -72,16 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/report_first_screen.png"))
     args = parser.parse_args(argv)
-    from flower_ext.report import build_report
+    html_path = args.run_dir / "report.html"
+    if not html_path.is_file():  # the run's own report is signed in its trail: never rewrite it
+        from flower_ext.report import build_report
 
-    report = build_report(args.run_dir)
+        html_path = build_report(args.run_dir).html_path
     browser = find_browser()
     if browser is None:
         print(json.dumps({"skipped": "no Chromium/Chrome found (apt-get install chromium)"}))
         return 0
-    screenshot(report.html_path, args.out, browser)
+    screenshot(html_path, args.out, browser)
     version = _run(browser, "--version").stdout.strip()
-    print(json.dumps({"report": str(report.html_path), "screenshot": str(args.out),
+    print(json.dumps({"report": str(html_path), "screenshot": str(args.out),
                       "browser": version, "window": WINDOW}))  # fmt: skip
     return 0
 

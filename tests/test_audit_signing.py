@@ -150,3 +150,29 @@ def test_a_deployment_signs_every_start_with_one_kept_key(tmp_path, monkeypatch)
     monkeypatch.setenv(SERVER_KEY_ENV, key_path)
     assert server_signer().public_hex == first.public_hex  # a restarted server
     assert server_signer().public_hex == first.public_hex
+
+
+def test_a_finished_run_cannot_be_reopened_by_an_appended_resume(tmp_path):
+    """A re-chained run_resumed after a signed run_end used to clear the end and let unsigned
+    lines (a redone round, a new report hash) pass; now the trail fails there."""
+    signer = Signer.generate()
+    audit = _signed_trail(tmp_path, signer)
+    audit.record("run_resumed", from_round=1, model_sha256="m1")  # chained like any line
+    result = verify_run(tmp_path, public_keys=[signer.public_hex])
+    assert not result.ok and "resumed after it finished" in result.summary()
+
+
+def test_final_figures_without_a_run_end_are_refused(tmp_path):
+    """A trail cut before run_end cannot vouch for the final figures metrics.json shows."""
+    signer = Signer.generate()
+    audit = AuditTrail(tmp_path / "audit.jsonl", signer=signer)
+    audit.record("run_start")
+    audit.announce_key()
+    audit.sign_head(before_round=1)
+    audit.record("round_start", round=1, phase="train", global_model_sha256="m0")
+    audit.record("round_aggregated", round=1, model_sha256="m1")
+    audit.sign_head(before_round=2)
+    metrics = {"status": "running", "rounds": [], "final": {"auc": 0.9111}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    result = verify_run(tmp_path, public_keys=[signer.public_hex])
+    assert not result.ok and "no run_end to vouch" in result.summary()

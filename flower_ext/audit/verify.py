@@ -150,6 +150,10 @@ def _story(events: list[tuple[int, dict[str, Any]]]) -> _Story:
         rnd = event.get("round")
         if ended_at is not None and kind not in AFTER_END:
             raise _fail(number, f"{kind} after the run ended (line {ended_at}): appended?")
+        if kind == "run_resumed" and story.run_end is not None:
+            # Only a failed or killed run resumes; reopening a finished one would let
+            # unsigned lines replace its signed end.
+            raise _fail(number, f"run resumed after it finished (run_end at line {ended_at})")
         if kind in ("run_start", "run_resumed"):
             if isinstance(event.get("config"), dict):
                 story.config = event["config"]
@@ -624,6 +628,8 @@ class _Verifier:
             self._round_clients(story, i, entry)
         if story.run_end is not None:
             line, end = story.run_end
+            if not isinstance(metrics.get("final") or {}, dict):
+                raise _fail(0, "is not an object", "metrics.json final")
             final = dict(metrics.get("final") or {})
             if final.pop("model_sha256", None) != end.get("model_sha256"):
                 raise differ(
@@ -634,15 +640,52 @@ class _Verifier:
                 )
             if "final" in end and final != end["final"]:
                 raise differ("final", final, line, end["final"])
-            for key in ("per_bank", "centralized_auc"):
+            for key in ("per_bank", "centralized_auc", "best_round", "warnings"):
                 if key in end and metrics.get(key) != end[key]:
                     raise differ(key, metrics.get(key), line, end[key])
+        else:
+            # No run_end in the trail: final figures in metrics.json have nothing to be
+            # checked against, so they must not be there (a trail cut before run_end).
+            for key in ("final", "per_bank", "best_round", "verdicts"):
+                if metrics.get(key):
+                    raise _fail(
+                        0,
+                        "holds final figures, but the trail has no run_end to vouch for them "
+                        "(truncated trail?)",
+                        f"metrics.json {key}",
+                    )
         covered = "status, config, every round's model hash, evaluation, bytes, seconds, clients"
         if story.run_end is not None:
             covered += ", final figures" + (
                 ", per-bank table" if "per_bank" in story.run_end[1] else ""
             )
+            if "best_round" in story.run_end[1]:
+                covered += ", best round"
+            self._best_model(story)
         self.result.checked.append(f"metrics.json agrees with the trail: {covered}")
+
+    def _best_model(self, story: _Story) -> None:
+        """``best_model.npz`` is the model ``run_end`` names as the best round's."""
+        assert story.run_end is not None
+        line, end = story.run_end
+        best = end.get("best_round")
+        if not isinstance(best, dict) or not best.get("model_sha256"):
+            return
+        name = str(best.get("file") or "best_model.npz")
+        path = self.run / Path(name).name
+        if not path.is_file():
+            raise _fail(0, f"is missing, but run_end (line {line}) names it", name)
+        try:
+            from flower_ext.runlog import load_checkpoint
+
+            sha = load_checkpoint(self.run, path.name).model_sha256
+        except Exception as err:  # unreadable or tampered bytes
+            raise _fail(0, f"cannot be read as a model ({type(err).__name__})", name) from None
+        if sha != best["model_sha256"]:
+            raise _fail(0, f"is not the best round's model named by run_end (line {line})", name)
+        self.result.checked.append(
+            f"{name}: round {best.get('round')}'s model, as run_end says (line {line})"
+        )
 
     def _round_clients(self, story: _Story, i: int, entry: dict[str, Any]) -> None:
         rnd = int(entry["round"])
