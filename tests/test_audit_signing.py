@@ -176,3 +176,24 @@ def test_final_figures_without_a_run_end_are_refused(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     result = verify_run(tmp_path, public_keys=[signer.public_hex])
     assert not result.ok and "no run_end to vouch" in result.summary()
+
+
+def test_odd_lines_are_failures_not_tracebacks(tmp_path):
+    """An event name that is not text, and an integer past Python's digit limit."""
+    signer = Signer.generate()
+    audit = _signed_trail(tmp_path, signer)
+    path = tmp_path / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["event"] = [1]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "audit.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    result = verify_run(odd, public_keys=[signer.public_hex])
+    assert not result.ok
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "audit.jsonl").write_text('{"event": "run_start", "x": ' + "9" * 5000 + "}\n")
+    result = verify_run(huge, public_keys=[signer.public_hex])
+    assert not result.ok and "not valid JSON" in result.summary()
+    assert audit is not None

@@ -358,8 +358,9 @@ def parse_lines(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
             continue
         try:
             event = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TrailError(AuditProblem(number, f"not valid JSON ({err.msg})")) from None
+        except ValueError as err:  # JSONDecodeError, or an integer past Python's digit limit
+            why = err.msg if isinstance(err, json.JSONDecodeError) else str(err)[:80]
+            raise TrailError(AuditProblem(number, f"not valid JSON ({why})")) from None
         except RecursionError:
             raise TrailError(AuditProblem(number, "not valid JSON (nested too deep)")) from None
         if not isinstance(event, dict):

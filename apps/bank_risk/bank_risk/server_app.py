@@ -767,37 +767,32 @@ def run_federation(
     beats = [b for b, r in per_bank.items() if (r.get("federation_gain") or 0) > 0]
     verdicts = verdict_counts(per_bank)
     health = {b: r["health"] for b, r in per_bank.items() if r.get("health")}
-    metrics.update(
-        status="finished",
-        final={**final_eval, "model_sha256": final_sha},
-        per_bank=per_bank,
-        centralized_auc=centralized,
-        centralized_null_reason=reason or None,
-        federated_vs_centralized=(
+    # Every final figure metrics.json shows is also in run_end, so verify checks them all.
+    summary: dict[str, Any] = {
+        "per_bank": per_bank,
+        "centralized_auc": centralized,
+        "centralized_null_reason": reason or None,
+        "federated_vs_centralized": (
             final_eval["auc"] / centralized
             if centralized and final_eval.get("auc") is not None
             else None
         ),
-        banks_where_federation_beats_local=len(beats),
-        ceiling=ceiling,
-        verdicts=verdicts,
-        verdict_summary=verdict_summary(per_bank),
-        best_round=best,
-        warnings=warnings,
-        model_health=health,
+        "banks_where_federation_beats_local": len(beats),
+        "ceiling": ceiling,
+        "verdicts": verdicts,
+        "verdict_summary": verdict_summary(per_bank),
+        "best_round": best,
+        "warnings": warnings,
+        "model_health": health,
+    }
+    metrics.update(
+        status="finished",
+        final={**final_eval, "model_sha256": final_sha},
+        **summary,
         config_defaults=app_config_defaults(),
         total_seconds=time.perf_counter() - started,
     )
-    audit.record(  # everything the report's first screen shows, so verify can check it
-        "run_end",
-        rounds=num_rounds,
-        final=final_eval,
-        model_sha256=final_sha,
-        per_bank=per_bank,
-        centralized_auc=centralized,
-        best_round=best,
-        warnings=warnings,
-    )
+    audit.record("run_end", rounds=num_rounds, final=final_eval, model_sha256=final_sha, **summary)
     for line in verdict_lines(final_eval, ceiling, per_bank, verdicts, settings, best, gap_warning):
         log(WARNING if line.startswith("WARNING") else INFO, "[bank-risk] %s", line)
 
