@@ -197,3 +197,12 @@ def test_odd_lines_are_failures_not_tracebacks(tmp_path):
     result = verify_run(huge, public_keys=[signer.public_hex])
     assert not result.ok and "not valid JSON" in result.summary()
     assert audit is not None
+
+
+def test_a_byte_order_mark_is_formatting(tmp_path):
+    signer = Signer.generate()
+    _signed_trail(tmp_path, signer)
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    result = verify_run(tmp_path, public_keys=[signer.public_hex])
+    assert result.ok, result.summary()

@@ -94,3 +94,35 @@ def test_simulation_with_more_supernodes_than_banks_fails_at_once() -> None:
 def test_deployment_waits_for_late_nodes() -> None:
     """Outside simulation nodes connect over time: enough nodes end the wait."""
     assert server_app.wait_for_banks(FakeGrid([1, 2, 3]), 3, timeout=5.0) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"attack": "sign-flip", "malicious-banks": "9"}, ["malicious-banks [9]"]),
+        ({"attack": "sign-flip"}, ["needs malicious-banks"]),
+        ({"num-server-rounds": 2.9}, ["num-server-rounds must be a whole number"]),
+        ({"num-banks": 3.7}, ["num-banks must be a whole number"]),
+        ({"rows-per-bank": 0}, ["rows-per-bank must be >= 1"]),
+        ({"round-timeout": 0}, ["round-timeout must be > 0"]),
+        ({"wait-for-nodes": -1}, ["wait-for-nodes must be >= 0"]),
+        ({"max-weight": -1}, ["max-weight must be >= 0"]),
+        ({"output-dir": "runs"}, ["output-dir 'runs' is relative", "$PWD/runs"]),
+        ({"local-only-baseline": "maybe"}, ["local-only-baseline must be true or false"]),
+        ({"topk-ratio": 2}, ["topk-ratio must be in [0, 1]"]),
+        ({"topk-ratio": 0.1, "topk-values": "int4"}, ["topk-values must be one of"]),
+        ({"he": True, "topk-ratio": 0.1}, ["he = true cannot be combined with topk-ratio"]),
+    ],
+)
+def test_more_first_hour_mistakes_are_refused_at_once(overrides, words) -> None:
+    """Mistakes that used to be found by the banks, after Ray, or never."""
+    with pytest.raises(SettingsError) as err:
+        check_run_config(_settings(**overrides))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_quoted_booleans_mean_what_they_say() -> None:
+    """bool('false') is True: a quoted 'false' used to switch the baselines on."""
+    settings = _settings(**{"local-only-baseline": "false", "centralized-baseline": "no"})
+    assert settings.local_only_baseline is False and settings.centralized_baseline is False

@@ -347,8 +347,10 @@ def parse_lines(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
 
     Raises :class:`TrailError` naming the first line that is not UTF-8, not JSON
     or not a JSON object, so a damaged file gives "line N: ...", never a traceback.
-    Blank lines, ``\\r\\n`` line ends and whitespace inside a line are formatting.
+    Blank lines, ``\\r\\n`` line ends, a UTF-8 byte-order mark and whitespace inside a
+    line are formatting.
     """
+    data = data.removeprefix(b"\xef\xbb\xbf")  # an editor's BOM changes no meaning
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")

@@ -586,7 +586,7 @@ class _Verifier:
     def _json_file(self, name: str) -> Any:
         data = self._read_bytes(self.run / name)
         try:
-            return json.loads(data.decode("utf-8"))
+            return json.loads(data.decode("utf-8-sig"))  # a BOM is formatting
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise _fail(0, f"not valid JSON ({err})", name) from None
 

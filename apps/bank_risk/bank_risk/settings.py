@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from flower_ext.attacks import AttackConfig
 from flower_ext.data import DataSource
 from flower_ext.model import MODEL_KINDS, parse_hidden_units
 from flower_ext.privacy import DPSGDConfig, UpdateDPConfig, privacy_config_from_run_config
@@ -17,6 +19,30 @@ from flower_ext.training import LR_SCHEDULES, TrainConfig, round_learning_rate
 
 class SettingsError(ValueError):
     """A run-config value the app cannot use."""
+
+
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def _flag(cfg: Mapping[str, object], key: str, default: bool) -> bool:
+    """A run-config switch: a bool, or text such as 'false' (``bool('false')`` is True)."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def _whole(cfg: Mapping[str, object], key: str, default: int) -> int:
+    """A run-config count: a whole number (2.9 rounds is a mistake, not 2)."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
 
 
 #: What an injected fault does to a bank's train handler (test federations only).
@@ -118,7 +144,7 @@ class BankAppSettings:
     def from_config(cls, cfg: Mapping[str, object]) -> BankAppSettings:
         try:
             settings = cls(
-                num_rounds=int(_get(cfg, "num-server-rounds", 20)),  # type: ignore[arg-type]
+                num_rounds=_whole(cfg, "num-server-rounds", 20),
                 local_epochs=int(_get(cfg, "local-epochs", 1)),  # type: ignore[arg-type]
                 learning_rate=float(_get(cfg, "learning-rate", 0.05)),  # type: ignore[arg-type]
                 batch_size=int(_get(cfg, "batch-size", 64)),  # type: ignore[arg-type]
@@ -128,8 +154,8 @@ class BankAppSettings:
                 server_momentum=float(_get(cfg, "server-momentum", 0.0)),  # type: ignore[arg-type]
                 server_learning_rate=float(_get(cfg, "server-learning-rate", 1.0)),  # type: ignore[arg-type]
                 proximal_mu=float(_get(cfg, "proximal-mu", 0.0)),  # type: ignore[arg-type]
-                local_only_baseline=bool(_get(cfg, "local-only-baseline", True)),
-                centralized_baseline=bool(_get(cfg, "centralized-baseline", True)),
+                local_only_baseline=_flag(cfg, "local-only-baseline", True),
+                centralized_baseline=_flag(cfg, "centralized-baseline", True),
                 output_dir=str(_get(cfg, "output-dir", "")),
                 run_name=str(_get(cfg, "run-name", "")),
                 round_timeout=float(_get(cfg, "round-timeout", 600.0)),  # type: ignore[arg-type]
@@ -179,8 +205,54 @@ class BankAppSettings:
             self.faults()
         except SettingsError as err:
             problems.append(str(err))
+        problems += self._more_problems()
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    def _more_problems(self) -> list[str]:
+        """Run-config mistakes a newcomer makes that would otherwise show up late or never."""
+        problems = []
+        raw = self.raw
+        for key in ("num-banks", "rows-per-bank", "local-epochs", "batch-size", "min-banks"):
+            value = raw.get(key)
+            if isinstance(value, float) and not value.is_integer():
+                problems.append(f"{key} must be a whole number, got {value}")
+        if self.data.dataset == "synthetic" and self.data.rows_per_bank < 1:
+            problems.append(f"rows-per-bank must be >= 1, got {self.data.rows_per_bank}")
+        if not self.round_timeout > 0:
+            problems.append(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if not self.wait_for_nodes >= 0:
+            problems.append(f"wait-for-nodes must be >= 0 seconds, got {self.wait_for_nodes}")
+        for key in ("max-weight", "max-weight-median-multiple"):
+            value = raw.get(key, 0)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                problems.append(f"{key} must be >= 0 (0 = no cap), got {value}")
+        if self.output_dir and not Path(self.output_dir).expanduser().is_absolute():
+            problems.append(
+                f"output-dir '{self.output_dir}' is relative; the apps do not run in your "
+                f"working directory, so give an absolute path, e.g. output-dir='$PWD/"
+                f"{self.output_dir}'"
+            )
+        if self.resume_from and not Path(self.resume_from).expanduser().is_absolute():
+            problems.append(f"resume-from '{self.resume_from}' must be an absolute path")
+        try:
+            attack = AttackConfig.from_config(raw, self.data.num_banks)
+        except (TypeError, ValueError) as err:
+            problems.append(str(err))
+        else:
+            if attack.attack != "none":
+                outside = [i for i in attack.malicious if i >= self.data.num_banks]
+                if not attack.malicious:
+                    problems.append(
+                        f"attack='{attack.attack}' needs malicious-banks (bank indices "
+                        f"0..{self.data.num_banks - 1}); without it nothing is attacked"
+                    )
+                elif outside:
+                    problems.append(
+                        f"malicious-banks {outside} are not banks of this run (indices "
+                        f"0..{self.data.num_banks - 1})"
+                    )
+        return problems
 
     @property
     def required_banks(self) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flower_ext.audit import AuditTrail
+from flower_ext.mods.he import TOPK_RATIO_KEY
 from flower_ext.privacy import privacy_train_metrics_aggr_fn
 from flower_ext.strategies import (
     Bulyan,
@@ -58,6 +59,7 @@ from flower_ext.strategies import (
 
 from .encryption import build_encrypted_strategy, he_enabled
 from .settings import BankAppSettings, SettingsError
+from .strategy_wrappers import wrap_strategy
 
 
 @dataclass(frozen=True)
@@ -213,5 +215,16 @@ def check_run_config(settings: BankAppSettings) -> None:
                 "compare the banks' plaintext updates, which an encrypting server never sees; "
                 "use aggregation = 'fedavg' (or he = false)"
             )
+        ratio = settings.raw.get(TOPK_RATIO_KEY, 0.0)
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+            raise SettingsError(
+                f"he = true cannot be combined with topk-ratio = {ratio}: each bank would send "
+                "a different set of coordinates, and ciphertexts can only be added position by "
+                "position (set topk-ratio = 0 or he = false)"
+            )
         return  # the rest needs the keys (checked when the strategy is built)
-    build_strategy(settings, AuditTrail(), num_nodes=settings.required_banks)
+    strategy = build_strategy(settings, AuditTrail(), num_nodes=settings.required_banks)
+    try:  # top-k settings are checked when the wrapper is built: build it now, not after Ray
+        wrap_strategy(strategy, settings, AuditTrail())
+    except (TypeError, ValueError) as err:
+        raise SettingsError(f"invalid run config: {err}") from err
