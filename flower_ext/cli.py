@@ -63,6 +63,21 @@ def _run_dir(value: str) -> Path:
 RUN_DIR_HELP = "a run directory, e.g. ~/flower-ext-runs/<timestamp>-<run id>"
 
 
+def _readable_metrics(run_dir: Path) -> None:
+    """A user error (exit 2, one line) if RUN_DIR's metrics.json is not a JSON object."""
+    import json
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a run's metrics (a JSON {type(data).__name__})")
+
+
 @subcommand
 def _report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -74,6 +89,7 @@ def _report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("run_dir", type=_run_dir, metavar="RUN_DIR", help=RUN_DIR_HELP)
 
     def run(args: argparse.Namespace) -> int:
+        _readable_metrics(args.run_dir)
         from .report import build_report
 
         report = build_report(args.run_dir)
@@ -99,9 +115,14 @@ def _compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
 
     def run(args: argparse.Namespace) -> int:
-        folder = Path(args.output).resolve().parent
+        output = Path(args.output)
+        folder = output.resolve().parent
         if not folder.is_dir():
-            raise UserError(f"-o {args.output}: folder {folder} does not exist")
+            raise UserError(f"-o {args.output}: folder {folder} is not a directory")
+        if output.suffix.lower() != ".png" or output.is_dir():
+            raise UserError(f"-o {args.output}: give a .png file to write")
+        for run_dir in args.run_dirs:
+            _readable_metrics(run_dir)
         from .report import compare_runs
 
         print(compare_runs(args.run_dirs, args.output))

@@ -266,3 +266,23 @@ def test_timeout_stops_the_run_it_started(capsys, tmp_path, monkeypatch):
     captured = capsys.readouterr()
     assert "Successfully started run 42" in captured.out
     assert "FAILED: run 42 timed out; stopped with `flwr stop`" in captured.err
+
+
+@pytest.mark.parametrize("content", ["[1]", "{not json", '"text"'])
+def test_report_and_compare_on_broken_metrics_are_one_line_user_errors(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(content)
+    assert cli.main(["report", str(run)]) == 2
+    assert cli.main(["compare", str(run), "-o", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and "Traceback" not in err
+
+
+def test_compare_output_must_be_a_png(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    assert cli.main(["compare", str(run), "-o", str(tmp_path / "c.txt")]) == 2
+    assert cli.main(["compare", str(run), "-o", str(tmp_path)]) == 2
+    assert "give a .png file" in capsys.readouterr().err
