@@ -117,8 +117,10 @@ def _compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     def run(args: argparse.Namespace) -> int:
         output = Path(args.output)
         folder = output.resolve().parent
+        if not folder.exists():
+            raise UserError(f"-o {args.output}: folder {folder} does not exist")
         if not folder.is_dir():
-            raise UserError(f"-o {args.output}: folder {folder} is not a directory")
+            raise UserError(f"-o {args.output}: {folder} is not a folder")
         if output.suffix.lower() != ".png" or output.is_dir():
             raise UserError(f"-o {args.output}: give a .png file to write")
         for run_dir in args.run_dirs:
