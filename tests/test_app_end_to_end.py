@@ -45,6 +45,8 @@ def test_simulation_learns_and_writes_metrics(simulated_run):
     events = [json.loads(line) for line in (run_dir / "audit.jsonl").open()]
     assert events[0]["event"] == "run_start"
     assert_trail_finished(events)
+    gains = [b for b, row in metrics["per_bank"].items() if row.get("verdict") == "gains"]
+    assert metrics["banks_where_federation_beats_local"] == len(gains)  # significant only
     kinds = [e["event"] for e in events]
     assert kinds.count("round_aggregated") == 4
     assert kinds.count("client_update") == 16

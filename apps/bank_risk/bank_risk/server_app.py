@@ -764,7 +764,8 @@ def run_federation(
     best = best_round_summary(recorder.best, num_rounds, final_eval, settings)
     gap_warning = ceiling_gap_warning(ceiling)
     warnings = [gap_warning] if gap_warning else []
-    beats = [b for b, r in per_bank.items() if (r.get("federation_gain") or 0) > 0]
+    # Banks where the gain is significant (the verdict), not every positive point estimate.
+    beats = [b for b, r in per_bank.items() if r.get("verdict") == "gains"]
     verdicts = verdict_counts(per_bank)
     health = {b: r["health"] for b, r in per_bank.items() if r.get("health")}
     # Every final figure metrics.json shows is also in run_end, so verify checks them all.
