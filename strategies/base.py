@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -67,6 +67,31 @@ POOLED_VAL_KS_KEY = "pooled-val-ks"
 #: below it no float32 sum or squared distance of a round can overflow.
 MAX_UPDATE_NORM = 1e18
 MAX_UPDATE_NORM_LIMIT = 1e19
+
+
+#: ``flwr.serverapp.strategy.FedAvg``'s constructor parameters, in its positional order.
+FEDAVG_PARAMETERS = (
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+)
+
+
+def fedavg_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
+    """FedAvg's arguments picked by name from a constructor's ``locals()``.
+
+    Flower's Krum, MultiKrum, Bulyan and FedTrimmedAvg put their own positional
+    parameters among or after FedAvg's; their flower-ext counterparts (and EncryptedFedAvg,
+    SecureFedAvg) declare the same signature and hand FedAvg's part on with this.
+    """
+    return {name: values[name] for name in FEDAVG_PARAMETERS}
 
 
 @dataclass

@@ -85,7 +85,7 @@ from flower_ext.validation import (
     short_reason,
 )
 
-from .base import RoundReport, UpdateAggregationStrategy, weighted_scalar_metrics
+from .base import RoundReport, UpdateAggregationStrategy, fedavg_arguments, weighted_scalar_metrics
 
 
 @dataclass
@@ -246,16 +246,7 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
                 "ciphertexts, and each of these would multiply one"
             )
         super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             proximal_mu=proximal_mu,
             max_plausible_examples=max_plausible_examples,
             min_valid_replies=min_valid_replies,

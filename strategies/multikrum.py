@@ -8,7 +8,8 @@ import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum_min_clients, multi_krum
 
-from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
+from .base import fedavg_arguments
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class MultiKrum(RobustStrategy):

@@ -33,7 +33,7 @@ rules (``Krum``, ``MultiKrum``, ``Median``, ``TrimmedMean``, ``Bulyan``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
@@ -48,30 +48,6 @@ from .base import RoundReport, UpdateAggregationStrategy
 
 #: Flower's type of ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``.
 MetricsAggregationFn = Callable[[list[RecordDict], str], MetricRecord]
-
-#: ``flwr.serverapp.strategy.FedAvg``'s constructor parameters, in its positional order.
-FEDAVG_PARAMETERS = (
-    "fraction_train",
-    "fraction_evaluate",
-    "min_train_nodes",
-    "min_evaluate_nodes",
-    "min_available_nodes",
-    "weighted_by_key",
-    "arrayrecord_key",
-    "configrecord_key",
-    "train_metrics_aggr_fn",
-    "evaluate_metrics_aggr_fn",
-)
-
-
-def fedavg_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
-    """FedAvg's arguments picked by name from a constructor's ``locals()``.
-
-    Flower's Krum, MultiKrum, Bulyan and FedTrimmedAvg put their own positional
-    parameters among or after FedAvg's; their flower-ext counterparts declare the same
-    signature and hand FedAvg's part on with this.
-    """
-    return {name: values[name] for name in FEDAVG_PARAMETERS}
 
 
 #: Default federation-relative cap of the weight-using robust rules: no client weighs

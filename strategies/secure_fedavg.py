@@ -49,7 +49,7 @@ from flower_ext.secagg.protocol import (
 )
 from flower_ext.validation import bind_replies, check_weight, client_label, short_reason
 
-from .base import RoundReport, UpdateAggregationStrategy
+from .base import RoundReport, UpdateAggregationStrategy, fedavg_arguments
 
 KEY_BYTES = 32
 
@@ -175,16 +175,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         # Checks the fixed-point settings once, here (t is set per round).
         SecAggParams(2, clipping_range, quantization_bits, modulus_bits)
         super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            **fedavg_arguments(locals()),
             server_learning_rate=server_learning_rate,
             server_momentum=server_momentum,
             proximal_mu=proximal_mu,

@@ -14,7 +14,8 @@ from flower_ext.aggregation import (
     trimmed_mean_min_clients,
 )
 
-from .robust import MetricsAggregationFn, RobustStrategy, fedavg_arguments
+from .base import fedavg_arguments
+from .robust import MetricsAggregationFn, RobustStrategy
 
 
 class TrimmedMean(RobustStrategy):
