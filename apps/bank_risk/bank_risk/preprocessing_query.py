@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable
 from logging import INFO
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -28,6 +28,7 @@ from flower_ext.data.banks import schema_of
 from flower_ext.data.preprocessing import combine_stats
 from flower_ext.validation import client_label, reply_sender
 
+from .bank_query import query_banks
 from .settings import BankAppSettings
 
 #: Longest preprocessing-stats answer read (JSON text): 1000 values x 100 chars x columns.
@@ -95,18 +96,7 @@ def federated_preprocessing(
     if schema is None:
         return ""
     timeout = settings.round_timeout
-    messages = [
-        Message(
-            content=RecordDict(
-                {"config": ConfigRecord({"query": "preprocessing-stats", **audit.published()})}
-            ),
-            message_type=MessageType.QUERY,
-            dst_node_id=node,
-        )
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    origins = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
+    replies, origins = query_banks(grid, nodes, "preprocessing-stats", audit, timeout)
     parts: list[object] = []
     part_nodes: list[int] = []
     labels: dict[int, str] = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -59,6 +59,7 @@ from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import client_label, reply_sender
 
+from .bank_query import query_banks
 from .encryption import he_enabled, prepare_keys
 from .preprocessing_query import with_preprocessing
 from .settings import BankAppSettings, SettingsError
@@ -222,19 +223,7 @@ def federated_standardisation(
     that did not.
     """
     required = len(nodes) if required is None else required
-    messages = [
-        Message(
-            # The banks pin the server's audit key from this first message (receipts).
-            content=RecordDict(
-                {"config": ConfigRecord({"query": "feature-moments", **audit.published()})}
-            ),
-            message_type=MessageType.QUERY,
-            dst_node_id=node,
-        )
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    origins = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
+    replies, origins = query_banks(grid, nodes, "feature-moments", audit, timeout)
     parts, names, part_nodes = [], None, []
     labels: dict[int, str] = {}
     problems: dict[int, str] = {}  # node -> why it is not in the standardisation
