@@ -369,7 +369,8 @@ def verdict_section(metrics: dict[str, Any]) -> str:
                 f"{auc / c_auc:.3f}"
                 + (
                     f", difference {cmp['diff']:+.4f} {_ci([cmp['low'], cmp['high']], True)}, "
-                    f"{cmp['verdict']}"
+                    f"{cmp['verdict']} (paired DeLong on the exact scores of the pooled test "
+                    "rows; the pooled AUC above comes from the banks' score sketches)"
                     if cmp
                     else ""
                 )

@@ -178,6 +178,27 @@ def calibration_summary(
     )
 
 
+def holm_rejections(p_values: list[float], alpha: float = 0.05) -> list[bool]:
+    """Which of ``m`` hypotheses Holm's step-down procedure rejects at family-wise level
+    ``alpha`` (Holm 1979, "A simple sequentially rejective multiple test procedure").
+
+    The smallest p-value is compared with ``alpha / m``, the next with ``alpha / (m - 1)``,
+    and so on until one fails; the rest are kept. ``k`` banks with a per-bank 95% verdict
+    are ``k`` tests: some "significant" gains are expected by chance alone, Holm's count
+    is the one that holds for the federation as a whole. Raises ``ValueError`` on a
+    p-value outside [0, 1] or NaN.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.size and not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"p-values must be in [0, 1], got {p_values}")
+    rejected = np.zeros(p.size, dtype=bool)
+    for rank, index in enumerate(np.argsort(p, kind="stable")):
+        if p[index] > alpha / (p.size - rank):
+            break
+        rejected[index] = True
+    return rejected.tolist()
+
+
 def score_health(logits: NDArray[np.floating]) -> str:
     """``""`` for a usable model, else why it is diverged or degenerate, in words."""
     logits = np.asarray(logits, dtype=np.float64)

@@ -107,3 +107,27 @@ def test_bad_settings_are_named():
         BankAppSettings.from_config({"num-server-rounds": 0})
     with pytest.raises(SettingsError, match="hidden-units"):
         BankAppSettings.from_config({"hidden-units": "a,b"})
+
+
+def test_evaluate_sketch_resolution_follows_the_run_and_the_banks_floor(tmp_path, as_server):
+    """sketch-rows-per-bin = 1 sends exact sketches (every row on an edge); a bank's node
+    config sketch-min-rows-per-bin raises it back, whatever the run asks."""
+    config = {**_config(_csv(tmp_path)), "sketch-rows-per-bin": 1}
+
+    def between_cells(node_config: dict) -> tuple[int, int]:
+        ctx = _context(config, partition=0)
+        ctx.node_config.update(node_config)
+        metrics = client_app(_message(MessageType.EVALUATE, 1, 100), ctx).content["metrics"]
+        rows = int(metrics["num-examples"])
+        between = sum(metrics["hist-neg"][1::2]) + sum(metrics["hist-pos"][1::2])
+        return rows, between
+
+    rows, between = between_cells({})
+    assert between == 0 and rows > 20  # exact: no row strictly between two edges
+    rows, between = between_cells({"sketch-min-rows-per-bin": 4})
+    assert between == rows  # about four rows a cell, none on an edge
+
+
+def test_a_bad_sketch_resolution_is_named_before_the_run():
+    with pytest.raises(SettingsError, match="sketch-rows-per-bin must be a whole number >= 1"):
+        BankAppSettings.from_config({"sketch-rows-per-bin": 0})

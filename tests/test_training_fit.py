@@ -195,6 +195,23 @@ def test_summary_counts_only_banks_with_a_verdict():
     assert "of 3 banks with a verdict" in html and "only non-defaults" in html
 
 
+def test_summary_adds_holms_count_over_the_banks():
+    """Five banks each at 95%: p = 0.03 'gains' is expected by chance in one of them;
+    the line says what survives Holm's correction (only p = 0.001 here)."""
+    per_bank = {
+        "bank-a": {"verdict": "gains", "gain_p_value": 0.001},
+        "bank-b": {"verdict": "gains", "gain_p_value": 0.03},
+        "bank-c": {"verdict": "no significant difference", "gain_p_value": 0.4},
+        "bank-d": {"verdict": "loses", "gain_p_value": 0.02},
+        "bank-e": {"verdict": "no significant difference", "gain_p_value": 0.9},
+    }
+    summary = verdict_summary(per_bank)
+    assert summary["holm"] == {"gains": 1, "loses": 0}
+    assert "after Holm's correction for 5 banks: gains at 1, loses at 0" in summary["line"]
+    per_bank["bank-e"].pop("gain_p_value")  # a bank that sent none: no corrected count
+    assert verdict_summary(per_bank)["holm"] is None
+
+
 # --- one-line data errors, old (non-schema) path -----------------------------------------
 
 

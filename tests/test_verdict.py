@@ -12,6 +12,7 @@ from flower_ext.metrics import (
     risk_metrics,
     risk_metrics_from_logits,
     score_sketch,
+    sketch_rows_per_bin,
 )
 from flower_ext.verdict import (
     GAINS,
@@ -20,6 +21,7 @@ from flower_ext.verdict import (
     auc_interval,
     calibration_summary,
     delong,
+    holm_rejections,
     paired_auc_comparison,
     score_health,
     verdict_from_interval,
@@ -138,6 +140,54 @@ def test_pooled_sketches_on_small_banks(spread):
     assert ks == pytest.approx(np.max(tpr - fpr), abs=4.0 / y.sum())
 
 
+@pytest.mark.parametrize("spread", [0.001, 0.01, 1.0, 1000.0])
+@pytest.mark.parametrize("sizes", [(50, 1200, 300), (248, 1089, 600, 400, 700), (60, 80)])
+def test_exact_sketches_give_exact_pooled_auc_and_ks_on_small_banks(spread, sizes):
+    """sketch-rows-per-bin = 1: pooled AUC and KS equal the exact pooled figures (1e-9)
+    for any spread and any bank size, ties included (scores rounded so rows share them)."""
+    rng = np.random.default_rng(len(sizes) + int(spread * 1000))
+    ys, scores, sketches = [], [], []
+    for n in sizes:
+        y = (rng.uniform(size=n) < 0.2).astype(int)
+        s = spread * (rng.normal() * 0.3 - 1.5 + rng.normal(size=n) + y)
+        s = np.round(s / spread, 1) * spread  # many rows share a score, across banks too
+        ys.append(y)
+        scores.append(s)
+        sketches.append(score_sketch(y, s, rows_per_bin=1))
+    y, s = np.concatenate(ys), np.concatenate(scores)
+    auc, ks = pooled_sketch_metrics(sketches)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    assert ks == pytest.approx(np.max(np.abs(tpr - fpr)), abs=1e-9)
+    # the default sketch (no cell is one row): AUC within 1e-3 from ~250 test rows a bank;
+    # on 60-row banks a cell is a large share of the ~30 defaulters, so only exact is exact
+    default = pooled_sketch_metrics(
+        [score_sketch(yb, sb) for yb, sb in zip(ys, scores, strict=True)]
+    )
+    if min(sizes) >= 248:
+        assert default[0] == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+
+
+def test_sketch_rows_per_bin_takes_the_banks_floor_and_refuses_bad_values():
+    assert sketch_rows_per_bin(None) == 4
+    assert sketch_rows_per_bin(1) == 1
+    assert sketch_rows_per_bin(1, 8) == 8  # the bank's node config floor wins
+    assert sketch_rows_per_bin(16, 8) == 16
+    for bad in (0, -1, 2.5, True, "four"):
+        with pytest.raises(ValueError, match="sketch-rows-per-bin"):
+            sketch_rows_per_bin(bad)
+    with pytest.raises(ValueError, match="sketch-min-rows-per-bin"):
+        sketch_rows_per_bin(1, 0)
+    y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
+    s = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.3, 0.7, 0.4])
+    edges, neg, pos = score_sketch(y, s, rows_per_bin=1)
+    assert np.array_equal(edges, np.unique(s)) and neg[1::2].sum() == pos[1::2].sum() == 0
+    edges, _, _ = score_sketch(y, s, rows_per_bin=2)
+    assert len(edges) - 1 == 4 and not np.isin(edges, s).any()
+    with pytest.raises(ValueError):
+        score_sketch(y, s, rows_per_bin=0)
+
+
 def test_sketch_cells_and_degenerate_scores():
     y = np.array([0, 1, 0, 1, 0, 0])
     edges, neg, pos = score_sketch(y, np.full(6, -2.0))
@@ -193,3 +243,31 @@ def test_calibration_summary():
     doubled = calibration_summary(y, np.clip(2 * p, 0, 1))
     assert doubled.predicted_rate > 1.5 * doubled.observed_rate
     assert calibration_summary(np.zeros(5, int), np.full(5, 0.1)).curve_predicted == []
+
+
+def test_holm_matches_the_step_down_rule_and_refuses_bad_p_values():
+    # m = 4: thresholds 0.0125, 0.0167, 0.025, 0.05 on the sorted p-values
+    assert holm_rejections([0.01, 0.04, 0.016, 0.03]) == [True, False, True, False]
+    assert holm_rejections([0.03, 0.04]) == [False, False]  # 0.03 > 0.05 / 2: stop at once
+    assert holm_rejections([0.02, 0.04]) == [True, True]
+    assert holm_rejections([]) == []
+    for bad in ([float("nan")], [1.5], [-0.1]):
+        with pytest.raises(ValueError, match="p-values"):
+            holm_rejections(bad)
+    # Holm never rejects more than the uncorrected per-test rule
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = rng.uniform(0, 0.1, size=int(rng.integers(1, 8)))
+        assert sum(holm_rejections(p.tolist())) <= int((p <= 0.05).sum())
+
+
+def test_an_inverted_model_is_flagged_so_its_ks_is_not_read_as_skill():
+    rng = np.random.default_rng(2)
+    y = (rng.uniform(size=800) < 0.3).astype(int)
+    good = rng.normal(size=800) + 1.5 * y
+    inverted = risk_metrics_from_logits(y, -good)
+    assert inverted.auc < 0.25 and inverted.ks > 0.4  # a large distance, the wrong way
+    assert inverted.health.startswith("inverted ranking: AUC 0.")
+    assert risk_metrics_from_logits(y, good).health == ""
+    diverged = risk_metrics_from_logits(y, -1e19 * (1.0 + 0.1 * good))
+    assert diverged.health.startswith("diverged") and "inverted ranking" in diverged.health

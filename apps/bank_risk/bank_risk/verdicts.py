@@ -36,6 +36,7 @@ from flower_ext.verdict import (
     LOSES,
     NO_DIFFERENCE,
     NOT_AVAILABLE_DP,
+    holm_rejections,
     paired_auc_comparison,
     verdict_from_interval,
 )
@@ -125,9 +126,16 @@ def verdict_summary(per_bank: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         line = f"no bank has a verdict (of {len(per_bank)})"
+    holm = holm_counts(per_bank, counts)
+    if holm is not None and with_verdict > 1:
+        line += (
+            f" (per-bank 95% intervals; after Holm's correction for {with_verdict} banks: "
+            f"gains at {holm[GAINS]}, loses at {holm[LOSES]})"
+        )
     if without:
         line += "; " + "; ".join(f"{b}: {why}" for b, why in without.items())
     return {
+        "holm": holm,
         "banks": len(per_bank),
         "banks_with_verdict": with_verdict,
         GAINS: len(counts[GAINS]),
@@ -153,6 +161,22 @@ def ceiling_gap_warning(ceiling: dict[str, Any], gap: float = CEILING_GAP_AUC) -
         "(local-epochs), more rounds, lr-schedule='cosine', or the best round's model "
         "(best_model.npz)"
     )
+
+
+def holm_counts(
+    per_bank: dict[str, Any], counts: dict[str, list[str]]
+) -> dict[str, int] | None:
+    """Banks that gain / lose after Holm's correction over every bank with a verdict
+    (``flower_ext.verdict.holm_rejections``); None when a bank with a verdict sent no
+    p-value (an older bank app)."""
+    names = [b for b in per_bank if b not in counts["no verdict"]]
+    p_values = [per_bank[b].get("gain_p_value") for b in names]
+    if not names or any(not isinstance(p, (int, float)) or not 0 <= p <= 1 for p in p_values):
+        return None
+    rejected = dict(zip(names, holm_rejections(p_values), strict=True))
+    return {
+        kind: sum(1 for b in counts[kind] if rejected.get(b)) for kind in (GAINS, LOSES)
+    }
 
 
 def verdict_counts(per_bank: dict[str, Any]) -> dict[str, list[str]]:
@@ -355,6 +379,11 @@ def verdict_lines(
     lines = [
         f"final pooled AUC {_f(auc)} (Gini {_f(final_eval.get('gini'))}, "
         f"KS {_f(final_eval.get('ks'))})"
+        + (
+            ": inverted ranking (AUC < 0.5), the KS is a distance in the wrong direction"
+            if isinstance(auc, float) and auc < 0.5
+            else ""
+        )
     ]
     if best:
         lines.append(best_round_line(best))
