@@ -439,6 +439,55 @@ def verdict_section(metrics: dict[str, Any]) -> str:
     return '<section id="verdict">' + "".join(parts) + "</section>"
 
 
+def _cmp_cell(cmp: Any) -> str:
+    """``+0.0123 [+0.0010, +0.0236]`` and the verdict, or the reason there is none."""
+    if not isinstance(cmp, dict) or not cmp.get("ci"):
+        return html.escape(str((cmp or {}).get("null_reason") or ""))
+    verdict = str(cmp.get("verdict") or "")
+    return (
+        f"{cmp['diff']:+.4f} {_ci(cmp['ci'], True)} "
+        f'<span class="v {VERDICT_CLASS.get(verdict, "na")}">'
+        f"{html.escape(verdict.replace('no significant difference', 'n.s.'))}</span>"
+    )
+
+
+def personalisation_section(metrics: dict[str, Any]) -> str:
+    """Per bank: the global, personalised and local-only AUC on the bank's test rows with
+    the paired intervals the bank computed; "" when the run did not personalise."""
+    block = metrics.get("personalisation") or {}
+    if not block:
+        return ""
+    parts = [
+        f"<h2>Personalisation ({html.escape(str(block.get('mode')))}): each bank's own model</h2>",
+        f"<p>{html.escape(str(block.get('line') or ''))}.</p>",
+    ]
+    head = [
+        "bank", "global AUC", "personalised AUC", "local-only AUC",
+        "personalised - global [95% CI]", "personalised - local-only [95% CI]",
+        "default rate (obs / pred. global / pred. personalised)",
+        "Brier (global / personalised)",
+    ]  # fmt: skip
+    rows = []
+    for name, r in (block.get("per_bank") or {}).items():
+        rate, brier = r.get("predicted_default_rate") or {}, r.get("brier") or {}
+        rows.append(
+            [
+                html.escape(name) + (" <b>beats both</b>" if r.get("beats_both") else ""),
+                _fmt(r.get("global_auc")),
+                _fmt(r.get("personalised_auc")),
+                _fmt(r.get("local_only_auc")),
+                _cmp_cell(r.get("vs_global")),
+                _cmp_cell(r.get("vs_local_only")),
+                f"{_pct(r.get('observed_default_rate'))} / {_pct(rate.get('global'))} / "
+                f"{_pct(rate.get('personalised'))}",
+                f"{_fmt(brier.get('global'))} / {_fmt(brier.get('personalised'))}",
+            ]
+        )
+    if rows:
+        parts.append(_raw_table(rows, head, klass="verdict"))
+    return '<section id="personalisation">' + "".join(parts) + "</section>"
+
+
 def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
 
@@ -538,6 +587,7 @@ def build_report(run_dir: str | Path) -> Report:
             + " Everything below covers the rounds that completed.</p>"
         )
     sections.append(verdict_section(metrics))
+    sections.append(personalisation_section(metrics))
     sections.append("<!-- slot: what the audit verified (issue 15) -->")
     # What was verified, item by item; a warning instead of green when anything was not.
     # The report itself is not checked here: it is being written (verify checks it later).

@@ -1,0 +1,418 @@
+"""Personalisation (run config ``personalisation``): each bank ends with its own model.
+
+After the last round the server sends every bank one more message, a QUERY
+(``query = "personalise"``) carrying the final global model. The bank
+
+1. adapts it on its own rows (:func:`flower_ext.personalise.personalise`: fine-tuning with
+   early stopping on its validation rows, and/or an intercept correction to its own
+   default rate on its training rows);
+2. trains its local-only model, exactly as the verdict does
+   (:func:`bank_risk.client_app.local_only_metrics`, same seeds: the same model);
+3. scores the three models on its own test rows and replies with a summary only
+   (:func:`flower_ext.personalise.personalisation_summary`): AUCs, paired DeLong
+   differences with 95% intervals (personalised - global, personalised - local-only),
+   observed and predicted default rates, Brier scores. No array, no row-level value;
+   the personalised model itself never leaves the bank.
+
+The server checks every reply (only known keys, finite numbers, AUCs and rates in
+[0, 1], ordered intervals; verdicts recomputed from the intervals, never taken from the
+bank) and writes the ``personalisation`` block of ``metrics.json`` and ``run_end``:
+per bank, and the count of banks where the personalised model beats *both* the global
+and the local-only model with a significant gain (both lower bounds > 0).
+
+Under DP (``dp != "off"``) the run is refused before it starts: fine-tuning, the
+intercept and the local-only comparison would all use the protected rows outside the
+privacy accounting. Under HE it is refused too: the server holds only the encrypted
+global model, which the personalise query would have to carry and the bank to decrypt
+outside the per-round model pinning of ``he_mod``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from logging import ERROR, INFO, WARNING
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from flower_ext.audit import AuditTrail, short_reason
+from flower_ext.personalise import (
+    PersonalisationConfig,
+    beats_both,
+    personalisation_summary,
+    personalise,
+)
+from flower_ext.privacy import PrivacyPolicyViolation, bank_privacy, policy_refusal
+from flower_ext.training import predict_logits
+from flower_ext.validation import CLIENT_INFO_KEY, client_label, reply_sender
+from flower_ext.verdict import verdict_from_interval
+
+#: The QUERY a bank answers with its personalisation summary.
+PERSONALISE_QUERY = "personalise"
+#: Error code of a bank that cannot personalise (reason: one line).
+PERSONALISE_ERROR_CODE = 4210
+#: The only numbers a bank's reply may carry (record ``personalisation``).
+NUMERIC_KEYS = frozenset(
+    {
+        "num-examples",
+        "observed-rate",
+        *(f"{k}-{m}" for k in ("auc", "predicted-rate", "brier")
+          for m in ("global", "personalised", "local-only")),
+        *(f"{c}-{f}" for c in ("vs-global", "vs-local")
+          for f in ("diff", "ci-low", "ci-high", "p-value")),
+        "finetune-epochs-run",
+        "finetune-best-epoch",
+        "finetune-val-loss-before",
+        "finetune-val-loss-after",
+        "intercept-offset",
+        "seconds",
+    }
+)  # fmt: skip
+#: The only words it may carry (record ``client-info``), each at most ``MAX_TEXT`` chars.
+TEXT_KEYS = frozenset(
+    {
+        "bank",
+        "mode",
+        "note",
+        "unavailable",
+        "vs-global-verdict",
+        "vs-local-verdict",
+        "vs-global-unavailable",
+        "vs-local-unavailable",
+        "global-health",
+        "personalised-health",
+        "local-only-health",
+    }
+)
+MAX_TEXT = 300
+#: Values that must lie in [0, 1].
+_UNIT_KEYS = frozenset(
+    k for k in NUMERIC_KEYS if k.startswith(("auc-", "predicted-rate-", "brier-"))
+) | {"observed-rate"}
+
+PERSONALISATION_DP_REFUSAL = (
+    "personalisation cannot run with dp = '{dp}': fine-tuning, the intercept correction and "
+    "the local-only comparison would use each bank's protected rows outside the privacy "
+    "accounting (no epsilon would cover them); set personalisation = 'off' or dp = 'off'"
+)
+PERSONALISATION_HE_REFUSAL = (
+    "personalisation cannot run with he = true: the server holds only the encrypted global "
+    "model, and the banks decrypt one model per round inside he_mod's pinning, which the "
+    "personalise query does not go through; set personalisation = 'off' or he = false"
+)
+
+
+def config_problems(settings: Any) -> list[str]:
+    """What the settings check reports about ``personalisation`` (before anything starts):
+    a run that personalises under DP or HE is refused (module docstring)."""
+    from .encryption import he_enabled  # late: encryption imports the settings module
+
+    if not settings.personalisation.enabled:
+        return []
+    try:
+        dp_on = settings.privacy() is not None
+    except (TypeError, ValueError):
+        return []  # a bad dp setting is reported on its own
+    if dp_on:
+        return [PERSONALISATION_DP_REFUSAL.format(dp=settings.raw.get("dp"))]
+    if he_enabled(settings.raw):
+        return [PERSONALISATION_HE_REFUSAL]
+    return []
+
+
+# ------------------------------------------------------------------------ the bank side
+def personalise_reply(msg: Message, context: Context) -> Message:
+    """A bank's answer to the personalise query: the summary of its three models."""
+    from .client_app import _model_for, load_context_bank, local_only_metrics  # late: cycle
+
+    started = time.perf_counter()
+    settings, bank = load_context_bank(context, msg)
+    cfg = PersonalisationConfig.from_run_config(context.run_config)
+
+    def refuse(reason: str) -> Message:
+        log(ERROR, "[bank-risk] %s: personalisation refused: %s", bank.name, reason)
+        return Message(Error(code=PERSONALISE_ERROR_CODE, reason=reason), reply_to=msg)
+
+    if not cfg.enabled:
+        return refuse("personalisation = 'off' in this run's config")
+    try:  # the bank's own DP policy (node config) wins, as in training
+        privacy = bank_privacy(context, settings.privacy())
+    except PrivacyPolicyViolation as err:
+        return policy_refusal(msg, str(err))
+    if privacy is not None:
+        return refuse(PERSONALISATION_DP_REFUSAL.format(dp=context.run_config.get("dp")))
+    if len(msg.content.array_records) != 1:
+        return refuse("the query carries no single ArrayRecord holding the final global model")
+    arrays = next(iter(msg.content.array_records.values()))
+    try:
+        global_model = _model_for(bank, settings, arrays)
+    except Exception as err:  # whatever the server sent, the bank answers, never crashes
+        return refuse(f"the final global model does not load ({type(err).__name__}: {err})")
+    log(INFO, "[bank-risk] %s: personalising the final global model (%s)", bank.name, cfg.mode)
+    mine = personalise(
+        global_model,
+        bank.x_train,
+        bank.y_train,
+        bank.x_val,
+        bank.y_val,
+        cfg,
+        settings.train_config(seed=settings.seed, proximal_mu=0.0),
+    )
+    _, local_logits = local_only_metrics(bank, settings)
+    summary = personalisation_summary(
+        bank.y_test,
+        predict_logits(global_model, bank.x_test),
+        predict_logits(mine.model, bank.x_test),
+        local_logits,
+    )
+    if mine.finetune is not None:
+        summary.update(
+            {
+                "finetune-epochs-run": mine.finetune.epochs_run,
+                "finetune-best-epoch": mine.finetune.best_epoch,
+                "finetune-val-loss-before": mine.finetune.initial_val_loss,
+                "finetune-val-loss-after": mine.finetune.best_val_loss,
+            }
+        )
+    if mine.intercept_offset is not None:
+        summary["intercept-offset"] = mine.intercept_offset
+    if mine.note:
+        summary["note"] = mine.note
+    summary["seconds"] = time.perf_counter() - started
+    numbers = {
+        k: float(v)
+        for k, v in summary.items()
+        if k in NUMERIC_KEYS and isinstance(v, (int, float)) and math.isfinite(v)
+    }
+    words = {k: str(v)[:MAX_TEXT] for k, v in summary.items() if k in TEXT_KEYS}
+    content = RecordDict(
+        {
+            "personalisation": MetricRecord(numbers),  # type: ignore[arg-type]
+            CLIENT_INFO_KEY: ConfigRecord({**words, "bank": bank.name, "mode": cfg.mode}),
+        }
+    )
+    # The personalised model stays here: it is not part of the reply.
+    return Message(content=content, reply_to=msg)
+
+
+# ---------------------------------------------------------------------- the server side
+def read_reply(reply: Message) -> dict[str, Any]:
+    """One bank's checked summary; ``ValueError`` naming what is wrong with it."""
+    try:
+        numbers = reply.content["personalisation"]
+        info = reply.content[CLIENT_INFO_KEY]
+    except (KeyError, TypeError):
+        raise ValueError("no 'personalisation' summary in the reply") from None
+    if not isinstance(numbers, MetricRecord) or not isinstance(info, ConfigRecord):
+        raise ValueError("malformed personalisation summary")
+    row: dict[str, Any] = {}
+    for key, value in numbers.items():
+        if key not in NUMERIC_KEYS:
+            raise ValueError(f"unexpected field '{key}'")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"'{key}' is not one number")
+        if not math.isfinite(value):
+            raise ValueError(f"'{key}' is not finite")
+        if key in _UNIT_KEYS and not 0.0 <= value <= 1.0:
+            raise ValueError(f"'{key}' = {value} is outside [0, 1]")
+        row[key] = float(value)
+    for key, value in info.items():
+        if key not in TEXT_KEYS or not isinstance(value, str):
+            raise ValueError(f"unexpected field '{key}'")
+        row[key] = short_reason(value, MAX_TEXT)
+    for prefix in ("vs-global", "vs-local"):
+        low, diff, high = (row.get(f"{prefix}-{f}") for f in ("ci-low", "diff", "ci-high"))
+        if (low is None) != (high is None) or (
+            low is not None and not low <= (diff if diff is not None else low) <= high
+        ):
+            raise ValueError(f"'{prefix}' interval is not ordered (low <= diff <= high)")
+    return row
+
+
+def _comparison(row: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
+    low, high = row.get(f"{prefix}-ci-low"), row.get(f"{prefix}-ci-high")
+    if low is None or high is None:
+        reason = row.get(f"{prefix}-unavailable") or row.get("unavailable")
+        return (
+            {"diff": None, "ci": None, "verdict": None, "null_reason": reason} if reason else None
+        )
+    return {
+        "diff": row.get(f"{prefix}-diff"),
+        "ci": [low, high],
+        "p_value": row.get(f"{prefix}-p-value"),
+        "verdict": verdict_from_interval(low, high),  # the server's own reading
+    }
+
+
+def bank_entry(node: int, row: Mapping[str, Any]) -> dict[str, Any]:
+    """One bank's line of the ``personalisation`` block (from a checked reply)."""
+    entry: dict[str, Any] = {
+        "node_id": node,
+        "mode": row.get("mode"),
+        "num_test_examples": int(row["num-examples"]) if "num-examples" in row else None,
+        "global_auc": row.get("auc-global"),
+        "personalised_auc": row.get("auc-personalised"),
+        "local_only_auc": row.get("auc-local-only"),
+        "vs_global": _comparison(row, "vs-global"),
+        "vs_local_only": _comparison(row, "vs-local"),
+        "observed_default_rate": row.get("observed-rate"),
+        "predicted_default_rate": {
+            m: row.get(f"predicted-rate-{m}") for m in ("global", "personalised", "local-only")
+        },
+        "brier": {m: row.get(f"brier-{m}") for m in ("global", "personalised", "local-only")},
+        "beats_both": beats_both(row),
+        "seconds": row.get("seconds"),
+    }
+    if "finetune-epochs-run" in row:
+        entry["finetune"] = {
+            "epochs_run": int(row["finetune-epochs-run"]),
+            "best_epoch": int(row.get("finetune-best-epoch", 0)),
+            "validation_loss_before": row.get("finetune-val-loss-before"),
+            "validation_loss_after": row.get("finetune-val-loss-after"),
+        }
+    if "intercept-offset" in row:
+        entry["intercept_offset"] = row["intercept-offset"]
+    notes = [
+        str(row[k])
+        for k in (
+            "note",
+            "unavailable",
+            "global-health",
+            "personalised-health",
+            "local-only-health",
+        )
+        if row.get(k)
+    ]
+    entry["note"] = "; ".join(notes) or None
+    return entry
+
+
+def personalise_banks(
+    grid: Grid,
+    nodes: list[int],
+    arrays: Any,
+    settings: Any,
+    audit: AuditTrail,
+    labels: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """Ask every bank to personalise ``arrays`` (the final global model); the
+    ``personalisation`` block of ``metrics.json``, or ``{}`` when it is off."""
+    cfg: PersonalisationConfig = settings.personalisation
+    if not cfg.enabled:
+        return {}
+    started = time.perf_counter()
+    log(
+        INFO,
+        "[bank-risk] personalisation (%s): each bank adapts the final global model on its own "
+        "rows and reports global vs personalised vs local-only on its test rows",
+        cfg.mode,
+    )
+    config = {
+        "query": PERSONALISE_QUERY,
+        "server-round": settings.num_rounds,
+        "num-server-rounds": settings.num_rounds,
+        **audit.published(),
+    }
+    live = set(grid.get_node_ids())  # a bank that dropped out is not waited for
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node,
+        )
+        for node in nodes
+        if node in live
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    origins = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
+    per_bank: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    answered: set[int] = set()
+    for reply in replies:
+        node = reply_sender(reply, origins)
+        if node not in origins.values() or node in answered:
+            continue  # not asked, or a second answer: only the first one counts
+        answered.add(node)
+        name = short_reason(client_label(reply), 100) or (labels or {}).get(node) or str(node)
+        if reply.has_error():
+            failed[name] = short_reason(f"error reply {reply.error.code}: {reply.error.reason}")
+            continue
+        try:
+            row = read_reply(reply)
+        except ValueError as err:
+            failed[name] = f"reply rejected: {err}"
+            continue
+        per_bank[name] = bank_entry(node, row)
+    for node in nodes:
+        if node not in answered:
+            name = (labels or {}).get(node) or str(node)
+            failed[name] = (
+                f"no reply within {settings.round_timeout:g}s"
+                if node in live
+                else "not connected any more"
+            )
+    for name, why in failed.items():
+        log(WARNING, "[bank-risk] personalisation: %s: %s", name, why)
+    per_bank = dict(sorted(per_bank.items()))
+    winners = [b for b, r in per_bank.items() if r["beats_both"]]
+    block: dict[str, Any] = {
+        "mode": cfg.mode,
+        "epochs": cfg.epochs if cfg.finetune else None,
+        "learning_rate": (cfg.learning_rate or settings.learning_rate) if cfg.finetune else None,
+        "patience": cfg.patience if cfg.finetune else None,
+        "per_bank": per_bank,
+        "failed": failed,
+        "banks": len(nodes),
+        "banks_answered": len(per_bank),
+        "banks_beating_both": len(winners),
+        "banks_beating_both_names": winners,
+        "seconds": time.perf_counter() - started,
+    }
+    block["line"] = summary_line(block)
+    return block
+
+
+def summary_line(block: Mapping[str, Any]) -> str:
+    """The count, in words."""
+    n = block.get("banks_answered", 0)
+    return (
+        f"personalised ({block.get('mode')}) beats both the global and the local-only model "
+        f"with a significant gain (paired 95% DeLong, lower bounds > 0) at "
+        f"{block.get('banks_beating_both', 0)} of {n} bank{'s' if n != 1 else ''}"
+        + (f"; no answer from {', '.join(block['failed'])}" if block.get("failed") else "")
+    )
+
+
+def _f(value: Any, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def _cmp_text(cmp: Mapping[str, Any] | None) -> str:
+    if not cmp or cmp.get("ci") is None:
+        return "n/a"
+    low, high = cmp["ci"]
+    word = {"gains": "GAINS", "loses": "LOSES"}.get(str(cmp.get("verdict")), "n.s.")
+    return f"{cmp['diff']:+.4f} [{low:+.4f}, {high:+.4f}] {word}"
+
+
+def personalisation_lines(block: Mapping[str, Any]) -> list[str]:
+    """The console's closing lines: the count, then one line per bank."""
+    if not block:
+        return []
+    lines = [str(block.get("line") or summary_line(block))]
+    for name, r in (block.get("per_bank") or {}).items():
+        rates = r.get("predicted_default_rate") or {}
+        lines.append(
+            f"  {name:<34} global {_f(r.get('global_auc'))}  personalised "
+            f"{_f(r.get('personalised_auc'))}  local-only {_f(r.get('local_only_auc'))}  "
+            f"vs global {_cmp_text(r.get('vs_global'))}  vs local-only "
+            f"{_cmp_text(r.get('vs_local_only'))}  default rate observed "
+            f"{_f(r.get('observed_default_rate'))} / predicted global "
+            f"{_f(rates.get('global'))}, personalised {_f(rates.get('personalised'))}"
+            + (f"  ({r['note']})" if r.get("note") else "")
+        )
+    return lines
