@@ -20,6 +20,7 @@ statistics that needs across banks come from the app's federated query
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -47,8 +48,9 @@ from .preprocessing import (
     partition_keys,
     read_raw,
 )
+from .scenarios import SCENARIO_KEY, generate_scenario_bank, get_scenario
 from .schema import Schema, load_schema
-from .synthetic import FEATURES, LABEL_COLUMN, bank_name, generate_bank
+from .synthetic import FEATURES, LABEL_COLUMN, bank_name
 
 DATASETS = ("synthetic", "csv")
 CSV_SOURCES = ("table", "per-bank")
@@ -94,6 +96,8 @@ class DataSource:
     csv: CsvSpec | None = None
     #: Share of each bank's training rows kept aside for validation (best-round selection).
     validation_fraction: float = 0.15
+    #: The synthetic banks' non-IID scenario (:mod:`flower_ext.data.scenarios`).
+    scenario: str = "segments"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> DataSource:
@@ -103,6 +107,17 @@ class DataSource:
             raise DataError(f"dataset must be one of {DATASETS}, got '{dataset}'")
         seed = int(cfg.get("seed", 42))  # type: ignore[arg-type]
         num_banks = int(cfg.get("num-banks", 5))  # type: ignore[arg-type]
+        scenario = str(cfg.get(SCENARIO_KEY, "segments") or "segments").strip()
+        try:
+            get_scenario(scenario)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        if dataset != "synthetic" and scenario != "segments":
+            raise DataError(
+                f"{SCENARIO_KEY} '{scenario}' shapes the synthetic banks (dataset "
+                "'synthetic'); a CSV's banks come from csv-split, so leave scenario "
+                "'segments'"
+            )
         csv = None
         if dataset == "csv":
             source = str(cfg.get("csv-source", "table") or "table")
@@ -126,6 +141,7 @@ class DataSource:
                 split=str(cfg.get("csv-split", "natural")),
                 partition_column=str(cfg.get("csv-partition-column", "")),
                 partition_values=_csv_list(cfg.get("csv-partition-values", "")),
+                partition_edges=_csv_edges(cfg.get("csv-partition-edges", "")),
                 num_banks=num_banks,
                 dirichlet_alpha=float(cfg.get("csv-dirichlet-alpha", 0.5)),  # type: ignore[arg-type]
                 seed=seed,
@@ -152,6 +168,7 @@ class DataSource:
             test_fraction=test_fraction,
             csv=csv,
             validation_fraction=validation_fraction,
+            scenario=scenario,
         )
 
 
@@ -168,6 +185,25 @@ def _check_absolute(key: str, path: str) -> None:
 
 def _csv_list(value: object) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def _csv_edges(value: object) -> tuple[float, ...]:
+    """``csv-partition-edges``: comma-separated, finite, strictly increasing numbers."""
+    edges = []
+    for text in _csv_list(value):
+        try:
+            edge = float(text)
+        except ValueError:
+            raise DataError(
+                f"csv-partition-edges: {text!r} is not a number (e.g. "
+                "csv-partition-edges='50000,150000,300000')"
+            ) from None
+        if not np.isfinite(edge):
+            raise DataError(f"csv-partition-edges: {text!r} is not a finite number")
+        edges.append(edge)
+    if any(b <= a for a, b in itertools.pairwise(edges)):
+        raise DataError(f"csv-partition-edges must be strictly increasing, got {edges}")
+    return tuple(edges)
 
 
 @lru_cache(maxsize=4)
@@ -192,7 +228,11 @@ def schema_of(spec: CsvSpec | None) -> Schema | None:
         and not schema.partition_column
         and spec.partition_column
     ):
-        schema = replace(schema, partition_column=spec.partition_column)
+        schema = replace(
+            schema,
+            partition_column=spec.partition_column,
+            partition_edges=spec.partition_edges or schema.partition_edges,
+        )
     return schema
 
 
@@ -247,7 +287,8 @@ def bank_frames(source: DataSource) -> dict[str, pd.DataFrame]:
             return {p.stem: read_table(_file_spec(spec, p)) for p in paths}
         return _csv_banks(spec)
     return {
-        bank_name(b): generate_bank(
+        bank_name(b): generate_scenario_bank(
+            source.scenario,
             b,
             source.num_banks,
             rows_per_bank=source.rows_per_bank,
@@ -340,7 +381,10 @@ def _raw_split(spec: CsvSpec, schema: Schema) -> dict[str, RawTable]:
                 "[partition] column in the schema"
             )
         frame[schema.partition_column] = partition_keys(raw, schema).to_numpy(dtype=object)
-        split_spec = replace(split_spec, partition_column=schema.partition_column)
+        # The keys are already the schema's bands: not binned a second time.
+        split_spec = replace(
+            split_spec, partition_column=schema.partition_column, partition_edges=()
+        )
     parts = split_into_banks(frame, split_spec)
     return {name: raw.subset(part["_row"].to_numpy()) for name, part in parts.items()}
 
@@ -400,7 +444,8 @@ def load_bank(
     if source.dataset == "synthetic":
         if not 0 <= bank_index < source.num_banks:
             raise DataError(f"bank index {bank_index} is outside 0..{source.num_banks - 1}")
-        frame = generate_bank(
+        frame = generate_scenario_bank(
+            source.scenario,
             bank_index,
             source.num_banks,
             rows_per_bank=source.rows_per_bank,

@@ -3,7 +3,9 @@
 Three ways to split, all through flwr-datasets partitioners:
 
 - ``natural``: one bank per value of a partition column (e.g. ``EDUCATION`` or a
-  region code), the most realistic non-IID split when the table has one;
+  region code), the most realistic non-IID split when the table has one; with
+  ``csv-partition-edges`` one bank per band of a numeric column (e.g. credit-limit
+  bands ``LIMIT_BAL`` < 50k, 50k-150k, ...: a subprime lender next to a premium issuer);
 - ``dirichlet``: label-skewed banks, Dirichlet(alpha) over the label per bank;
 - ``iid``: uniform random banks.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -58,6 +61,9 @@ class CsvSpec:
     split: str = "natural"
     partition_column: str = ""
     partition_values: tuple[str, ...] = ()
+    #: ``natural``: bin the partition column at these edges (strictly increasing), one bank
+    #: per band ``[lo, hi)``, the outer bands open; empty: one bank per value.
+    partition_edges: tuple[float, ...] = ()
     num_banks: int = 3
     dirichlet_alpha: float = 0.5
     seed: int = 42
@@ -342,7 +348,17 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
             raise DataError(
                 f"partition column '{column}' not found; columns are {list(frame.columns)}"
             )
-        if spec.partition_values:
+        if spec.partition_edges:
+            if spec.partition_values:
+                raise DataError(
+                    "csv-partition-edges bins the partition column into bands; "
+                    "csv-partition-values picks values of an unbinned column: set "
+                    "csv-partition-values='' with edges"
+                )
+            frame = frame.copy()
+            column = _PARTITION_BAND
+            frame[column] = partition_bands(frame[spec.partition_column], spec)
+        elif spec.partition_values:
             text_ids = frame[column].dtype == object  # a schema's text partition column
             wanted = [
                 v.strip() if text_ids else _partition_value(v, column)
@@ -400,10 +416,45 @@ def split_into_banks(frame: pd.DataFrame, spec: CsvSpec) -> dict[str, pd.DataFra
         if spec.split == "natural":
             value = partitioner.partition_id_to_natural_id[partition_id]
             name = f"bank-{bank_index}-{spec.partition_column}={_fmt(value)}"
+            part = part.drop(columns=[_PARTITION_BAND], errors="ignore")
         else:
             name = f"bank-{bank_index}"
         banks[name] = part
     return _named_banks(banks, spec)
+
+
+#: The temporary column that holds each row's band (``csv-partition-edges``).
+_PARTITION_BAND = "__partition_band__"
+
+
+def partition_bands(values: pd.Series, spec: CsvSpec) -> pd.Series:
+    """Each row's band of ``spec.partition_edges`` as text, ``"[lo, hi)"``.
+
+    Bands are closed on the left; the first starts at ``-inf`` and the last ends at ``inf``.
+    A band without rows would be a bank without data: refused, naming the band.
+    """
+    edges = np.asarray(spec.partition_edges, dtype=np.float64)
+    if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+        raise DataError(
+            f"csv-partition-edges must be finite and strictly increasing, got "
+            f"{list(spec.partition_edges)}"
+        )
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    if np.isnan(numbers).any():
+        raise DataError(
+            f"csv-partition-edges: partition column '{spec.partition_column}' is not numeric"
+        )
+    bounds = ["-inf", *(_fmt(float(e)) for e in edges), "inf"]
+    labels = [f"[{lo}, {hi})" for lo, hi in itertools.pairwise(bounds)]
+    band = np.searchsorted(edges, numbers, side="right")
+    counts = np.bincount(band, minlength=len(labels))
+    empty = [labels[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(
+            f"csv-partition-edges: band(s) {empty} of '{spec.partition_column}' hold no rows; "
+            "every band is a bank, so move or remove those edges"
+        )
+    return pd.Series(np.asarray(labels, dtype=object)[band], index=values.index)
 
 
 def _named_banks(banks: dict[str, pd.DataFrame], spec: CsvSpec) -> dict[str, pd.DataFrame]:

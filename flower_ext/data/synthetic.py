@@ -160,20 +160,47 @@ def generate_bank(
         raise ValueError(f"bank_id must be in [0, {num_banks}), got {bank_id}")
     rng = np.random.default_rng([seed, bank_id])
     n = bank_size(bank_id, rows_per_bank, seed)
+    segment_ids = segment_mix(bank_id, num_banks, n, heterogeneity, rng)
+    columns = draw_customers(segment_ids, rng)
+    logit = default_logit(columns) + rng.normal(0.0, noise, n)
+    label = (rng.uniform(size=n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    return to_frame(columns, label)
+
+
+def segment_mix(
+    bank_id: int, num_banks: int, n: int, own_share: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Segment index of each of a bank's ``n`` customers.
+
+    The bank's own segment with probability ``own_share``, otherwise the pooled mix of
+    the segments the federation's banks serve (``own_share`` 0: IID banks).
+    """
     own = bank_id % len(SEGMENTS)
-    # Segment mix: the bank's own segment with probability `heterogeneity`,
-    # otherwise the pooled mix of the segments the federation's banks serve.
     federation_segments = sorted({b % len(SEGMENTS) for b in range(num_banks)})
     pooled = rng.choice(federation_segments, size=n)
-    segment_ids = np.where(rng.uniform(size=n) < heterogeneity, own, pooled)
+    return np.where(rng.uniform(size=n) < own_share, own, pooled)
+
+
+def draw_customers(
+    segment_ids: np.ndarray,
+    rng: np.random.Generator,
+    segments: tuple[Segment, ...] = SEGMENTS,
+) -> dict[str, np.ndarray]:
+    """Feature columns of customers whose segments are ``segment_ids`` (indices into
+    ``segments``), drawn segment by segment in index order."""
+    n = len(segment_ids)
     columns: dict[str, np.ndarray] = {name: np.empty(n) for name in FEATURES}
     for s in np.unique(segment_ids):
         rows = segment_ids == s
-        drawn = _draw_segment(SEGMENTS[s], int(rows.sum()), rng)
+        drawn = _draw_segment(segments[s], int(rows.sum()), rng)
         for name in FEATURES:
             columns[name][rows] = drawn[name]
-    logit = default_logit(columns) + rng.normal(0.0, noise, n)
-    label = (rng.uniform(size=n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    return columns
+
+
+def to_frame(columns: dict[str, np.ndarray], label: np.ndarray) -> pd.DataFrame:
+    """A bank's table: the features (income and limit rounded as a bank stores them) and
+    the label column."""
     frame = pd.DataFrame(columns)
     frame["monthly_income"] = frame["monthly_income"].round(0)
     frame["credit_limit"] = (frame["credit_limit"] / 100).round(0) * 100

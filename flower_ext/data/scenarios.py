@@ -1,0 +1,430 @@
+"""Named non-IID scenarios for the synthetic banks: where federated training really struggles.
+
+The bundled generator (:mod:`flower_ext.data.synthetic`, scenario ``"segments"``) gives banks
+different customer segments but one shared risk function and similar sizes; FedAvg barely
+notices it. The scenarios here each switch on one documented source of difficulty, and
+``"hard"`` switches on all of them. A run picks one with the run-config key ``scenario``.
+
+=================  ==========================================================================
+scenario           what differs between banks, and why it is hard
+=================  ==========================================================================
+``segments``       today's generator, unchanged (``heterogeneity`` sets the own-segment share)
+``feature-shift``  covariate shift: every customer comes from the bank's own segment, and the
+                   segments' differences are exaggerated (x2: income, age, limits, utilisation,
+                   delinquency, debt-to-income, ...). Banks see different regions of the
+                   feature space, so each local update fits a different part of the
+                   non-linear risk surface and the updates pull the global model apart.
+``label-shift``    prior (label) shift: the same customer mix and the same feature -> risk
+                   function everywhere, but each bank's default rate is resampled to a target
+                   from 3% (bank 0) to 25% (last bank), log-spaced. Local training drags the
+                   intercept towards the bank's own rate every round, so the global model's
+                   calibration oscillates; the low-default bank has few positives to learn from.
+``concept-shift``  concept shift: the same customer mix everywhere, but the bank's book
+                   changes what a feature means (:data:`BOOK_RISK`): utilisation is strongly
+                   risky in a card-heavy book and not at all in an SME book (a used working
+                   capital line is normal), debt-to-income matters most for SME and suburban
+                   salaried books, delinquency most in lower-tier markets. The banks' optima
+                   conflict, so one global model cannot be best for all banks: this is where
+                   personalisation should pay.
+``unequal-sizes``  quantity skew: today's segments (``heterogeneity``) with bank sizes
+                   log-spaced so the largest bank has 20x the rows of the smallest. The large
+                   bank dominates the weighted average; the small banks' segments are served
+                   worst.
+``hard``           the headline: feature shift + label shift + concept shift + 20x sizes
+                   together. Bank 0 is a large prime bank (3% defaults), the last a small
+                   subprime lender (25%).
+=================  ==========================================================================
+
+Every scenario is deterministic in ``(seed, bank_id, num_banks, rows_per_bank)`` (and
+``heterogeneity`` where it is used), so each client generates its own bank and the
+simulation's server regenerates the same pooled rows for the centralized ceiling. The
+pieces (segments, customer draws, the shared risk function) are the synthetic generator's.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import pandas as pd
+
+from .synthetic import (
+    FEATURES,
+    LABEL_COLUMN,
+    SEGMENTS,
+    Segment,
+    bank_name,
+    bank_segment,
+    bank_size,
+    default_logit,
+    draw_customers,
+    generate_bank,
+    segment_mix,
+    to_frame,
+)
+
+#: Run-config key that picks the scenario.
+SCENARIO_KEY = "scenario"
+#: Fewest rows of each class a scenario gives a bank (so its test split has an AUC).
+MIN_CLASS_ROWS = 40
+
+
+@dataclass(frozen=True)
+class BookRisk:
+    """How a bank's book changes the shared risk function: log-odds added per unit.
+
+    Each term is centred near the population's typical value, so a book changes what a
+    feature *means* (its slope) more than the bank's overall default rate.
+    """
+
+    #: per 0.25 of utilisation above 0.5
+    utilisation: float = 0.0
+    #: per 0.15 of debt-to-income above 0.4
+    debt_to_income: float = 0.0
+    #: per unit of log(1 + delinquencies in 12 months) above 0.2
+    delinquency: float = 0.0
+    #: per inquiry in 6 months above 1
+    inquiries: float = 0.0
+
+    def adjustment(self, f: dict[str, np.ndarray]) -> np.ndarray:
+        return (
+            self.utilisation * (f["utilisation"] - 0.5) / 0.25
+            + self.debt_to_income * (f["debt_to_income"] - 0.4) / 0.15
+            + self.delinquency * (np.log1p(f["delinquencies_12m"]) - 0.2)
+            + self.inquiries * (f["inquiries_6m"] - 1.0)
+        )
+
+
+#: The book of a bank serving each segment (concept shift). The shared function already
+#: adds about +0.8 log-odds from utilisation 0.25 to 0.75 (and much more above 0.7): a
+#: card-heavy book adds +3.2 on top, an SME book -3.2, which reverses the slope.
+BOOK_RISK: dict[str, BookRisk] = {
+    "tier1-city": BookRisk(utilisation=0.4, inquiries=-0.3),
+    "lower-tier-markets": BookRisk(utilisation=-0.8, delinquency=1.2),
+    "credit-card-heavy": BookRisk(utilisation=1.6, debt_to_income=-0.4),
+    "suburban-salaried": BookRisk(debt_to_income=0.8),
+    "young-digital": BookRisk(utilisation=0.8, inquiries=0.4),
+    "sme-owners": BookRisk(utilisation=-1.6, debt_to_income=1.0),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """How the banks of a federation differ (see the module docstring's table).
+
+    Parameters
+    ----------
+    name, hard_because :
+        The run-config value and a one-line statement of the difficulty.
+    own_segment_share :
+        Share of a bank's customers from its own segment (the rest from the pooled mix);
+        ``None``: the run config's ``heterogeneity``.
+    segment_spread :
+        1 keeps the segments; > 1 exaggerates each segment's distance from the segments'
+        average (:func:`spread_segments`): stronger covariate shift.
+    default_rates :
+        ``(lowest, highest)``: each bank's rows are resampled by class to a default rate
+        log-spaced from the first bank's ``lowest`` to the last bank's ``highest``
+        (label shift; ``P(x | y)`` stays the bank's own). ``None``: the risk function decides.
+    concept_strength :
+        0: one shared risk function; > 0: each bank's :data:`BOOK_RISK` adjustment, times this.
+    size_ratio :
+        1: today's log-normal bank sizes; > 1: sizes log-spaced from bank 0 (largest) to the
+        last bank, the largest ``size_ratio`` times the smallest, ``rows_per_bank`` on average.
+    """
+
+    name: str
+    hard_because: str
+    own_segment_share: float | None = None
+    segment_spread: float = 1.0
+    default_rates: tuple[float, float] | None = None
+    concept_strength: float = 0.0
+    size_ratio: float = 1.0
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "segments",
+            "today's generator: segment mix by heterogeneity, one shared risk function",
+        ),
+        Scenario(
+            "feature-shift",
+            "disjoint, exaggerated segments: banks see different regions of the features",
+            own_segment_share=1.0,
+            segment_spread=2.0,
+        ),
+        Scenario(
+            "label-shift",
+            "same customers and risk function, default rates from 3% to 25%",
+            own_segment_share=0.0,
+            default_rates=(0.03, 0.25),
+        ),
+        Scenario(
+            "concept-shift",
+            "same customers, book-specific meaning of utilisation, DTI, delinquency",
+            own_segment_share=0.0,
+            concept_strength=1.0,
+        ),
+        Scenario(
+            "unequal-sizes",
+            "today's segments, the largest bank 20x the smallest",
+            size_ratio=20.0,
+        ),
+        Scenario(
+            "hard",
+            "feature + label + concept shift and 20x sizes together",
+            own_segment_share=1.0,
+            segment_spread=2.0,
+            default_rates=(0.03, 0.25),
+            concept_strength=1.0,
+            size_ratio=20.0,
+        ),
+    )
+}
+
+#: Scenario names, in the order the benchmark shows them.
+SCENARIO_NAMES: tuple[str, ...] = tuple(SCENARIOS)
+
+
+def get_scenario(name: str) -> Scenario:
+    """The scenario called ``name``; a :class:`ValueError` naming the key and the choices."""
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise ValueError(f"{SCENARIO_KEY} must be one of {SCENARIO_NAMES}, got {name!r}") from None
+
+
+# --- the pieces ------------------------------------------------------------------------
+
+#: Segment fields that :func:`spread_segments` moves, with the floor and ceiling that keep
+#: the distributions valid.
+_SPREAD_LIMITS: dict[str, tuple[float, float]] = {
+    "age_mean": (22.0, 70.0),
+    "log_income_mean": (7.0, 11.0),
+    "limit_to_income": (0.3, 8.0),
+    "cards_mean": (1.0, 10.0),
+    "book_months_mean": (3.0, 240.0),
+    "delinquency_rate": (0.02, 1.5),
+    "dti_mean": (0.05, 1.0),
+    "inquiries_mean": (0.1, 5.0),
+}
+
+
+def spread_segments(factor: float, segments: tuple[Segment, ...] = SEGMENTS) -> tuple[Segment, ...]:
+    """The segments with their differences scaled by ``factor`` around their average.
+
+    Means, rates and ratios (:data:`_SPREAD_LIMITS`) move to ``avg + factor * (x - avg)``,
+    clipped to valid values; utilisation's Beta mean moves the same way (its concentration
+    ``a + b`` kept). Spreads, names and city tiers stay. ``factor`` 1 returns them unchanged.
+    """
+    if factor == 1.0:
+        return segments
+    if factor < 0:
+        raise ValueError(f"segment spread must be >= 0, got {factor}")
+    names = [f.name for f in fields(Segment) if f.name in _SPREAD_LIMITS]
+    avg = {n: float(np.mean([getattr(s, n) for s in segments])) for n in names}
+    util_means = [s.utilisation_a / (s.utilisation_a + s.utilisation_b) for s in segments]
+    util_avg = float(np.mean(util_means))
+    out = []
+    for seg, util_mean in zip(segments, util_means, strict=True):
+        moved = {
+            n: float(np.clip(avg[n] + factor * (getattr(seg, n) - avg[n]), *_SPREAD_LIMITS[n]))
+            for n in names
+        }
+        total = seg.utilisation_a + seg.utilisation_b
+        mean = float(np.clip(util_avg + factor * (util_mean - util_avg), 0.08, 0.92))
+        out.append(
+            replace(seg, utilisation_a=mean * total, utilisation_b=(1 - mean) * total, **moved)
+        )
+    return tuple(out)
+
+
+def scenario_sizes(scenario: Scenario, num_banks: int, rows_per_bank: int, seed: int) -> list[int]:
+    """Rows of each bank: the generator's log-normal sizes, or log-spaced by ``size_ratio``."""
+    if scenario.size_ratio == 1.0 or num_banks == 1:
+        return [bank_size(b, rows_per_bank, seed) for b in range(num_banks)]
+    weights = scenario.size_ratio ** (-np.arange(num_banks) / (num_banks - 1))
+    sizes = rows_per_bank * num_banks * weights / weights.sum()
+    return [int(max(200, round(s))) for s in sizes]
+
+
+def scenario_default_rates(scenario: Scenario, num_banks: int) -> list[float] | None:
+    """Each bank's target default rate (label shift), or None when the risk function decides."""
+    if scenario.default_rates is None:
+        return None
+    low, high = scenario.default_rates
+    if num_banks == 1:
+        return [float(np.sqrt(low * high))]
+    return [float(low * (high / low) ** (b / (num_banks - 1))) for b in range(num_banks)]
+
+
+def _risk_logit(scenario: Scenario, bank_id: int, columns: dict[str, np.ndarray]) -> np.ndarray:
+    logit = default_logit(columns)
+    if scenario.concept_strength:
+        book = BOOK_RISK[bank_segment(bank_id).name]
+        logit = logit + scenario.concept_strength * book.adjustment(columns)
+    return logit
+
+
+def _draw_labelled(
+    scenario: Scenario,
+    bank_id: int,
+    num_banks: int,
+    n: int,
+    own_share: float,
+    segments: tuple[Segment, ...],
+    rng: np.random.Generator,
+    noise: float,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    segment_ids = segment_mix(bank_id, num_banks, n, own_share, rng)
+    columns = draw_customers(segment_ids, rng, segments)
+    logit = _risk_logit(scenario, bank_id, columns) + rng.normal(0.0, noise, n)
+    label = (rng.uniform(size=n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    return columns, label
+
+
+def _resample_to_rate(
+    draw: Callable[[int], tuple[dict[str, np.ndarray], np.ndarray]],
+    n: int,
+    rate: float,
+    rng: np.random.Generator,
+    max_draws: int = 200,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``n`` rows with ``round(rate * n)`` defaults, taken from fresh draws of the bank's
+    customers (``draw(size)``): the label prior moves, ``P(x | y)`` does not."""
+    positives = min(max(round(rate * n), MIN_CLASS_ROWS), n - MIN_CLASS_ROWS)
+    negatives = n - positives
+    chunks: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+    have = np.zeros(2, dtype=np.int64)
+    for _ in range(max_draws):
+        columns, label = draw(max(n, 2000))
+        chunks.append((columns, label))
+        have += np.bincount(label, minlength=2)
+        if have[1] >= positives and have[0] >= negatives:
+            break
+    else:
+        raise ValueError(
+            f"could not draw {positives} defaults and {negatives} non-defaults "
+            f"in {max_draws} draws (default rate target {rate:.3f})"
+        )
+    pool = {f: np.concatenate([c[f] for c, _ in chunks]) for f in FEATURES}
+    labels = np.concatenate([lab for _, lab in chunks])
+    pos = rng.choice(np.flatnonzero(labels == 1), size=positives, replace=False)
+    neg = rng.choice(np.flatnonzero(labels == 0), size=negatives, replace=False)
+    rows = rng.permutation(np.concatenate([pos, neg]))
+    return {f: pool[f][rows] for f in FEATURES}, labels[rows]
+
+
+# --- the generator ---------------------------------------------------------------------
+
+
+def generate_scenario_bank(
+    scenario: str | Scenario,
+    bank_id: int,
+    num_banks: int,
+    *,
+    rows_per_bank: int = 2000,
+    heterogeneity: float = 0.8,
+    seed: int = 42,
+    noise: float = 0.8,
+) -> pd.DataFrame:
+    """The customers of one bank under ``scenario``, with the label column ``default``.
+
+    ``"segments"`` is exactly :func:`~flower_ext.data.synthetic.generate_bank`. The others
+    draw from their own random stream (seeded by ``seed``, ``bank_id`` and the scenario's
+    name), so scenarios never share rows by accident. ``heterogeneity`` is used only by
+    scenarios whose ``own_segment_share`` is None (``segments``, ``unequal-sizes``).
+    """
+    spec = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    if not 0 <= bank_id < num_banks:
+        raise ValueError(f"bank_id must be in [0, {num_banks}), got {bank_id}")
+    if not 0.0 <= heterogeneity <= 1.0:
+        raise ValueError(f"heterogeneity must be in [0, 1], got {heterogeneity}")
+    if spec.name == "segments":
+        return generate_bank(
+            bank_id,
+            num_banks,
+            rows_per_bank=rows_per_bank,
+            heterogeneity=heterogeneity,
+            seed=seed,
+            noise=noise,
+        )
+    rng = np.random.default_rng([seed, bank_id, zlib.crc32(spec.name.encode())])
+    n = scenario_sizes(spec, num_banks, rows_per_bank, seed)[bank_id]
+    own = heterogeneity if spec.own_segment_share is None else spec.own_segment_share
+    segments = spread_segments(spec.segment_spread)
+
+    def draw(size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return _draw_labelled(spec, bank_id, num_banks, size, own, segments, rng, noise)
+
+    rates = scenario_default_rates(spec, num_banks)
+    if rates is None:
+        columns, label = draw(n)
+    else:
+        columns, label = _resample_to_rate(draw, n, rates[bank_id], rng)
+    return to_frame(columns, label)
+
+
+def generate_scenario_federation(
+    scenario: str | Scenario,
+    num_banks: int,
+    *,
+    rows_per_bank: int = 2000,
+    heterogeneity: float = 0.8,
+    seed: int = 42,
+) -> dict[str, pd.DataFrame]:
+    """All banks of ``scenario``, keyed by :func:`~flower_ext.data.synthetic.bank_name`."""
+    return {
+        bank_name(b): generate_scenario_bank(
+            scenario,
+            b,
+            num_banks,
+            rows_per_bank=rows_per_bank,
+            heterogeneity=heterogeneity,
+            seed=seed,
+        )
+        for b in range(num_banks)
+    }
+
+
+#: Features :func:`heterogeneity_table` reports the per-bank mean of.
+SUMMARY_FEATURES = ("utilisation", "monthly_income", "debt_to_income", "delinquencies_12m")
+
+
+def heterogeneity_table(
+    banks: dict[str, pd.DataFrame], label_column: str = LABEL_COLUMN
+) -> list[dict[str, object]]:
+    """Per bank: rows, default rate and the mean of the :data:`SUMMARY_FEATURES` it has."""
+    table = []
+    for name, frame in banks.items():
+        row: dict[str, object] = {
+            "bank": name,
+            "rows": len(frame),
+            "default_rate": float(frame[label_column].mean()),
+        }
+        for feature in SUMMARY_FEATURES:
+            if feature in frame.columns:
+                row[f"mean_{feature}"] = float(frame[feature].mean())
+        table.append(row)
+    return table
+
+
+__all__ = [
+    "BOOK_RISK",
+    "SCENARIOS",
+    "SCENARIO_KEY",
+    "SCENARIO_NAMES",
+    "BookRisk",
+    "Scenario",
+    "generate_scenario_bank",
+    "generate_scenario_federation",
+    "get_scenario",
+    "heterogeneity_table",
+    "scenario_default_rates",
+    "scenario_sizes",
+    "spread_segments",
+]

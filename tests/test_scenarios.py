@@ -1,0 +1,223 @@
+"""Non-IID scenarios: each is as heterogeneous as documented, deterministic, and selectable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from flower_ext.data import FEATURES, LABEL_COLUMN, CsvSpec, DataError, DataSource, generate_bank
+from flower_ext.data.banks import bank_frames, load_bank
+from flower_ext.data.csv_loader import split_into_banks
+from flower_ext.data.scenarios import (
+    SCENARIO_NAMES,
+    generate_scenario_bank,
+    generate_scenario_federation,
+    get_scenario,
+    heterogeneity_table,
+    spread_segments,
+)
+from flower_ext.data.synthetic import SEGMENTS
+
+ROWS = 1500
+
+
+def _federation(name: str, num_banks: int = 5, seed: int = 7) -> dict[str, pd.DataFrame]:
+    return generate_scenario_federation(name, num_banks, rows_per_bank=ROWS, seed=seed)
+
+
+def _rates(banks: dict[str, pd.DataFrame]) -> list[float]:
+    return [float(f[LABEL_COLUMN].mean()) for f in banks.values()]
+
+
+def _coefficients(banks: dict[str, pd.DataFrame], feature: str) -> list[float]:
+    """Per bank, the standardised logistic-regression coefficient of ``feature``."""
+    pooled = pd.concat(banks.values())
+    scaler = StandardScaler().fit(pooled[list(FEATURES)].to_numpy())
+    out = []
+    for frame in banks.values():
+        x = scaler.transform(frame[list(FEATURES)].to_numpy())
+        model = LogisticRegression(max_iter=2000).fit(x, frame[LABEL_COLUMN].to_numpy())
+        out.append(float(model.coef_[0][FEATURES.index(feature)]))
+    return out
+
+
+def test_segments_is_todays_generator_unchanged():
+    for bank in range(5):
+        pd.testing.assert_frame_equal(
+            generate_scenario_bank("segments", bank, 5, rows_per_bank=700, seed=3),
+            generate_bank(bank, 5, rows_per_bank=700, seed=3),
+        )
+    source = DataSource.from_config({"num-banks": 3, "rows-per-bank": 600})
+    assert source.scenario == "segments"
+    np.testing.assert_array_equal(
+        load_bank(source, 1).x_train,
+        load_bank(DataSource(num_banks=3, rows_per_bank=600), 1).x_train,
+    )
+
+
+@pytest.mark.parametrize("name", SCENARIO_NAMES)
+def test_scenarios_are_deterministic_and_valid(name):
+    a = generate_scenario_bank(name, 3, 5, rows_per_bank=800, seed=11)
+    b = generate_scenario_bank(name, 3, 5, rows_per_bank=800, seed=11)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(generate_scenario_bank(name, 3, 5, rows_per_bank=800, seed=12))
+    assert list(a.columns) == [*FEATURES, LABEL_COLUMN]
+    assert np.isfinite(a[list(FEATURES)].to_numpy()).all()
+    assert a["utilisation"].between(0, 1).all()
+    # Every bank keeps enough of each class for a test AUC.
+    for frame in _federation(name).values():
+        assert frame[LABEL_COLUMN].sum() >= 30
+        assert (1 - frame[LABEL_COLUMN]).sum() >= 30
+
+
+def test_feature_shift_separates_the_banks_feature_means():
+    segments = _federation("segments")
+    shifted = _federation("feature-shift")
+    for feature in ("utilisation", "debt_to_income"):
+        base = np.ptp([f[feature].mean() for f in segments.values()])
+        spread = np.ptp([f[feature].mean() for f in shifted.values()])
+        assert spread > 1.8 * base, feature
+    incomes = [np.log(f["monthly_income"]).mean() for f in shifted.values()]
+    assert np.ptp(incomes) > 1.5  # the richest bank's customers earn > 4.5x the poorest's
+    utilisation = [f["utilisation"].mean() for f in shifted.values()]
+    assert min(utilisation) < 0.15 and max(utilisation) > 0.6
+
+
+def test_label_shift_moves_default_rates_only():
+    banks = _federation("label-shift")
+    rates = _rates(banks)
+    assert min(rates) < 0.06 and max(rates) > 0.2
+    assert rates == sorted(rates)  # bank 0 the prime bank, the last one subprime
+    # The same customers: a feature's class-conditional mean barely moves across banks.
+    good = [f.loc[f[LABEL_COLUMN] == 0, "utilisation"].mean() for f in banks.values()]
+    assert np.ptp(good) < 0.03
+
+
+def test_concept_shift_gives_banks_different_utilisation_slopes():
+    banks = _federation("concept-shift", seed=3)
+    names = list(banks)
+    coefs = dict(zip(names, _coefficients(banks, "utilisation"), strict=True))
+    cards = coefs["bank-2-credit-card-heavy"]
+    lower_tier = coefs["bank-1-lower-tier-markets"]
+    assert cards > 1.0 and lower_tier < 0.0
+    # Same customers everywhere: feature means do not differ (pure concept shift).
+    assert np.ptp([f["utilisation"].mean() for f in banks.values()]) < 0.03
+    # With six banks the SME book appears: utilisation is not risky there.
+    six = _federation("concept-shift", num_banks=6, seed=3)
+    sme = _coefficients(six, "utilisation")[5]
+    assert sme < 0.0 < _coefficients(six, "utilisation")[2] - 1.0
+
+
+def test_unequal_sizes_are_twenty_to_one():
+    sizes = [len(f) for f in _federation("unequal-sizes").values()]
+    assert sizes == sorted(sizes, reverse=True)
+    assert 18 <= sizes[0] / sizes[-1] <= 22
+    assert abs(sum(sizes) - 5 * ROWS) < 10
+
+
+def test_hard_combines_every_shift():
+    banks = _federation("hard")
+    rates = _rates(banks)
+    sizes = [len(f) for f in banks.values()]
+    assert min(rates) < 0.06 and max(rates) > 0.2
+    assert sizes[0] / sizes[-1] > 15
+    utilisation = [f["utilisation"].mean() for f in banks.values()]
+    assert np.ptp(utilisation) > 0.3
+    coefs = _coefficients(banks, "utilisation")
+    assert coefs[2] - coefs[1] > 1.0
+    table = heterogeneity_table(banks)
+    assert [row["rows"] for row in table] == sizes
+    assert table[0]["default_rate"] == pytest.approx(rates[0])
+
+
+def test_bad_scenario_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"scenario must be one of .*'hard'.*got 'harder'"):
+        get_scenario("harder")
+    with pytest.raises(DataError, match=r"scenario must be one of .*concept-shift"):
+        DataSource.from_config({"scenario": "harder"})
+    with pytest.raises(DataError, match="synthetic"):
+        DataSource.from_config({"dataset": "csv", "csv-path": "/x.csv", "scenario": "hard"})
+
+
+def test_scenario_reaches_the_banks_and_the_pooled_data():
+    source = DataSource.from_config({"num-banks": 3, "rows-per-bank": 500, "scenario": "hard"})
+    frames = bank_frames(source)
+    expected = generate_scenario_federation("hard", 3, rows_per_bank=500, seed=42)
+    for (name, frame), (name2, frame2) in zip(frames.items(), expected.items(), strict=True):
+        assert name == name2
+        pd.testing.assert_frame_equal(frame, frame2)
+    bank = load_bank(source, 2)
+    assert len(bank.y_train) + len(bank.y_val) + len(bank.y_test) == len(frames[name])
+
+
+def test_spread_segments_keeps_valid_distributions():
+    assert spread_segments(1.0) == SEGMENTS
+    for seg in spread_segments(3.0):
+        assert seg.utilisation_a > 0 and seg.utilisation_b > 0
+        assert seg.delinquency_rate > 0 and seg.limit_to_income > 0
+
+
+# --- csv-partition-edges: banks by band of a numeric column ---------------------------
+
+
+def _table() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    limit = rng.choice([20_000, 80_000, 200_000, 500_000], size=400)
+    return pd.DataFrame(
+        {"LIMIT_BAL": limit, "x": rng.normal(size=400), "y": rng.integers(0, 2, 400)}
+    )
+
+
+def test_partition_edges_make_one_bank_per_band():
+    spec = CsvSpec(
+        path="",
+        label_column="y",
+        partition_column="LIMIT_BAL",
+        partition_edges=(50_000, 150_000, 300_000),
+    )
+    banks = split_into_banks(_table(), spec)
+    assert list(banks) == [
+        "bank-0-LIMIT_BAL=[-inf, 50000)",
+        "bank-1-LIMIT_BAL=[50000, 150000)",
+        "bank-2-LIMIT_BAL=[150000, 300000)",
+        "bank-3-LIMIT_BAL=[300000, inf)",
+    ]
+    for (lo, hi), frame in zip(
+        [(-np.inf, 5e4), (5e4, 1.5e5), (1.5e5, 3e5), (3e5, np.inf)], banks.values(), strict=True
+    ):
+        assert list(frame.columns) == ["LIMIT_BAL", "x", "y"]  # the band is not a feature
+        assert frame["LIMIT_BAL"].between(lo, hi, inclusive="left").all()
+    assert sum(len(f) for f in banks.values()) == 400
+
+
+def test_partition_edges_are_checked():
+    with pytest.raises(DataError, match="strictly increasing"):
+        DataSource.from_config(
+            {"dataset": "csv", "csv-path": "/x.csv", "csv-partition-edges": "3,2"}
+        )
+    with pytest.raises(DataError, match="not a number"):
+        DataSource.from_config(
+            {"dataset": "csv", "csv-path": "/x.csv", "csv-partition-edges": "1,abc"}
+        )
+    source = DataSource.from_config(
+        {"dataset": "csv", "csv-path": "/x.csv", "csv-partition-edges": "10, 20.5"}
+    )
+    assert source.csv is not None and source.csv.partition_edges == (10.0, 20.5)
+    table = _table()
+    empty = CsvSpec(
+        path="", label_column="y", partition_column="LIMIT_BAL", partition_edges=(30_000, 40_000)
+    )
+    with pytest.raises(DataError, match=r"\[30000, 40000\).*hold no rows"):
+        split_into_banks(table, empty)
+    both = CsvSpec(
+        path="",
+        label_column="y",
+        partition_column="LIMIT_BAL",
+        partition_edges=(50_000,),
+        partition_values=("1",),
+    )
+    with pytest.raises(DataError, match="csv-partition-values=''"):
+        split_into_banks(table, both)
