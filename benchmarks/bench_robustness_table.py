@@ -20,6 +20,12 @@ attacker then trains every bank each round, ~3x slower).
     python benchmarks/bench_robustness_table.py --rules fedavg,median \\
         --attacks none,min-sum --malicious-sets 2,7 --rounds 10 --seeds 42
 
+``--runtime inprocess`` runs each cell on the app's in-process Grid
+(``bank_risk.simulate.run_bank_inprocess``: the same ServerApp and ClientApp, no Ray;
+same figures up to float summation order, ``tests/test_inprocess_grid.py``) and
+``--jobs N`` runs N cells at once in separate processes: the way to get the full
+table in hours instead of a day on 2 cores.
+
 Prints JSON: per cell the final AUC, the minimum AUC over the rounds, what the
 rule rejected, and seconds; per rule and (attack, f) the worst seed's final and
 minimum AUC and their gaps to clean FedAvg's final and minimum (same seed); per
@@ -118,6 +124,39 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def run_cell(overrides: dict[str, Any], runtime: str, log_path: str = "") -> dict[str, Any]:
+    """One cell: the run's figures or why it failed. With ``log_path`` (a ``--jobs``
+    worker) the run's console output goes to that file instead of the terminal."""
+    import os
+
+    from bank_risk.simulate import run_bank_inprocess, run_bank_simulation
+
+    run = run_bank_inprocess if runtime == "inprocess" else run_bank_simulation
+    saved = []
+    if log_path:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    t0 = time.perf_counter()
+    try:
+        info = read_run(run(overrides))
+    except Exception as err:  # a failed cell is a result too; keep going
+        info = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+    finally:
+        if saved:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+    return {**info, "seconds": time.perf_counter() - t0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", default=",".join(RULES), help="';'- or ','-separated")
@@ -133,7 +172,11 @@ def main() -> None:
     parser.add_argument("--extra", default="{}", help="JSON of run-config overrides (all cells)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--runtime", default="ray", choices=("ray", "inprocess"))
+    parser.add_argument("--jobs", type=int, default=1, help="cells at once (--runtime inprocess)")
     args = parser.parse_args()
+    if args.jobs > 1 and args.runtime != "inprocess":
+        parser.error("--jobs > 1 needs --runtime inprocess (Ray already uses every core)")
     # Rules may carry ','-separated overrides, so ';' separates rules when present.
     sep = ";" if ";" in args.rules else ","
     rules = [r.strip() for r in args.rules.split(sep) if r.strip()]
@@ -142,8 +185,6 @@ def main() -> None:
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     sets = [s.strip() for s in args.malicious_sets.split(";") if s.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-
-    from bank_risk.simulate import run_bank_simulation
 
     workdir = Path(tempfile.mkdtemp(prefix="robustness-table-"))
     cells: list[dict[str, Any]] = []
@@ -156,17 +197,26 @@ def main() -> None:
                 for seed in seeds:
                     if (rule, attack, malicious, seed) not in plan:
                         plan.append((rule, attack, malicious, seed))
-    for rule, attack, malicious, seed in plan:
-        overrides = {
+    overrides_of = [
+        {
             **cell_overrides(rule, attack, malicious, seed, args),
             "output-dir": str(workdir),
-            "run-name": f"{len(cells)}",
+            "run-name": f"{index}",
         }
-        t0 = time.perf_counter()
-        try:
-            info = read_run(run_bank_simulation(overrides))
-        except Exception as err:  # a failed cell is a result too; keep going
-            info = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        for index, (rule, attack, malicious, seed) in enumerate(plan)
+    ]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        logs = [str(workdir / f"{i}.log") for i in range(len(plan))]
+        results = pool.map(run_cell, overrides_of, [args.runtime] * len(plan), logs)
+    else:
+        results = (run_cell(o, args.runtime) for o in overrides_of)
+    for (rule, attack, malicious, seed), overrides, info in zip(
+        plan, overrides_of, results, strict=True
+    ):
         num_bad = len([m for m in malicious.split(",") if m.strip()]) if attack != "none" else 0
         cells.append(
             {
@@ -176,7 +226,6 @@ def main() -> None:
                 "num_malicious_banks": num_bad,
                 "num_malicious_told": overrides["num-malicious"],
                 "seed": seed,
-                "seconds": time.perf_counter() - t0,
                 **info,
             }
         )
@@ -252,6 +301,7 @@ def summarise(
             "seeds": args.seeds,
             "trim_beta": args.trim_beta,
             "knowledge": args.knowledge,
+            "runtime": args.runtime,
             "extra": json.loads(args.extra),
             "bulyan_num_malicious": f"min(f, {(args.banks - 3) // 4})",
         },
