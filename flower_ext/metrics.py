@@ -27,6 +27,7 @@ The legacy fixed 400-bin histograms (:func:`score_histograms`,
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +105,7 @@ def risk_metrics_from_logits(y: NDArray[np.integer], logits: NDArray[np.floating
     ranking) instead of the 0.5 that clipped, tied probabilities give; its ``health``
     says it is diverged. Non-finite log-odds leave AUC/KS undefined, with the reason.
     """
-    from .verdict import score_health, sigmoid
+    from .verdict import ranking_health, score_health, sigmoid
 
     y = np.asarray(y).astype(np.int64)
     logits = np.asarray(logits, dtype=np.float64)
@@ -119,12 +120,8 @@ def risk_metrics_from_logits(y: NDArray[np.integer], logits: NDArray[np.floating
     elif auc is not None:
         auc = float(roc_auc_score(y, logits))
         ks = ks_statistic(y, logits)
-    if auc is not None and auc < 0.5:  # KS is a distance: it would read as skill
-        inverted = (
-            f"inverted ranking: AUC {auc:.4f} < 0.5 ranks non-defaulters as riskier; "
-            "its KS is a distance in the wrong direction, not skill"
-        )
-        health = f"{health}; {inverted}" if health else inverted
+    if auc is not None and auc < 0.5:  # flagged when significant: KS would read as skill
+        health = ranking_health(y, logits)
     clipped = np.clip(prob[finite], 0.0, 1.0)
     return RiskMetrics(
         auc=auc,
@@ -227,15 +224,27 @@ def _sketch_edges(v: NDArray[np.float64], bins: int) -> NDArray[np.float64]:
     """``bins + 1`` non-decreasing edges over sorted scores ``v``, none of them a row's score.
 
     Inner edges sit halfway between the two rows at each quantile position; the outer
-    edges just outside the extreme scores. With about ``MIN_ROWS_PER_BIN`` rows per bin,
-    a cell never describes one row (unless many rows share one score).
-    """
+    edges outside the extreme scores by an undisclosed share (25-100%) of the outer bins'
+    widths, so the extreme rows' scores are not sent either. With about
+    ``MIN_ROWS_PER_BIN`` rows per bin, a cell never describes one row (unless many rows
+    share one score) against a server that evaluates the models it trained; a server that
+    crafts the evaluated model can isolate rows through ties (README, privacy table)."""
     n = v.size
     if n == 1:
         return np.array([v[0] - _pad(v[0]), v[0] + _pad(v[0])])
     cut = np.clip(np.rint(np.arange(1, bins) * n / bins).astype(np.int64), 1, n - 1)
     inner = 0.5 * (v[cut - 1] + v[cut])
-    edges = np.concatenate([[v[0] - _pad(v[0])], inner, [v[-1] + _pad(v[-1])]])
+    # The outer edges sit outside the extreme scores by a share of the neighbouring bin's
+    # width drawn from a hash of the scores: deterministic for the bank, unknown to the
+    # server, so neither the lowest nor the highest row's score can be read off an edge.
+    low_share, high_share = 0.25 + 0.75 * np.frombuffer(
+        hashlib.sha256(v.tobytes()).digest()[:16], dtype=np.uint64
+    ) / float(2**64)
+    low_width = (inner[0] if inner.size else v[-1]) - v[0]
+    high_width = v[-1] - (inner[-1] if inner.size else v[0])
+    low = v[0] - low_share * low_width - _pad(v[0])
+    high = v[-1] + high_share * high_width + _pad(v[-1])
+    edges = np.concatenate([[low], inner, [high]])
     return np.maximum.accumulate(edges)  # rounding must not reorder them
 
 

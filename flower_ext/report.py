@@ -327,6 +327,18 @@ def dp_summary(metrics: dict[str, Any]) -> str:
     return text + "."
 
 
+def _holm_text(metrics: dict[str, Any], defined: int) -> str:
+    """The counts that survive Holm's correction over the banks (``verdict_summary.holm``)."""
+    holm = (metrics.get("verdict_summary") or {}).get("holm")
+    if not isinstance(holm, dict) or defined < 2:
+        return ""
+    return (
+        f"; each bank is its own 95% test, so some gains are expected by chance: after Holm's "
+        f"correction for {defined} banks, <b>gains at {int(holm.get('gains', 0))}</b> and "
+        f"loses at {int(holm.get('loses', 0))}"
+    )
+
+
 def verdict_section(metrics: dict[str, Any]) -> str:
     """The first screen: the answer per bank, the ceiling, DP; no charts."""
     banks = metrics.get("per_bank") or {}
@@ -349,7 +361,7 @@ def verdict_section(metrics: dict[str, Any]) -> str:
             f"difference</b> at {counts['no significant difference']} and <b>loses</b> at "
             f"{counts['loses']} of {defined} bank{'s' if defined != 1 else ''} with a verdict "
             "(federated vs local-only AUC, paired 95% DeLong interval computed by each bank on "
-            f"its own test rows){without}."
+            f"its own test rows){_holm_text(metrics, defined)}{without}."
         )
     elif banks:
         note = next((r.get("verdict_note") for r in banks.values() if r.get("verdict_note")), "")
@@ -360,6 +372,11 @@ def verdict_section(metrics: dict[str, Any]) -> str:
             f"Pooled federated AUC <b>{auc:.4f}</b> (Gini {2 * auc - 1:.3f}, KS "
             f"{_fmt(final.get('ks'))}) on all banks' test rows"
         )
+        if auc < 0.5:  # KS is a distance: next to an inverted ranking it would read as skill
+            text += (
+                ' <span class="v lose">inverted ranking: AUC below 0.5, the KS is a distance '
+                "in the wrong direction</span>"
+            )
         c_auc = metrics.get("centralized_auc")
         if c_auc:
             cmp = ceiling.get("federated_vs_ceiling") or {}
@@ -680,7 +697,18 @@ def verdict_cell(metrics: dict[str, Any]) -> str:
         if str((metrics.get("config") or {}).get("dp", "off")) not in ("off", ""):
             return "not available under DP"
         return "-"
-    return " / ".join(str(verdicts.count(v)) for v in VERDICT_CLASS)
+    text = " / ".join(str(verdicts.count(v)) for v in VERDICT_CLASS)
+    holm = (metrics.get("verdict_summary") or {}).get("holm")
+    if isinstance(holm, dict):
+        text += f" (Holm: {int(holm.get('gains', 0))} / {int(holm.get('loses', 0))})"
+    return text
+
+
+def ceiling_cell(metrics: dict[str, Any]) -> str:
+    """``0.987, no significant difference``: federated / ceiling AUC and the paired verdict."""
+    ratio = _fmt(metrics.get("federated_vs_centralized")) or "-"
+    cmp = (metrics.get("ceiling") or {}).get("federated_vs_ceiling") or {}
+    return f"{ratio}, {cmp['verdict']}" if cmp.get("verdict") else ratio
 
 
 def compare_runs(run_dirs: Sequence[str | Path], png_path: str | Path) -> str:
@@ -695,8 +723,8 @@ def compare_runs(run_dirs: Sequence[str | Path], png_path: str | Path) -> str:
         "final AUC",
         "final KS",
         "ceiling AUC",
-        "fed / ceiling",
-        "banks gain / n.s. / lose",
+        "fed / ceiling (paired verdict)",
+        "banks gain / n.s. / lose (Holm-corrected gain / lose)",
         "banks flagged",
         "bytes up",
         "max epsilon",
@@ -712,7 +740,7 @@ def compare_runs(run_dirs: Sequence[str | Path], png_path: str | Path) -> str:
             _fmt((m.get("final") or {}).get("auc")),
             _fmt((m.get("final") or {}).get("ks")),
             _fmt(m.get("centralized_auc")) or "-",
-            _fmt(m.get("federated_vs_centralized")) or "-",
+            ceiling_cell(m),
             verdict_cell(m),
             str(len(m.get("model_health") or {})),
             human_bytes(sum(r.get("bytes_up", 0) for r in rounds)),

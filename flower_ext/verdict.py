@@ -41,6 +41,11 @@ NO_DIFFERENCE = "no significant difference"
 NOT_AVAILABLE_DP = "not available under DP"
 VERDICTS = (GAINS, NO_DIFFERENCE, LOSES)
 
+#: Fewest rows of each class for a DeLong interval and a verdict. Below it the normal
+#: approximation fails: in a seeded simulation (300 reps, equal true AUCs) 3 defaulters gave
+#: 10% false "gains/loses" and 75% coverage of one AUC's 95% interval, 10 gave 5% and 90%.
+MIN_CLASS_ROWS = 10
+
 #: Log-odds beyond this are not a credit model any more: probabilities are 0 or 1 to
 #: double precision (|log-odds| > 37) many times over. Healthy models here stay within +-15.
 DIVERGED_LOGIT = 100.0
@@ -96,6 +101,17 @@ def delong(
     return aucs, cov
 
 
+def _check_class_rows(y: NDArray[np.integer]) -> None:
+    y = np.asarray(y).astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    if min(m, n) < MIN_CLASS_ROWS:
+        raise ValueError(
+            f"too few rows for an interval: {m} defaulters and {n} non-defaulters "
+            f"(at least {MIN_CLASS_ROWS} of each; below that a 95% DeLong interval covers "
+            "far less than 95%)"
+        )
+
+
 def verdict_from_interval(low: float | None, high: float | None) -> str | None:
     """Words for an interval of ``federated - local`` (or ``model - reference``)."""
     if low is None or high is None:
@@ -113,7 +129,11 @@ def paired_auc_comparison(
     scores_b: NDArray[np.floating],
     level: float = 0.95,
 ) -> AUCComparison:
-    """``AUC(a) - AUC(b)`` on the same rows with a paired DeLong ``level`` interval."""
+    """``AUC(a) - AUC(b)`` on the same rows with a paired DeLong ``level`` interval.
+
+    Raises ``ValueError`` with fewer than ``MIN_CLASS_ROWS`` rows of either class (the
+    interval would be too narrow to trust) or on non-finite scores."""
+    _check_class_rows(y)
     aucs, cov = delong(y, scores_a, scores_b)
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
     se = float(np.sqrt(max(var, 0.0)))
@@ -138,7 +158,9 @@ def paired_auc_comparison(
 def auc_interval(
     y: NDArray[np.integer], scores: NDArray[np.floating], level: float = 0.95
 ) -> tuple[float, float, float]:
-    """``(auc, low, high)``: one model's AUC with its DeLong interval (clipped to [0, 1])."""
+    """``(auc, low, high)``: one model's AUC with its DeLong interval (clipped to [0, 1]).
+    Raises ``ValueError`` as :func:`paired_auc_comparison` does."""
+    _check_class_rows(y)
     aucs, cov = delong(y, scores)
     se = float(np.sqrt(max(float(cov[0, 0]), 0.0)))
     z = float(norm.ppf(0.5 + level / 2.0))
@@ -197,6 +219,28 @@ def holm_rejections(p_values: list[float], alpha: float = 0.05) -> list[bool]:
             break
         rejected[index] = True
     return rejected.tolist()
+
+
+def ranking_health(y: NDArray[np.integer], logits: NDArray[np.floating]) -> str:
+    """:func:`score_health`, plus "inverted ranking" when the model's AUC is *significantly*
+    below 0.5 (its 95% DeLong interval lies below 0.5): KS is a distance, so such a model's
+    KS would read as skill. A small bank's AUC of 0.47 with an interval across 0.5 is noise
+    and is not flagged; neither is a set too small for an interval."""
+    health = score_health(logits)
+    logits = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(logits).all():
+        return health
+    try:
+        auc, _, high = auc_interval(y, logits)
+    except ValueError:
+        return health
+    if high < 0.5:
+        inverted = (
+            f"inverted ranking: AUC {auc:.4f} (95% CI up to {high:.4f}) < 0.5 ranks "
+            "non-defaulters as riskier; its KS is a distance in the wrong direction, not skill"
+        )
+        return f"{health}; {inverted}" if health else inverted
+    return health
 
 
 def score_health(logits: NDArray[np.floating]) -> str:
@@ -263,7 +307,7 @@ def bank_summary(
     if local_logits is None:
         return out
     local = np.asarray(local_logits, dtype=np.float64)
-    health = score_health(local)
+    health = ranking_health(y, local)
     if health:
         out["local-only-health"] = health
     try:

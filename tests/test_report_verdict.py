@@ -78,6 +78,7 @@ def _metrics(dp: bool = False, diverged: bool = False) -> dict:
             },
         },
         "model_health": {"bank-2": per_bank["bank-2"]["health"]} if diverged else {},
+        "verdict_summary": {"holm": {"gains": 0, "loses": 1}},
     }
 
 
@@ -133,10 +134,24 @@ def test_compare_has_the_verdict_columns(tmp_path):
     header = table.splitlines()[0]
     for col in ("ceiling AUC", "fed / ceiling", "banks gain / n.s. / lose", "banks flagged"):
         assert col in header
-    assert re.search(r"\| a \|.*\| 1 / 1 / 1 \| 0 \| 2\.47 MB \|", table)
+    assert re.search(r"\| a \|.*\| 1 / 1 / 1 \(Holm: 0 / 1\) \| 0 \| 2\.47 MB \|", table)
+    assert "| -, no significant difference |" in table  # the paired ceiling verdict
     assert re.search(r"\| b \|.*\| 1 \| 2\.47 MB \|", table)
 
 
 @pytest.mark.parametrize(("n", "text"), [(999, "999 B"), (1234, "1.23 kB"), (5.5e6, "5.5 MB")])
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
+
+
+def test_first_screen_gives_holms_count_and_flags_an_inverted_pooled_model(tmp_path):
+    """Review: metrics.json had Holm's count, the committee's first screen did not."""
+    first = _first_screen(build_report(_run(tmp_path)).html_path.read_text())
+    assert "after Holm's correction for 3 banks, <b>gains at 0</b> and loses at 1" in first
+    assert "inverted ranking" not in first
+    run = _run(tmp_path, "inverted")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["final"]["auc"] = 0.28
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    first = _first_screen(build_report(run).html_path.read_text())
+    assert "Pooled federated AUC <b>0.2800</b>" in first and "inverted ranking" in first

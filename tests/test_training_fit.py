@@ -274,3 +274,16 @@ def test_a_bad_bank_file_is_one_line_from_that_bank(tmp_path, as_server):
         [Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=101)]
     )[0]
     assert reply.has_error() and reply.error.code == DATA_ERROR_CODE
+
+
+def test_a_banks_verdict_word_follows_its_interval_not_its_claim():
+    from bank_risk.verdicts import per_bank_row
+
+    settings = BankAppSettings.from_config({})
+    lying = {"auc": 0.7, "local-only-auc": 0.75, "gain-ci-low": -0.08, "gain-ci-high": -0.02,
+             "verdict": "gains"}  # fmt: skip
+    assert per_bank_row(lying, settings)["verdict"] == "loses"
+    backwards = {**lying, "gain-ci-low": 0.05, "gain-ci-high": -0.05}
+    assert per_bank_row(backwards, settings)["verdict"] is None
+    nan = {**lying, "gain-ci-low": float("nan")}
+    assert per_bank_row(nan, settings)["verdict"] is None

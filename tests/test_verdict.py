@@ -17,8 +17,10 @@ from flower_ext.metrics import (
 from flower_ext.verdict import (
     GAINS,
     LOSES,
+    MIN_CLASS_ROWS,
     NO_DIFFERENCE,
     auc_interval,
+    bank_summary,
     calibration_summary,
     delong,
     holm_rejections,
@@ -271,3 +273,46 @@ def test_an_inverted_model_is_flagged_so_its_ks_is_not_read_as_skill():
     assert risk_metrics_from_logits(y, good).health == ""
     diverged = risk_metrics_from_logits(y, -1e19 * (1.0 + 0.1 * good))
     assert diverged.health.startswith("diverged") and "inverted ranking" in diverged.health
+
+
+def test_too_few_defaulters_give_no_interval_and_no_verdict():
+    """Review: 4 rows gave 'gains' with CI [1, 1] and p = 0; 3 defaulters cover ~75%."""
+    y = np.array([0, 0, 1, 1])
+    out = bank_summary(y, np.array([0.0, 1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0, 0.0]))
+    assert "verdict" not in out and "too few rows for an interval" in out["verdict-unavailable"]
+    rng = np.random.default_rng(4)
+    y = np.r_[np.ones(MIN_CLASS_ROWS - 1, int), np.zeros(200, int)]
+    with pytest.raises(ValueError, match="9 defaulters"):
+        paired_auc_comparison(y, rng.normal(size=y.size), rng.normal(size=y.size))
+    y[:1] = 1
+    y = np.r_[y, 1]  # exactly MIN_CLASS_ROWS defaulters: an interval again
+    assert auc_interval(y, rng.normal(size=y.size))[2] > 0
+
+
+def test_only_a_significantly_inverted_model_is_flagged():
+    rng = np.random.default_rng(8)
+    y = np.r_[np.ones(12, int), np.zeros(85, int)]
+    noise = rng.normal(size=y.size) - 0.05 * y  # AUC a little under 0.5 by chance
+    m = risk_metrics_from_logits(y, noise)
+    assert m.auc < 0.5 and m.health == ""  # its interval crosses 0.5: noise, not a pathology
+    local_inverted = -(rng.normal(size=y.size) + 2.0 * y)
+    out = bank_summary(y, rng.normal(size=y.size) + y, local_inverted)
+    assert out["local-only-health"].startswith("inverted ranking")
+
+
+def test_outer_sketch_edges_do_not_give_away_the_extreme_scores():
+    """Review: the outer edges sat 1e-9 outside the lowest and highest score, so both rows'
+    scores left the bank. Now they sit a hash-drawn 25-100% of the outer bin further out."""
+    rng = np.random.default_rng(11)
+    shares = []
+    for _ in range(20):
+        s = rng.normal(size=400)
+        y = (rng.uniform(size=400) < 0.2).astype(int)
+        edges, _, _ = score_sketch(y, s)
+        v = np.sort(s)
+        share = (v[0] - edges[0]) / (edges[1] - v[0])
+        assert 0.25 - 1e-6 <= share <= 1.0 + 1e-6
+        assert v[-1] + 0.25 * (v[-1] - edges[-2]) <= edges[-1] + 1e-9
+        shares.append(share)
+        assert score_sketch(y, s)[0].tolist() == edges.tolist()  # deterministic for the bank
+    assert np.std(shares) > 0.1  # not one fixed offset the server could subtract

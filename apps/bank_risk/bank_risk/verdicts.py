@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -68,9 +69,10 @@ def no_verdict_reason(settings: BankAppSettings, bank_note: str = "") -> str:
 def per_bank_row(client: dict[str, Any], settings: BankAppSettings) -> dict[str, Any]:
     """One bank's line of the verdict table, from its final evaluate reply."""
     fed, loc = client.get("auc"), client.get("local-only-auc")
-    verdict = client.get("verdict")
-    if verdict not in (GAINS, NO_DIFFERENCE, LOSES):  # a bank's own word is checked
-        verdict = verdict_from_interval(client.get("gain-ci-low"), client.get("gain-ci-high"))
+    # The words follow from the interval the bank sent, whatever word it sent with it.
+    low, high = client.get("gain-ci-low"), client.get("gain-ci-high")
+    numbers = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high))
+    verdict = verdict_from_interval(low, high) if numbers and low <= high else None
     row = {
         "federated_auc": fed,
         "federated_auc_ci": _pair(client.get("auc-ci-low"), client.get("auc-ci-high")),
