@@ -4,11 +4,16 @@ The FedProx proximal term (Li et al., "Federated Optimization in Heterogeneous
 Networks", MLSys 2020) keeps local weights near the global model the round
 started from: ``loss + mu/2 * ||w - w_global||^2``. With strongly non-IID banks
 it damps the client drift that makes FedAvg oscillate.
+
+SCAFFOLD (Karimireddy et al., ICML 2020) corrects the drift instead: every local
+step descends ``g + c - c_i`` (``correction`` below: ``c - c_i`` per parameter, see
+:mod:`flower_ext.scaffold`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,10 +79,42 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     proximal_mu: float = 0.0,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """Run ``epochs`` passes; returns the mean training loss (without the proximal term)."""
+    return train_steps(model, loader, optimizer, epochs, proximal_mu, correction)[0]
+
+
+def train_steps(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    proximal_mu: float = 0.0,
+    correction: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[float, int]:
+    """Run ``epochs`` passes; returns (mean training loss, optimizer steps taken).
+
+    ``correction`` (parameter name -> tensor of the parameter's shape) is added to
+    that parameter's gradient before every optimizer step: SCAFFOLD's ``c - c_i``,
+    so each step descends ``g + c - c_i``. The loss reported is the data loss alone
+    (no proximal term, no correction). Empty batches (Poisson sampling) take no step.
+    """
     loss_fn = nn.BCEWithLogitsLoss()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    corrected: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if correction:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(correction) - set(params))
+        if unknown:
+            raise ValueError(f"correction names no parameter of the model: {unknown[:5]}")
+        for name, extra in correction.items():
+            if tuple(extra.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"correction '{name}' has shape {tuple(extra.shape)}, the parameter "
+                    f"{tuple(params[name].shape)}"
+                )
+            corrected.append((params[name], extra.to(params[name].dtype)))
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
@@ -90,18 +127,43 @@ def train_epochs(
             if proximal_mu > 0:
                 objective = loss + 0.5 * proximal_mu * proximal_term(model, anchor)
             objective.backward()
+            for param, extra in corrected:
+                if param.grad is None:  # a parameter the loss does not reach
+                    param.grad = extra.clone()
+                else:
+                    param.grad.add_(extra)
             optimizer.step()
             total += float(loss.detach())
             batches += 1
-    return total / max(batches, 1)
+    return total / max(batches, 1), batches
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> float:
-    """Plain local SGD (momentum) training; returns the mean training loss."""
+def train_local(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    correction: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """Plain local SGD (momentum) training; returns the mean training loss.
+
+    ``correction``: per-parameter gradient correction (SCAFFOLD), see :func:`train_steps`.
+    """
+    return train_local_steps(model, x, y, cfg, correction)[0]
+
+
+def train_local_steps(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    correction: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[float, int]:
+    """:func:`train_local`, also returning the number of optimizer steps taken."""
     torch.manual_seed(cfg.seed)
     loader = make_loader(x, y, cfg.batch_size, cfg.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
-    return train_epochs(model, loader, optimizer, cfg.epochs, cfg.proximal_mu)
+    return train_steps(model, loader, optimizer, cfg.epochs, cfg.proximal_mu, correction)
 
 
 @torch.no_grad()

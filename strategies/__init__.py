@@ -4,7 +4,9 @@ Every strategy subclasses ``flwr.serverapp.strategy.FedAvg`` through
 :class:`UpdateAggregationStrategy`, keeps FedAvg's constructor arguments, and
 aggregates validated client *updates* with a pure kernel from
 :mod:`flower_ext.aggregation`. The Byzantine-robust rules share
-:class:`RobustStrategy` (f checks, robust round metrics).
+:class:`RobustStrategy` (f checks, robust round metrics). :class:`Scaffold` adds
+SCAFFOLD's control variates to FedAvg; every strategy takes an adaptive server
+optimiser (``server_optimizer``: FedAdagrad, FedAdam, FedYogi).
 """
 
 from .base import RoundReport, UpdateAggregationStrategy
@@ -18,6 +20,7 @@ from .median import FedMedian, Median
 from .multikrum import MultiKrum
 from .norm_bound import NormBound
 from .robust import RobustStrategy
+from .scaffold import Scaffold
 from .secure_fedavg import SecureFedAvg
 from .topk import TopKCompression
 from .trimmed_mean import FedTrimmedAvg, TrimmedMean
@@ -36,6 +39,7 @@ __all__ = [
     "NormBound",
     "RobustStrategy",
     "RoundReport",
+    "Scaffold",
     "SecureFedAvg",
     "TopKCompression",
     "TrimmedMean",

@@ -13,7 +13,9 @@ what happens in ``aggregate_train``:
 3. client weights (``num-examples``) are optionally capped;
 4. the subclass's pure kernel aggregates the matrix (``aggregate_updates``);
 5. the server step applies the aggregate, with optional server momentum (FedAvgM,
-   Hsu et al. 2019) and server learning rate;
+   Hsu et al. 2019) and server learning rate, or an adaptive server optimiser
+   (FedAdagrad, FedAdam, FedYogi: Reddi et al. 2021,
+   :mod:`flower_ext.aggregation.server_opt`);
 6. the round's decisions go to the audit trail and a summary to the returned
    metrics.
 
@@ -41,6 +43,12 @@ from flower_ext.aggregation import (
     normalised,
     weight_policy,
     weighted_sum_into,
+)
+from flower_ext.aggregation.server_opt import (
+    ADAPTIVE_OPTIMIZERS,
+    ServerOptimizer,
+    ServerOptState,
+    check_server_optimizer,
 )
 from flower_ext.audit import AuditTrail
 from flower_ext.metrics import HIST_EDGES_KEY, metrics_from_histograms, pooled_sketch_metrics
@@ -126,9 +134,22 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         As in ``flwr.serverapp.strategy.FedAvg``.
     server_learning_rate : float (default: 1.0)
-        Step size of the server update ``w += lr * v``.
+        Step size of the server update ``w += lr * v``; with an adaptive
+        ``server_optimizer`` it is the optimiser's ``eta`` (a per-coordinate step:
+        use about 0.01-0.1, Flower's FedAdam/FedAdagrad default 0.1, FedYogi 0.01).
     server_momentum : float (default: 0.0)
-        FedAvgM momentum ``v = beta * v + aggregate``; 0 gives plain FedAvg.
+        FedAvgM momentum ``v = beta * v + aggregate``; 0 gives plain FedAvg. Refused
+        with an adaptive ``server_optimizer`` (adam and yogi have their own momentum).
+    server_optimizer : str (default: "sgd")
+        "sgd" (``w += lr * v`` above), or "adagrad", "adam", "yogi": the adaptive
+        server optimisers of Reddi et al., "Adaptive Federated Optimization", ICLR
+        2021, applied to the round's aggregate (see
+        :class:`flower_ext.aggregation.server_opt.ServerOptimizer` for the equations
+        and where they differ from Flower's ``FedAdam``: adam's bias correction).
+        Integer arrays (counters) take the aggregate itself, not the adaptive step.
+    server_beta1, server_beta2, server_tau : float (defaults: 0.9, 0.99, 1e-3)
+        The adaptive optimiser's first- and second-moment decays, in [0, 1), and its
+        adaptivity floor ``tau`` > 0 (Flower's ``beta_1``, ``beta_2``, ``tau``).
     proximal_mu : float (default: 0.0)
         If > 0, sent to clients as ``proximal-mu`` for the FedProx term (the same
         key Flower's ``FedProx`` uses).
@@ -179,6 +200,10 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         max_weight: float | None = None,
         max_weight_median_multiple: float | None = None,
         pinned_weights: dict[int, float] | None = None,
+        server_optimizer: str = "sgd",
+        server_beta1: float = 0.9,
+        server_beta2: float = 0.99,
+        server_tau: float = 1e-3,
         max_plausible_examples: float = 1e9,
         max_update_norm: float = MAX_UPDATE_NORM,
         min_valid_replies: int = 1,
@@ -204,6 +229,15 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
         if proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        check_server_optimizer(
+            server_optimizer, server_learning_rate, server_beta1, server_beta2, server_tau
+        )
+        if server_optimizer in ADAPTIVE_OPTIMIZERS and server_momentum > 0:
+            raise ValueError(
+                f"server_momentum={server_momentum} cannot be combined with server_optimizer="
+                f"'{server_optimizer}': the adaptive optimiser keeps its own first moment "
+                "(server_beta1); set server_momentum=0"
+            )
         if max_weight is not None and max_weight <= 0:
             raise ValueError(f"max_weight must be > 0, got {max_weight}")
         if max_weight_median_multiple is not None and max_weight_median_multiple < 1:
@@ -212,6 +246,27 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             )
         self.server_learning_rate = server_learning_rate
         self.server_momentum = server_momentum
+        self.server_optimizer = server_optimizer
+        self.server_beta1 = float(server_beta1)
+        self.server_beta2 = float(server_beta2)
+        self.server_tau = float(server_tau)
+        #: The adaptive optimiser (None for "sgd") and its state (moments, steps applied).
+        self._server_opt: ServerOptimizer | None = (
+            ServerOptimizer(
+                server_optimizer, server_learning_rate, server_beta1, server_beta2, server_tau
+            )
+            if server_optimizer in ADAPTIVE_OPTIMIZERS
+            else None
+        )
+        self._opt_state = ServerOptState()
+        if self._server_opt is not None and server_learning_rate >= 1.0:
+            log(
+                WARNING,
+                "server_optimizer='%s' with server_learning_rate=%g: eta moves every weight by "
+                "about eta per round; Flower's defaults are 0.1 (adam, adagrad), 0.01 (yogi)",
+                server_optimizer,
+                server_learning_rate,
+            )
         self.proximal_mu = proximal_mu
         self.max_weight = max_weight
         self.max_weight_median_multiple = max_weight_median_multiple
@@ -278,6 +333,16 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             self.server_momentum,
             self.proximal_mu,
         )
+        if self._server_opt is not None:
+            log(
+                INFO,
+                "\t\t└── Server optimiser: %s (eta %.3g, beta1 %.3g, beta2 %.3g, tau %.3g)",
+                self.server_optimizer,
+                self.server_learning_rate,
+                self.server_beta1,
+                self.server_beta2,
+                self.server_tau,
+            )
 
     def policy_weights(self, node_ids: list[int], raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """The round's weights after :attr:`pinned_weights` and the caps, with reasons."""
@@ -337,6 +402,7 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         model = FlatModel(arrays)
         if self._layout is not None and model.layout != self._layout:
             self._velocity = None  # model architecture changed: momentum is meaningless
+            self._opt_state = ServerOptState()  # and so are the optimiser's moments
         self._model = model
         self._layout = model.layout
         self._global = arrays
@@ -346,20 +412,48 @@ class UpdateAggregationStrategy(FlowerFedAvg):
     def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """What a restarted server needs besides the global model: (arrays, JSON fields).
 
-        The server momentum ``velocity`` (FedAvgM), the bank labels seen so far and
-        the pinned weights (a resumed run must not let a bank raise its count); the
-        global model itself travels separately (the app's checkpoint).
+        The server momentum ``velocity`` (FedAvgM), the adaptive optimiser's moments
+        (``server-opt-m``, ``server-opt-v``) with its kind and step count, the bank
+        labels seen so far and the pinned weights (a resumed run must not let a bank
+        raise its count); the global model itself travels separately (the app's
+        checkpoint).
         """
         arrays = {} if self._velocity is None else {"velocity": self._velocity.copy()}
+        if self._opt_state.m is not None:
+            arrays["server-opt-m"] = self._opt_state.m.copy()
+        if self._opt_state.v is not None:
+            arrays["server-opt-v"] = self._opt_state.v.copy()
         return arrays, {
             "labels": {str(k): v for k, v in self.labels.items()},
             "pinned_weights": {str(k): float(v) for k, v in self.pinned_weights.items()},
+            "server_optimizer": {
+                "kind": self.server_optimizer,
+                "steps": int(self._opt_state.steps),
+            },
         }
 
     def import_state(self, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> None:
         """Restore :meth:`export_state`'s output (call before the first resumed round)."""
         velocity = arrays.get("velocity")
         self._velocity = None if velocity is None else np.asarray(velocity)
+        self._opt_state = ServerOptState()
+        saved = fields.get("server_optimizer") or {}
+        if self._server_opt is not None and saved:
+            m, v = arrays.get("server-opt-m"), arrays.get("server-opt-v")
+            if saved.get("kind") != self.server_optimizer:
+                log(
+                    WARNING,
+                    "The checkpoint's server optimiser is '%s', this run's is '%s': its "
+                    "moments start from zero",
+                    saved.get("kind"),
+                    self.server_optimizer,
+                )
+            else:
+                self._opt_state = ServerOptState(
+                    m=None if m is None else np.asarray(m, dtype=np.float64).reshape(-1),
+                    v=None if v is None else np.asarray(v, dtype=np.float64).reshape(-1),
+                    steps=int(saved.get("steps", 0)),
+                )
         self.labels.update({int(k): str(v) for k, v in fields.get("labels", {}).items()})
         self.pinned_weights.update(
             {int(k): float(v) for k, v in fields.get("pinned_weights", {}).items()}
@@ -386,6 +480,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             origins=self.origins("train"),
             sampled=report.sampled or None,
         )
+        accepted, extra_rejections = self.check_reply_extras(server_round, accepted)
+        rejected += extra_rejections
         streamed: AggregationResult | None = None
         updates: np.ndarray | None = None
         if self.streams_weighted_mean:
@@ -451,6 +547,17 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         metrics = self._summary_metrics(report, accepted, result)
         report.train_metrics = dict(metrics)
         return new_arrays, metrics
+
+    def check_reply_extras(
+        self, server_round: int, accepted: list[CheckedReply]
+    ) -> tuple[list[CheckedReply], list[Rejection]]:
+        """Subclasses' checks of what a reply carries besides the model (none here).
+
+        Called on the replies that passed :func:`~flower_ext.validation.check_replies`,
+        before any update is decoded; a rejection here is audited like any other
+        (``reply_rejected`` with its reason) and the reply counts for nothing.
+        """
+        return accepted, []
 
     def record_participation(
         self,
@@ -641,7 +748,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         return AggregationResult(update, reports), good, late
 
     def server_step(self, aggregate: np.ndarray) -> ArrayRecord | None:
-        """``w += lr * v`` with ``v = momentum * v + aggregate`` (FedAvgM).
+        """``w += lr * v`` with ``v = momentum * v + aggregate`` (FedAvgM), or the
+        adaptive optimiser's step (``server_optimizer``: :meth:`adaptive_step`).
 
         Returns ``None`` (the caller skips the round) if the new model would not be
         finite. Arrays come back in the global model's shapes and dtypes.
@@ -649,6 +757,8 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         assert self._layout is not None and self._model is not None
         dtype = self._layout.compute_dtype
         step = aggregate.astype(dtype, copy=False)
+        if self._server_opt is not None:
+            return self.adaptive_step(step)
         if self.server_momentum > 0:
             if self._velocity is None or self._velocity.shape != step.shape:
                 self._velocity = np.zeros_like(step)
@@ -671,6 +781,29 @@ class UpdateAggregationStrategy(FlowerFedAvg):
                 self._streamed_mean, step, integer_steps=self._integer_steps
             )
         return self._model.apply(step, self.server_learning_rate)
+
+    def adaptive_step(self, aggregate: np.ndarray) -> ArrayRecord | None:
+        """``w += eta_t * m / (sqrt(v) + tau)`` (FedAdagrad / FedAdam / FedYogi).
+
+        The optimiser's state changes only when the new model is finite (else
+        ``None``, and the round is skipped with the state as it was). Integer arrays
+        (counters) take the aggregate itself: an adaptive step of a count means nothing.
+        """
+        assert self._server_opt is not None and self._layout is not None
+        assert self._model is not None
+        if self.magnitude_problem([aggregate], "aggregate"):
+            return None
+        state = self._opt_state if self._opt_state.fits(aggregate.size) else ServerOptState()
+        increment, new_state = self._server_opt.step(state, aggregate)
+        offsets = self._layout.offsets
+        for j in self._model.integers:
+            increment[offsets[j] : offsets[j + 1]] = aggregate[offsets[j] : offsets[j + 1]]
+        if self.magnitude_problem([increment], "server optimiser step"):
+            return None
+        new_arrays = self._model.apply(increment.astype(self._layout.compute_dtype), 1.0)
+        if new_arrays is not None:
+            self._opt_state = new_state
+        return new_arrays
 
     def _note_label(self, node_id: int, label: str) -> None:
         if label:

@@ -180,6 +180,10 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
     server_learning_rate, server_momentum, max_weight, max_weight_median_multiple
         Accepted for signature compatibility; anything but the defaults is
         refused (each needs a ciphertext multiplication).
+    server_optimizer, server_beta1, server_beta2, server_tau
+        Accepted for signature compatibility; an adaptive ``server_optimizer``
+        ("adagrad", "adam", "yogi") is refused: its per-coordinate division by
+        ``sqrt(v)`` needs the aggregate in clear.
 
     Notes
     -----
@@ -225,6 +229,10 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
         min_valid_replies: int = 1,
         audit: AuditTrail | None = None,
         weight_scale: float = 1.0,
+        server_optimizer: str = "sgd",
+        server_beta1: float = 0.9,
+        server_beta2: float = 0.99,
+        server_tau: float = 1e-3,
     ) -> None:
         if (
             isinstance(weight_scale, bool)
@@ -240,6 +248,13 @@ class EncryptedFedAvg(UpdateAggregationStrategy):
             refused.append(f"server_momentum={server_momentum}")
         if max_weight is not None or max_weight_median_multiple is not None:
             refused.append("weight caps")
+        if server_optimizer != "sgd":
+            raise ValueError(
+                f"EncryptedFedAvg cannot apply server_optimizer='{server_optimizer}': an adaptive "
+                "server optimiser divides each coordinate of the aggregate by the root of its "
+                "running square, which needs the aggregate in clear; the server only adds "
+                "ciphertexts (use server_optimizer='sgd' or he = false)"
+            )
         if refused:
             raise ValueError(
                 f"EncryptedFedAvg cannot apply {', '.join(refused)}: the server only adds "

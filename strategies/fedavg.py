@@ -16,7 +16,9 @@ class FedAvg(UpdateAggregationStrategy):
     Decentralized Data", AISTATS 2017. A drop-in for
     ``flwr.serverapp.strategy.FedAvg`` that also validates replies, never
     mutates them, audits every decision, and offers server momentum (FedAvgM:
-    ``server_momentum``) and the FedProx term (``proximal_mu``) from one class.
+    ``server_momentum``), adaptive server optimisers (FedAdagrad / FedAdam /
+    FedYogi: ``server_optimizer``) and the FedProx term (``proximal_mu``) from one
+    class; :class:`~flower_ext.strategies.Scaffold` adds SCAFFOLD's control variates.
     With default arguments its aggregate equals Flower's FedAvg. The mean is
     summed straight from the replies' bytes (no stacked matrix, no copy of a
     reply); :meth:`aggregate_updates` serves callers that hold a matrix.

@@ -126,6 +126,9 @@ class SecureFedAvg(UpdateAggregationStrategy):
         top-k compression or HE is refused here with the reason.
     server_learning_rate, server_momentum, proximal_mu, max_plausible_examples, audit
         As in :class:`UpdateAggregationStrategy` (applied to the unmasked mean).
+    server_optimizer, server_beta1, server_beta2, server_tau
+        As in :class:`UpdateAggregationStrategy`: an adaptive server optimiser steps
+        from the unmasked mean update, which the server holds in clear.
     max_weight, max_weight_median_multiple
         Refused: banks pre-scale by their own count, the server cannot cap it.
     """
@@ -157,6 +160,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
         max_plausible_examples: float = 1e9,
         min_valid_replies: int = 1,
         audit: AuditTrail | None = None,
+        server_optimizer: str = "sgd",
+        server_beta1: float = 0.9,
+        server_beta2: float = 0.99,
+        server_tau: float = 1e-3,
     ) -> None:
         problems = [p for p in map(composition_problem, compose_with) if p]
         if problems:
@@ -178,6 +185,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
             **fedavg_arguments(locals()),
             server_learning_rate=server_learning_rate,
             server_momentum=server_momentum,
+            server_optimizer=server_optimizer,
+            server_beta1=server_beta1,
+            server_beta2=server_beta2,
+            server_tau=server_tau,
             proximal_mu=proximal_mu,
             max_plausible_examples=max_plausible_examples,
             min_valid_replies=min_valid_replies,

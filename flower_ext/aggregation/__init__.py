@@ -2,7 +2,8 @@
 
 ``base`` holds the result types, the FedAvg rule and the weight policy; ``robust``
 holds the Byzantine-robust rules; ``bucketing`` bucketing and adaptive radii;
-``moments`` the robust combination of feature moments (standardisation).
+``moments`` the robust combination of feature moments (standardisation); ``server_opt``
+the adaptive server optimisers (FedAdagrad, FedAdam, FedYogi).
 Nothing here imports Flower or torch.
 """
 
@@ -37,11 +38,22 @@ from .robust import (
     trimmed_mean,
     trimmed_mean_min_clients,
 )
+from .server_opt import (
+    ADAPTIVE_OPTIMIZERS,
+    SERVER_OPTIMIZERS,
+    ServerOptimizer,
+    ServerOptState,
+    check_server_optimizer,
+)
 
 __all__ = [
+    "ADAPTIVE_OPTIMIZERS",
+    "SERVER_OPTIMIZERS",
     "AggregationResult",
     "ClientReport",
     "MomentsResult",
+    "ServerOptState",
+    "ServerOptimizer",
     "adaptive_radius",
     "bucket_means",
     "bucketed",
@@ -52,6 +64,7 @@ __all__ = [
     "check_bulyan_params",
     "check_krum_params",
     "check_matrix",
+    "check_server_optimizer",
     "check_trimmed_mean_params",
     "coordinate_median",
     "geometric_median",
