@@ -23,7 +23,14 @@ from flwr.supercore import log
 
 from flower_ext.data import BankData, DataError, DataSource, load_bank
 from flower_ext.data.banks import bank_preprocessing_stats, raw_bank
-from flower_ext.metrics import HIST_EDGES_KEY, RiskMetrics, risk_metrics_from_logits, score_sketch
+from flower_ext.metrics import (
+    HIST_EDGES_KEY,
+    MIN_ROWS_PER_BIN,
+    RiskMetrics,
+    risk_metrics_from_logits,
+    score_sketch,
+    sketch_rows_per_bin,
+)
 from flower_ext.model import CreditRiskModel, build_model, feature_moments
 from flower_ext.mods.attack import training_labels
 from flower_ext.privacy import (
@@ -35,6 +42,14 @@ from flower_ext.privacy import (
     ledger_file_for,
     policy_refusal,
     train_local_private,
+)
+from flower_ext.scaffold import (
+    CONTROL_DELTA_KEY,
+    CONTROL_KEY,
+    ScaffoldError,
+    scaffold_refusal,
+    scaffold_train,
+    server_control,
 )
 from flower_ext.training import evaluate_model, train_local
 from flower_ext.validation import CLIENT_INFO_KEY
@@ -172,6 +187,10 @@ def query(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config")
     if config is not None and config.get("query") == "preprocessing-stats":
         return preprocessing_stats_reply(msg, context)
+    if config is not None and config.get("query") == "personalise":  # after the last round
+        from .personalisation import personalise_reply  # late: it imports this module
+
+        return personalise_reply(msg, context)
     _, bank = load_context_bank(context, msg)
     count, total, total_sq = feature_moments(bank.x_train)
     content = RecordDict(
@@ -209,7 +228,7 @@ def round_learning_rate_of(
 def train(msg: Message, context: Context) -> Message:
     settings, bank = load_context_bank(context, msg)
     config = msg.content["config"]
-    arrays = next(iter(msg.content.array_records.values()))
+    arrays = next(a for k, a in msg.content.array_records.items() if k != CONTROL_KEY)
     model = _model_for(bank, settings, arrays)
     server_round = int(config.get("server-round", 0))
     train_cfg = settings.train_config(
@@ -223,6 +242,11 @@ def train(msg: Message, context: Context) -> Message:
         privacy = bank_privacy(context, settings.privacy())
     except PrivacyPolicyViolation as err:
         return policy_refusal(msg, str(err))
+    control = server_control(msg.content)  # SCAFFOLD (run config scaffold): the server's c
+    control_delta: ArrayRecord | None = None
+    if control is not None and privacy is not None:
+        reason = "SCAFFOLD refused: this bank trains under DP; its control delta is not protected"
+        return policy_refusal(msg, reason)
     dp_metrics: dict[str, float | int] = {}
     if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
         try:
@@ -239,6 +263,13 @@ def train(msg: Message, context: Context) -> Message:
         except PrivacyBudgetExhausted as err:  # no training, no spending: the server audits it
             return budget_refusal(msg, err)
         dp_metrics = spent.as_metrics()
+    elif control is not None:  # corrected local steps; the bank's c_i stays in context.state
+        try:
+            loss, control_delta, _ = scaffold_train(
+                model, bank.x_train, labels, train_cfg, control, context.state
+            )
+        except ScaffoldError as err:
+            return scaffold_refusal(msg, str(err))
     else:
         loss = train_local(model, bank.x_train, labels, train_cfg)
     # Under DP the training loss is a statistic of the protected rows outside the
@@ -253,6 +284,8 @@ def train(msg: Message, context: Context) -> Message:
             CLIENT_INFO_KEY: _info(bank),
         }
     )
+    if control_delta is not None:  # SCAFFOLD: delta c_i, next to the model
+        content[CONTROL_DELTA_KEY] = control_delta
     return Message(content=content, reply_to=msg)
 
 
@@ -309,13 +342,15 @@ def local_only_metrics(bank: BankData, settings: BankAppSettings) -> tuple[RiskM
 VAL_HIST_KEYS = ("val-hist-edges", "val-hist-neg", "val-hist-pos")
 
 
-def validation_sketch(model: CreditRiskModel, bank: BankData) -> dict[str, object]:
+def validation_sketch(
+    model: CreditRiskModel, bank: BankData, rows_per_bin: int = MIN_ROWS_PER_BIN
+) -> dict[str, object]:
     """The score sketch of the bank's validation rows (best-round selection); empty when it
     has none. Same sketch as the test rows' (``flower_ext.metrics.score_sketch``)."""
     if len(bank.y_val) == 0:
         return {}
     _, logits = evaluate_model(model, bank.x_val, bank.y_val)
-    edges, neg, pos = score_sketch(bank.y_val, logits)
+    edges, neg, pos = score_sketch(bank.y_val, logits, rows_per_bin=rows_per_bin)
     return dict(zip(VAL_HIST_KEYS, (edges.tolist(), neg.tolist(), pos.tolist()), strict=True))
 
 
@@ -328,7 +363,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _model_for(bank, settings, arrays)
     _, logits = evaluate_model(model, bank.x_test, bank.y_test)
     metrics = risk_metrics_from_logits(bank.y_test, logits)  # exact AUC even if diverged
-    edges, neg, pos = score_sketch(bank.y_test, logits)  # for the pooled AUC/KS
+    # for the pooled AUC/KS, at the resolution the run asks and the bank's floor allows
+    rows_per_bin = sketch_rows_per_bin(
+        context.run_config.get("sketch-rows-per-bin"),
+        context.node_config.get("sketch-min-rows-per-bin"),
+    )
+    edges, neg, pos = score_sketch(bank.y_test, logits, rows_per_bin=rows_per_bin)
     values: dict[str, object] = {
         "num-examples": len(bank.y_test),
         "default-rate": float(np.mean(bank.y_test)),
@@ -336,7 +376,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "hist-neg": neg.tolist(),
         "hist-pos": pos.tolist(),
         **_metric_entries("", metrics),
-        **validation_sketch(model, bank),
+        **validation_sketch(model, bank, rows_per_bin),
     }
     notes: dict[str, object] = {}
     if metrics.undefined_reason:

@@ -61,6 +61,7 @@ from flower_ext.validation import client_label, reply_sender
 
 from .bank_query import query_banks
 from .encryption import he_enabled, prepare_keys
+from .personalisation import personalisation_lines, personalise_banks
 from .preprocessing_query import with_preprocessing
 from .settings import BankAppSettings, SettingsError
 from .strategy_factory import build_strategy, check_run_config
@@ -742,6 +743,8 @@ def run_federation(
         per_bank.setdefault(bank, {}).update(
             epsilon=row.get("epsilon"), delta=row.get("delta"), privacy_refused=row.get("refused")
         )
+    # personalisation != "off": each bank adapts the final model; only its summary comes back
+    personalised = personalise_banks(sending, nodes, final_arrays, settings, audit, labels)
     ceiling: dict[str, Any] = {"auc": None, "null_reason": "disabled by centralized-baseline=false"}
     if settings.centralized_baseline:
         ceiling = centralized_ceiling(settings, final_arrays)
@@ -775,6 +778,8 @@ def run_federation(
         "warnings": warnings,
         "model_health": health,
     }
+    if personalised:  # the personalisation block (bank_risk.personalisation)
+        summary["personalisation"] = personalised
     metrics.update(
         status="finished",
         final={**final_eval, "model_sha256": final_sha},
@@ -785,6 +790,8 @@ def run_federation(
     audit.record("run_end", rounds=num_rounds, final=final_eval, model_sha256=final_sha, **summary)
     for line in verdict_lines(final_eval, ceiling, per_bank, verdicts, settings, best, gap_warning):
         log(WARNING if line.startswith("WARNING") else INFO, "[bank-risk] %s", line)
+    for line in personalisation_lines(personalised):
+        log(INFO, "[bank-risk] %s", line)
 
 
 def _fmt(value: float | None) -> str:

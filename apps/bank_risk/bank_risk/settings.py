@@ -7,12 +7,14 @@ module gives them types and turns a bad value into one clear message.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flower_ext.attacks import AttackConfig
 from flower_ext.data import DataSource
+from flower_ext.metrics import sketch_rows_per_bin
 from flower_ext.model import MODEL_KINDS, parse_hidden_units
+from flower_ext.personalise import PersonalisationConfig
 from flower_ext.privacy import DPSGDConfig, UpdateDPConfig, privacy_config_from_run_config
 from flower_ext.training import LR_SCHEDULES, TrainConfig, round_learning_rate
 
@@ -139,6 +141,15 @@ class BankAppSettings:
     resume_from: str = ""
     #: Local learning rate over the rounds: "constant", "cosine" or "step" (README).
     lr_schedule: str = "constant"
+    #: Server optimiser: "sgd" (server-learning-rate, server-momentum) or adagrad/adam/yogi.
+    server_optimizer: str = "sgd"
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    #: SCAFFOLD control variates (``scaffold``; fedavg without dp, he or top-k).
+    scaffold: bool = False
+    #: Per-bank personalisation after the last round (``personalisation*`` keys; README).
+    personalisation: PersonalisationConfig = field(default_factory=PersonalisationConfig)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> BankAppSettings:
@@ -154,6 +165,11 @@ class BankAppSettings:
                 server_momentum=float(_get(cfg, "server-momentum", 0.0)),  # type: ignore[arg-type]
                 server_learning_rate=float(_get(cfg, "server-learning-rate", 1.0)),  # type: ignore[arg-type]
                 proximal_mu=float(_get(cfg, "proximal-mu", 0.0)),  # type: ignore[arg-type]
+                server_optimizer=str(_get(cfg, "server-optimizer", "sgd") or "sgd").strip(),
+                server_beta1=float(_get(cfg, "server-beta1", 0.9)),  # type: ignore[arg-type]
+                server_beta2=float(_get(cfg, "server-beta2", 0.99)),  # type: ignore[arg-type]
+                server_tau=float(_get(cfg, "server-tau", 1e-3)),  # type: ignore[arg-type]
+                scaffold=_flag(cfg, "scaffold", False),
                 local_only_baseline=_flag(cfg, "local-only-baseline", True),
                 centralized_baseline=_flag(cfg, "centralized-baseline", True),
                 output_dir=str(_get(cfg, "output-dir", "")),
@@ -166,6 +182,7 @@ class BankAppSettings:
                 min_banks=int(_get(cfg, "min-banks", 0)),  # type: ignore[arg-type]
                 resume_from=str(_get(cfg, "resume-from", "") or ""),
                 lr_schedule=str(_get(cfg, "lr-schedule", "constant") or "constant"),
+                personalisation=PersonalisationConfig.from_run_config(cfg),
             )
         except (TypeError, ValueError) as err:
             raise SettingsError(f"invalid run config: {err}") from err
@@ -206,6 +223,9 @@ class BankAppSettings:
         except SettingsError as err:
             problems.append(str(err))
         problems += self._more_problems()
+        from .personalisation import config_problems  # DP / HE refusals (module docstring)
+
+        problems += config_problems(self)
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
 
@@ -235,6 +255,10 @@ class BankAppSettings:
             )
         if self.resume_from and not Path(self.resume_from).expanduser().is_absolute():
             problems.append(f"resume-from '{self.resume_from}' must be an absolute path")
+        try:
+            sketch_rows_per_bin(raw.get("sketch-rows-per-bin"))
+        except ValueError as err:
+            problems.append(str(err))
         try:
             attack = AttackConfig.from_config(raw, self.data.num_banks)
         except (TypeError, ValueError) as err:

@@ -28,7 +28,10 @@ center), with ``max-norm`` / ``clip-tau`` as ceilings.
 Every rule also takes ``max-weight`` and ``max-weight-median-multiple`` (caps
 on the banks' ``num-examples``; 0: no absolute cap, and the rule's own median
 cap, 2x for the weight-using robust rules and none for FedAvg) and the app's
-server step (``server-learning-rate``, ``server-momentum``, ``proximal-mu``).
+server step (``server-learning-rate``, ``server-momentum``, ``proximal-mu``, and
+``server-optimizer`` = adagrad / adam / yogi with ``server-beta1``, ``server-beta2``,
+``server-tau``). ``scaffold = true`` builds :class:`~flower_ext.strategies.Scaffold`
+instead of ``FedAvg`` (refused with a robust rule, dp, he or top-k: :func:`scaffold_problem`).
 Whatever the caps, the server app pins every bank's train weight to the row
 count it reported at standardisation (capped at 3x the median there), so a count
 claimed later cannot buy influence (``weight_capped`` in the audit says why).
@@ -40,6 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flower_ext.attacks import LABEL_FLIP_ATTACKS
 from flower_ext.audit import AuditTrail
 from flower_ext.mods.he import TOPK_RATIO_KEY
 from flower_ext.privacy import privacy_train_metrics_aggr_fn
@@ -53,6 +57,7 @@ from flower_ext.strategies import (
     MultiKrum,
     NormBound,
     RobustStrategy,
+    Scaffold,
     TrimmedMean,
     UpdateAggregationStrategy,
 )
@@ -174,6 +179,10 @@ def build_strategy(
         "server_learning_rate": settings.server_learning_rate,
         "server_momentum": settings.server_momentum,
         "proximal_mu": settings.proximal_mu,
+        "server_optimizer": settings.server_optimizer,
+        "server_beta1": settings.server_beta1,
+        "server_beta2": settings.server_beta2,
+        "server_tau": settings.server_tau,
         "max_weight": rs.max_weight if rs.max_weight > 0 else None,
         "audit": audit,
         # Privacy figures are reported as the worst bank's (dp-epsilon-max), never a mean.
@@ -181,10 +190,16 @@ def build_strategy(
     }
     if rs.max_weight_median_multiple > 0:  # 0: the rule's default (2x for weight-using rules)
         common["max_weight_median_multiple"] = rs.max_weight_median_multiple
+    problem = scaffold_problem(settings)
+    if problem:
+        raise SettingsError(problem)
     if he_enabled(settings.raw):  # encrypted aggregation: EncryptedFedAvg or a clear refusal
         return build_encrypted_strategy(settings, name, common)
     try:
-        strategy = BUILDERS[name](rs, common)
+        if settings.scaffold:  # N: every bank of the run, sampled or not
+            strategy = Scaffold(**common, num_clients=settings.data.num_banks)
+        else:
+            strategy = BUILDERS[name](rs, common)
     except ValueError as err:
         raise SettingsError(f"aggregation '{name}': {err}") from err
     # Fail before any training if the federation is too small for the rule's f, in the
@@ -199,6 +214,48 @@ def build_strategy(
     return strategy
 
 
+def scaffold_problem(settings: BankAppSettings) -> str:
+    """Why ``scaffold = true`` cannot run with these settings ("" when it can, or is off).
+
+    SCAFFOLD needs each bank's control delta in clear next to a plain model update
+    (:mod:`flower_ext.scaffold`): DP would leave the deltas unprotected, HE hides
+    them from the server, top-k sends one sparse ArrayRecord, and a robust rule
+    would still let an attacker's delta move ``c`` for every bank.
+    """
+    if not settings.scaffold:
+        return ""
+    refused = []
+    name = settings.aggregation.strip().lower()
+    if name != "fedavg":
+        refused.append(
+            f"aggregation = '{name}' (a robust rule; an attacker's control delta would still "
+            "move c for every bank: use 'fedavg')"
+        )
+    if settings.privacy() is not None:
+        refused.append(
+            f"dp = '{settings.raw.get('dp')}' (each bank's control delta reveals as much as its "
+            "update and would leave unprotected)"
+        )
+    if he_enabled(settings.raw):
+        refused.append("he = true (the server must read each bank's control delta in clear)")
+    ratio = settings.raw.get(TOPK_RATIO_KEY, 0.0)
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+        refused.append(f"topk-ratio = {ratio} (top-k compresses a reply of one ArrayRecord)")
+    attack = str(settings.raw.get("attack", "none") or "none").strip().lower()
+    if attack not in ("none", *LABEL_FLIP_ATTACKS):
+        refused.append(
+            f"attack = '{attack}' (the attack mod rewrites a reply of one ArrayRecord; a "
+            "SCAFFOLD reply holds two, so the attack would silently do nothing)"
+        )
+    if not refused:
+        return ""
+    return (
+        "scaffold = true cannot be combined with "
+        + "; ".join(refused)
+        + " (set scaffold = false, or change those keys)"
+    )
+
+
 def check_run_config(settings: BankAppSettings) -> None:
     """Refuse, before anything starts (nodes, keys, Ray), an aggregation the run cannot use.
 
@@ -208,7 +265,17 @@ def check_run_config(settings: BankAppSettings) -> None:
     are reported at once, naming the run-config keys.
     """
     name = settings.aggregation.strip().lower()
+    problem = scaffold_problem(settings)
+    if problem:
+        raise SettingsError(problem)
     if he_enabled(settings.raw):
+        if settings.server_optimizer != "sgd":
+            raise SettingsError(
+                f"he = true cannot be combined with server-optimizer = "
+                f"'{settings.server_optimizer}': an adaptive optimiser divides each coordinate "
+                "of the aggregate by its running root mean square, which needs the aggregate in "
+                "clear (use server-optimizer = 'sgd' or he = false)"
+            )
         if name != "fedavg":
             raise SettingsError(
                 f"he = true cannot be combined with aggregation = '{name}': robust rules "
