@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import _as_server
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from sklearn.metrics import roc_auc_score
 
 from bank_risk.client_app import app as client_app
