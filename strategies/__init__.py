@@ -14,6 +14,7 @@ from .bulyan import Bulyan
 from .centered_clipping import CenteredClipping
 from .encrypted_fedavg import EncryptedFedAvg
 from .fedavg import FedAvg
+from .fednova import FedNova
 from .geometric_median import GeometricMedian
 from .krum import Krum
 from .median import FedMedian, Median
@@ -31,6 +32,7 @@ __all__ = [
     "EncryptedFedAvg",
     "FedAvg",
     "FedMedian",
+    "FedNova",
     "FedTrimmedAvg",
     "GeometricMedian",
     "Krum",

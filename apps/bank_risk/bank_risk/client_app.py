@@ -47,11 +47,13 @@ from flower_ext.scaffold import (
     CONTROL_DELTA_KEY,
     CONTROL_KEY,
     ScaffoldError,
+    effective_steps,
     scaffold_refusal,
     scaffold_train,
     server_control,
 )
-from flower_ext.training import evaluate_model, train_local
+from flower_ext.strategies.fednova import LOCAL_STEPS_KEY, REPORT_STEPS_KEY
+from flower_ext.training import evaluate_model, train_local, train_local_steps
 from flower_ext.validation import CLIENT_INFO_KEY
 from flower_ext.verdict import bank_summary
 
@@ -248,6 +250,7 @@ def train(msg: Message, context: Context) -> Message:
         reason = "SCAFFOLD refused: this bank trains under DP; its control delta is not protected"
         return policy_refusal(msg, reason)
     dp_metrics: dict[str, float | int] = {}
+    steps = 0  # optimizer steps taken (FedNova asks for them; DP runs do not report them)
     if isinstance(privacy, DPSGDConfig):  # sample-level DP-SGD, charged to the bank's ledger
         try:
             loss, spent = train_local_private(
@@ -265,13 +268,16 @@ def train(msg: Message, context: Context) -> Message:
         dp_metrics = spent.as_metrics()
     elif control is not None:  # corrected local steps; the bank's c_i stays in context.state
         try:
-            loss, control_delta, _ = scaffold_train(
+            loss, control_delta, steps = scaffold_train(
                 model, bank.x_train, labels, train_cfg, control, context.state
             )
         except ScaffoldError as err:
             return scaffold_refusal(msg, str(err))
     else:
-        loss = train_local(model, bank.x_train, labels, train_cfg)
+        loss, steps = train_local_steps(model, bank.x_train, labels, train_cfg)
+    step_metrics: dict[str, float] = {}
+    if config.get(REPORT_STEPS_KEY) and privacy is None:  # FedNova's normalising factor a_i
+        step_metrics[LOCAL_STEPS_KEY] = effective_steps(steps, train_cfg.momentum)
     # Under DP the training loss is a statistic of the protected rows outside the
     # guarantee: it is not sent. The row count is declared public (README).
     loss_metric = {} if privacy is not None else {"train-loss": loss}
@@ -279,7 +285,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord(
-                {"num-examples": len(bank.y_train), **loss_metric, **dp_metrics}
+                {"num-examples": len(bank.y_train), **loss_metric, **dp_metrics, **step_metrics}
             ),
             CLIENT_INFO_KEY: _info(bank),
         }

@@ -148,6 +148,8 @@ class BankAppSettings:
     server_tau: float = 1e-3
     #: SCAFFOLD control variates (``scaffold``; fedavg without dp, he or top-k).
     scaffold: bool = False
+    #: FedNova's step-normalised averaging (``fednova``; fedavg without dp, he, top-k).
+    fednova: bool = False
     #: Per-bank personalisation after the last round (``personalisation*`` keys; README).
     personalisation: PersonalisationConfig = field(default_factory=PersonalisationConfig)
 
@@ -170,6 +172,7 @@ class BankAppSettings:
                 server_beta2=float(_get(cfg, "server-beta2", 0.99)),  # type: ignore[arg-type]
                 server_tau=float(_get(cfg, "server-tau", 1e-3)),  # type: ignore[arg-type]
                 scaffold=_flag(cfg, "scaffold", False),
+                fednova=_flag(cfg, "fednova", False),
                 local_only_baseline=_flag(cfg, "local-only-baseline", True),
                 centralized_baseline=_flag(cfg, "centralized-baseline", True),
                 output_dir=str(_get(cfg, "output-dir", "")),

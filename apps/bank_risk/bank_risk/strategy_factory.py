@@ -51,6 +51,7 @@ from flower_ext.strategies import (
     Bulyan,
     CenteredClipping,
     FedAvg,
+    FedNova,
     GeometricMedian,
     Krum,
     Median,
@@ -190,7 +191,7 @@ def build_strategy(
     }
     if rs.max_weight_median_multiple > 0:  # 0: the rule's default (2x for weight-using rules)
         common["max_weight_median_multiple"] = rs.max_weight_median_multiple
-    problem = scaffold_problem(settings)
+    problem = scaffold_problem(settings) or fednova_problem(settings)
     if problem:
         raise SettingsError(problem)
     if he_enabled(settings.raw):  # encrypted aggregation: EncryptedFedAvg or a clear refusal
@@ -198,6 +199,8 @@ def build_strategy(
     try:
         if settings.scaffold:  # N: every bank of the run, sampled or not
             strategy = Scaffold(**common, num_clients=settings.data.num_banks)
+        elif settings.fednova:
+            strategy = FedNova(**common)
         else:
             strategy = BUILDERS[name](rs, common)
     except ValueError as err:
@@ -256,6 +259,37 @@ def scaffold_problem(settings: BankAppSettings) -> str:
     )
 
 
+def fednova_problem(settings: BankAppSettings) -> str:
+    """Why ``fednova = true`` cannot run with these settings ("" when it can, or is off).
+
+    FedNova reweights plain FedAvg by each bank's reported local steps: a robust rule
+    weighs updates its own way, DP-SGD's steps and HE's sums are not the server's to
+    reweight, top-k wraps a reply FedNova does not read, and SCAFFOLD is the other
+    correction of local training (one at a time)."""
+    if not settings.fednova:
+        return ""
+    refused = []
+    name = settings.aggregation.strip().lower()
+    if name != "fedavg":
+        refused.append(f"aggregation = '{name}' (FedNova reweights FedAvg: use 'fedavg')")
+    if settings.privacy() is not None:
+        refused.append(f"dp = '{settings.raw.get('dp')}' (the banks do not report steps under DP)")
+    if he_enabled(settings.raw):
+        refused.append("he = true (the server cannot reweight encrypted updates)")
+    ratio = settings.raw.get(TOPK_RATIO_KEY, 0.0)
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+        refused.append(f"topk-ratio = {ratio}")
+    if settings.scaffold:
+        refused.append("scaffold = true (one correction of local training at a time)")
+    if not refused:
+        return ""
+    return (
+        "fednova = true cannot be combined with "
+        + "; ".join(refused)
+        + " (set fednova = false, or change those keys)"
+    )
+
+
 def check_run_config(settings: BankAppSettings) -> None:
     """Refuse, before anything starts (nodes, keys, Ray), an aggregation the run cannot use.
 
@@ -265,7 +299,7 @@ def check_run_config(settings: BankAppSettings) -> None:
     are reported at once, naming the run-config keys.
     """
     name = settings.aggregation.strip().lower()
-    problem = scaffold_problem(settings)
+    problem = scaffold_problem(settings) or fednova_problem(settings)
     if problem:
         raise SettingsError(problem)
     if he_enabled(settings.raw):
