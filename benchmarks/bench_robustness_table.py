@@ -124,39 +124,6 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_cell(overrides: dict[str, Any], runtime: str, log_path: str = "") -> dict[str, Any]:
-    """One cell: the run's figures or why it failed. With ``log_path`` (a ``--jobs``
-    worker) the run's console output goes to that file instead of the terminal."""
-    import os
-
-    from bank_risk.simulate import run_bank_inprocess, run_bank_simulation
-
-    run = run_bank_inprocess if runtime == "inprocess" else run_bank_simulation
-    saved = []
-    if log_path:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        saved = [os.dup(1), os.dup(2)]
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-    t0 = time.perf_counter()
-    try:
-        info = read_run(run(overrides))
-    except Exception as err:  # a failed cell is a result too; keep going
-        info = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-    finally:
-        if saved:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-    return {**info, "seconds": time.perf_counter() - t0}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", default=",".join(RULES), help="';'- or ','-separated")
@@ -205,15 +172,16 @@ def main() -> None:
         }
         for index, (rule, attack, malicious, seed) in enumerate(plan)
     ]
-    if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    from bank_risk.simulate import run_many
 
-        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        logs = [str(workdir / f"{i}.log") for i in range(len(plan))]
-        results = pool.map(run_cell, overrides_of, [args.runtime] * len(plan), logs)
-    else:
-        results = (run_cell(o, args.runtime) for o in overrides_of)
+    results = (
+        read_run(run_dir) | {"seconds": seconds}
+        if run_dir is not None
+        else {"status": "failed", "error": error, "seconds": seconds}
+        for run_dir, error, seconds in run_many(
+            overrides_of, args.runtime, args.jobs, str(workdir) if args.jobs > 1 else ""
+        )
+    )
     for (rule, attack, malicious, seed), overrides, info in zip(
         plan, overrides_of, results, strict=True
     ):

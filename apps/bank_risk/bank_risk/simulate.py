@@ -189,3 +189,60 @@ def run_bank_inprocess(overrides: Mapping[str, Any], *, num_supernodes: int | No
     return resolve_run_dir(
         str(run_config.get("output-dir", "")), str(run_config.get("run-name", "")), run_id
     )
+
+
+def run_logged(overrides: Mapping[str, Any], runtime: str = "ray", log_path: str = "") -> Path:
+    """One run on ``runtime`` ("ray": :func:`run_bank_simulation`, "inprocess":
+    :func:`run_bank_inprocess`); with ``log_path`` its console output (Flower's per-round
+    lines, Ray's) goes to that file, so parallel benchmark workers do not interleave."""
+    run = run_bank_inprocess if runtime == "inprocess" else run_bank_simulation
+    if not log_path:
+        return run(overrides)
+    import sys
+
+    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        return run(overrides)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _run_or_error(args: tuple[dict[str, Any], str, str]) -> tuple[Path | None, str, float]:
+    import time
+
+    started = time.perf_counter()
+    try:
+        return run_logged(*args), "", time.perf_counter() - started
+    except Exception as err:  # a failed run is a result too; the caller keeps going
+        return None, f"{type(err).__name__}: {err}", time.perf_counter() - started
+
+
+def run_many(
+    overrides: list[dict[str, Any]], runtime: str = "ray", jobs: int = 1, log_dir: str = ""
+) -> Any:
+    """Yield ``(run_dir or None, error, seconds)`` for each run, in order; ``jobs > 1``
+    (in-process runtime only: Ray already uses every core) runs that many at once in
+    separate processes, each run's console output in ``log_dir/<index>.log``."""
+    if jobs > 1 and runtime != "inprocess":
+        raise ValueError("jobs > 1 needs runtime 'inprocess' (Ray already uses every core)")
+    logs = [str(Path(log_dir) / f"{i}.log") if log_dir else "" for i in range(len(overrides))]
+    work = [(dict(o), runtime, log) for o, log in zip(overrides, logs, strict=True)]
+    if jobs <= 1:
+        yield from map(_run_or_error, work)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_run_or_error, work)
