@@ -332,3 +332,132 @@ def test_a_personalised_run_finishes_with_the_block_and_a_consistent_count(tmp_p
     result = verify_run(run_dir)
     assert result.ok, result.problem
     assert "Personalisation" in (run_dir / "report.html").read_text()
+
+
+# ------------------------------------------------- the server's checks of a bank's summary
+def _consistent_numbers() -> dict[str, float]:
+    """A summary that agrees with itself: 200 test rows, 40 defaults, gains on both."""
+    aucs = {"global": 0.70, "personalised": 0.80, "local-only": 0.75}
+    nums: dict[str, float] = {
+        "num-examples": 200,
+        "observed-rate": 0.2,
+        **{f"auc-{m}": v for m, v in aucs.items()},
+        **{f"predicted-rate-{m}": 0.21 for m in aucs},
+        **{f"brier-{m}": 0.15 for m in aucs},
+        "finetune-epochs-run": 5,
+        "finetune-best-epoch": 3,
+        "finetune-val-loss-before": 0.5,
+        "finetune-val-loss-after": 0.45,
+        "intercept-offset": 0.1,
+        "seconds": 1.5,
+    }
+    for prefix, other in (("vs-global", "global"), ("vs-local", "local-only")):
+        diff = aucs["personalised"] - aucs[other]
+        nums.update(
+            {
+                f"{prefix}-diff": diff,
+                f"{prefix}-ci-low": diff - 0.04,
+                f"{prefix}-ci-high": diff + 0.04,
+                f"{prefix}-p-value": 0.01,
+            }
+        )
+    return nums
+
+
+def _summary_reply(nums: dict[str, float], words: dict[str, str] | None = None) -> Message:
+    return Message(
+        content=RecordDict(
+            {
+                "personalisation": MetricRecord(nums),  # type: ignore[arg-type]
+                "client-info": ConfigRecord({"bank": "b", "mode": "finetune", **(words or {})}),
+            }
+        ),
+        message_type=MessageType.QUERY,
+        dst_node_id=1,
+    )
+
+
+def test_a_consistent_summary_passes_and_beats_both_comes_from_its_intervals(as_server):
+    row = read_reply(_summary_reply(_consistent_numbers()))
+    entry = bank_entry(1, row)
+    assert entry["beats_both"] and entry["vs_global"]["verdict"] == "gains"
+    assert entry["num_test_examples"] == 200 and entry["finetune"]["best_epoch"] == 3
+    # no vs-local interval (the bank could not compute one): passes, but does not beat both
+    nums = {k: v for k, v in _consistent_numbers().items() if not k.startswith("vs-local-")}
+    row = read_reply(_summary_reply(nums, {"vs-local-unavailable": "too few rows"}))
+    entry = bank_entry(1, row)
+    assert not entry["beats_both"] and entry["vs_local_only"]["ci"] is None
+    # a summary with no finetune and no comparison at all (one class only) passes too
+    row = read_reply(
+        _summary_reply(
+            {"num-examples": 30, "observed-rate": 0.0, "seconds": 0.1},
+            {"unavailable": "the test rows hold one class only: no AUC"},
+        )
+    )
+    assert not bank_entry(1, row)["beats_both"]
+
+
+def test_a_real_summary_passes_the_server_checks(as_server):
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.15).astype(np.int64)
+    out = personalisation_summary(
+        y, y + rng.normal(0, 2, 400), y + rng.normal(0, 0.7, 400), y + rng.normal(0, 1.2, 400)
+    )
+    nums = {k: float(v) for k, v in out.items() if k in NUMERIC_KEYS}
+    words = {k: str(v) for k, v in out.items() if k in TEXT_KEYS}
+    entry = bank_entry(1, read_reply(_summary_reply(nums, words)))
+    assert entry["beats_both"] == (out["vs-global-ci-low"] > 0 and out["vs-local-ci-low"] > 0)
+
+
+def _diff_of(**ci: float) -> dict[str, float]:
+    return {f"vs-global-{k.replace('_', '-')}": v for k, v in ci.items()}
+
+
+@pytest.mark.parametrize(
+    ("change", "words", "match"),
+    [
+        # the difference is not the difference of the AUCs it is about
+        ({"vs-global-diff": 0.12}, None, r"'vs-global-diff' = 0.12 is not auc-personalised"),
+        ({"auc-local-only": 0.60}, None, r"'vs-local-diff' = .* is not auc-personalised"),
+        ({"auc-global": None}, None, r"sent without 'auc-personalised' and 'auc-global'"),
+        # AUCs outside [0, 1]
+        ({"auc-global": 1.2}, None, r"'auc-global' = 1.2 is outside \[0, 1\]"),
+        ({"auc-personalised": -0.1}, None, r"'auc-personalised' = -0.1 is outside \[0, 1\]"),
+        # differences and interval bounds outside [-1, 1]
+        (_diff_of(diff=3.0, ci_low=2.0, ci_high=4.0), None, r"'vs-global-diff' = 3 is outside"),
+        ({"vs-local-ci-low": -1.5}, None, r"'vs-local-ci-low' = -1.5 is outside \[-1, 1\]"),
+        ({"vs-global-ci-high": 1.2}, None, r"'vs-global-ci-high' = 1.2 is outside \[-1, 1\]"),
+        # low > high; the difference outside its own interval
+        (_diff_of(ci_low=0.15, ci_high=0.05), None, r"'vs-global' interval has low .* > high"),
+        (_diff_of(ci_low=0.11, ci_high=0.2), None, r"'vs-global-diff' = .* is outside its"),
+        ({"vs-global-ci-high": None}, None, r"'vs-global' is incomplete"),
+        ({"vs-local-diff": None}, None, r"'vs-local' is incomplete"),
+        # p-values outside [0, 1]
+        ({"vs-global-p-value": 7.0}, None, r"'vs-global-p-value' = 7 is outside \[0, 1\]"),
+        ({"vs-local-p-value": -0.01}, None, r"'vs-local-p-value' = -0.01 is outside \[0, 1\]"),
+        # negative or non-whole counts; best epoch after the last epoch run
+        ({"num-examples": -200}, None, r"'num-examples' = -200 is not a whole count"),
+        ({"num-examples": 200.5}, None, r"'num-examples' = 200.5 is not a whole count"),
+        ({"finetune-epochs-run": -2}, None, r"'finetune-epochs-run' = -2 is not a whole count"),
+        ({"finetune-epochs-run": 4.5}, None, r"'finetune-epochs-run' = 4.5 is not a whole"),
+        ({"finetune-best-epoch": -1}, None, r"'finetune-best-epoch' = -1 is not a whole"),
+        ({"finetune-best-epoch": 2.5}, None, r"'finetune-best-epoch' = 2.5 is not a whole"),
+        ({"finetune-best-epoch": 9}, None, r"'finetune-best-epoch' = 9 is after the last epoch"),
+        ({"finetune-epochs-run": None}, None, r"'finetune-best-epoch' without"),
+        ({"seconds": -5.0}, None, r"'seconds' = -5 is negative"),
+        # an interval sent together with an "unavailable" reason
+        ({}, {"vs-global-unavailable": "one class only"}, r"'vs-global' sends diff, ci-low"),
+        ({}, {"unavailable": "the test rows hold one class only"}, r"together with an unavail"),
+        # an interval from fewer than 10 rows of one class
+        ({"observed-rate": 0.04}, None, r"'vs-global' interval from 8 test rows of one class"),
+        ({"observed-rate": 0.97}, None, r"interval from 6 test rows of one class"),
+        ({"num-examples": 15, "observed-rate": None}, None, r"from 7 test rows of one class"),
+        ({"observed-rate": 0.2013}, None, r"not a whole number of defaults"),
+    ],
+)
+def test_the_server_rejects_a_summary_that_contradicts_itself(as_server, change, words, match):
+    nums = _consistent_numbers()
+    nums.update(change)
+    nums = {k: v for k, v in nums.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        read_reply(_summary_reply(nums, words))

@@ -12,11 +12,17 @@ from flower_ext.data import FEATURES, LABEL_COLUMN, CsvSpec, DataError, DataSour
 from flower_ext.data.banks import bank_frames, load_bank
 from flower_ext.data.csv_loader import split_into_banks
 from flower_ext.data.scenarios import (
+    MIN_BANK_ROWS,
+    MIN_CLASS_ROWS,
     SCENARIO_NAMES,
     generate_scenario_bank,
     generate_scenario_federation,
     get_scenario,
     heterogeneity_table,
+    keeps_heterogeneity,
+    min_rows_per_bank,
+    scenario_default_rates,
+    scenario_sizes,
     spread_segments,
 )
 from flower_ext.data.synthetic import SEGMENTS
@@ -60,10 +66,11 @@ def test_segments_is_todays_generator_unchanged():
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_scenarios_are_deterministic_and_valid(name):
-    a = generate_scenario_bank(name, 3, 5, rows_per_bank=800, seed=11)
-    b = generate_scenario_bank(name, 3, 5, rows_per_bank=800, seed=11)
+    rows = max(800, *(min_rows_per_bank(name, 5, seed) for seed in (11, 12)))
+    a = generate_scenario_bank(name, 3, 5, rows_per_bank=rows, seed=11)
+    b = generate_scenario_bank(name, 3, 5, rows_per_bank=rows, seed=11)
     pd.testing.assert_frame_equal(a, b)
-    assert not a.equals(generate_scenario_bank(name, 3, 5, rows_per_bank=800, seed=12))
+    assert not a.equals(generate_scenario_bank(name, 3, 5, rows_per_bank=rows, seed=12))
     assert list(a.columns) == [*FEATURES, LABEL_COLUMN]
     assert np.isfinite(a[list(FEATURES)].to_numpy()).all()
     assert a["utilisation"].between(0, 1).all()
@@ -143,14 +150,18 @@ def test_bad_scenario_names_the_key_and_the_choices():
 
 
 def test_scenario_reaches_the_banks_and_the_pooled_data():
-    source = DataSource.from_config({"num-banks": 3, "rows-per-bank": 500, "scenario": "hard"})
+    source = DataSource.from_config({"num-banks": 3, "rows-per-bank": 1700, "scenario": "hard"})
     frames = bank_frames(source)
-    expected = generate_scenario_federation("hard", 3, rows_per_bank=500, seed=42)
+    expected = generate_scenario_federation("hard", 3, rows_per_bank=1700, seed=42)
     for (name, frame), (name2, frame2) in zip(frames.items(), expected.items(), strict=True):
         assert name == name2
         pd.testing.assert_frame_equal(frame, frame2)
     bank = load_bank(source, 2)
     assert len(bank.y_train) + len(bank.y_val) + len(bank.y_test) == len(frames[name])
+    # too few rows for the scenario: a clear error from the run config, not a milder scenario
+    small = DataSource.from_config({"num-banks": 3, "rows-per-bank": 500, "scenario": "hard"})
+    with pytest.raises(ValueError, match=r"rows-per-bank = 500 .* 'hard' .* >= 1694"):
+        load_bank(small, 2)
 
 
 def test_spread_segments_keeps_valid_distributions():
@@ -221,3 +232,68 @@ def test_partition_edges_are_checked():
     )
     with pytest.raises(DataError, match="csv-partition-values=''"):
         split_into_banks(table, both)
+
+
+# ----------------------------------------------- too few rows-per-bank for a scenario's shifts
+@pytest.mark.parametrize(
+    ("name", "rows", "num_banks", "what"),
+    [
+        ("label-shift", 200, 5, "default rates 3% to 25%"),
+        ("label-shift", 1, 1, "default rates 3% to 25%"),
+        ("hard", 200, 5, "20:1 bank sizes"),
+        ("hard", 1, 2, "default rates 3% to 25%"),
+        ("unequal-sizes", 100, 5, "20:1 bank sizes"),
+        ("unequal-sizes", 1, 3, "20:1 bank sizes"),
+    ],
+)
+def test_a_scenario_refuses_rows_per_bank_too_small_for_its_shifts(name, rows, num_banks, what):
+    need = min_rows_per_bank(name, num_banks, seed=42)
+    assert need > rows
+    with pytest.raises(ValueError) as err:
+        generate_scenario_bank(name, 0, num_banks, rows_per_bank=rows, seed=42)
+    text = str(err.value)
+    assert "rows-per-bank" in text and repr(name) in text and what in text
+    assert f"rows-per-bank >= {need}" in text
+    with pytest.raises(ValueError, match=f"rows-per-bank >= {need}"):  # every bank refuses
+        generate_scenario_bank(name, num_banks - 1, num_banks, rows_per_bank=need - 1, seed=42)
+
+
+@pytest.mark.parametrize(
+    ("name", "num_banks"), [("label-shift", 5), ("unequal-sizes", 5), ("hard", 3)]
+)
+def test_the_smallest_rows_per_bank_keeps_the_documented_shift(name, num_banks):
+    """At the minimum the error names, the scenario works and is as documented; one row
+    less, it would be clamped (by the generator's own constants)."""
+    need = min_rows_per_bank(name, num_banks, seed=42)
+    assert keeps_heterogeneity(name, num_banks, need, seed=42)
+    assert not keeps_heterogeneity(name, num_banks, need - 1, seed=42)
+    spec = get_scenario(name)
+    banks = generate_scenario_federation(name, num_banks, rows_per_bank=need, seed=42)
+    sizes = [len(f) for f in banks.values()]
+    assert sizes == scenario_sizes(spec, num_banks, need, 42)
+    if spec.size_ratio != 1.0:
+        assert min(sizes) >= MIN_BANK_ROWS
+        assert sizes[0] / sizes[-1] == pytest.approx(spec.size_ratio, rel=0.01)
+    targets = scenario_default_rates(spec, num_banks)
+    if targets is not None:  # every bank at its own target, not clamped to the class floor
+        for frame, rate in zip(banks.values(), targets, strict=True):
+            positives = int(frame[LABEL_COLUMN].sum())
+            assert positives == round(rate * len(frame))
+            assert min(positives, len(frame) - positives) >= MIN_CLASS_ROWS
+
+
+def test_scenarios_without_a_size_or_rate_shift_accept_any_rows_per_bank():
+    for name in ("segments", "feature-shift", "concept-shift"):
+        assert min_rows_per_bank(name, 5) == 1
+        assert len(generate_scenario_bank(name, 0, 5, rows_per_bank=1, seed=42)) == MIN_BANK_ROWS
+    # one bank: no size ratio to keep
+    assert min_rows_per_bank("unequal-sizes", 1) == 1
+
+
+def test_segments_is_unchanged_at_small_rows_per_bank():
+    for rows in (1, 60, 200):
+        for bank in range(5):
+            pd.testing.assert_frame_equal(
+                generate_scenario_bank("segments", bank, 5, rows_per_bank=rows, seed=42),
+                generate_bank(bank, 5, rows_per_bank=rows, seed=42),
+            )

@@ -39,6 +39,11 @@ Every scenario is deterministic in ``(seed, bank_id, num_banks, rows_per_bank)``
 ``heterogeneity`` where it is used), so each client generates its own bank and the
 simulation's server regenerates the same pooled rows for the centralized ceiling. The
 pieces (segments, customer draws, the shared risk function) are the synthetic generator's.
+
+A scenario never degrades silently: when ``rows_per_bank`` is too small for its 20:1 sizes
+(no bank under :data:`MIN_BANK_ROWS` rows) or its 3%..25% default rates (at least
+:data:`MIN_CLASS_ROWS` rows of each class in every bank), generating a bank raises a
+``ValueError`` naming ``rows-per-bank``, the scenario and :func:`min_rows_per_bank`.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ from .synthetic import (
 SCENARIO_KEY = "scenario"
 #: Fewest rows of each class a scenario gives a bank (so its test split has an AUC).
 MIN_CLASS_ROWS = 40
+#: Fewest rows of any bank: the floor of :func:`~flower_ext.data.synthetic.bank_size`,
+#: kept by :func:`scenario_sizes` too.
+MIN_BANK_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -247,9 +255,81 @@ def scenario_sizes(scenario: Scenario, num_banks: int, rows_per_bank: int, seed:
     """Rows of each bank: the generator's log-normal sizes, or log-spaced by ``size_ratio``."""
     if scenario.size_ratio == 1.0 or num_banks == 1:
         return [bank_size(b, rows_per_bank, seed) for b in range(num_banks)]
+    return [int(max(MIN_BANK_ROWS, s)) for s in _spaced_sizes(scenario, num_banks, rows_per_bank)]
+
+
+def _spaced_sizes(scenario: Scenario, num_banks: int, rows_per_bank: int) -> list[int]:
+    """The ``size_ratio`` sizes before the :data:`MIN_BANK_ROWS` floor."""
     weights = scenario.size_ratio ** (-np.arange(num_banks) / (num_banks - 1))
     sizes = rows_per_bank * num_banks * weights / weights.sum()
-    return [int(max(200, round(s))) for s in sizes]
+    return [round(s) for s in sizes]
+
+
+def _class_rows(rate: float, n: int) -> tuple[int, int]:
+    """Defaults and non-defaults of ``n`` rows resampled to ``rate`` (before any floor)."""
+    positives = round(rate * n)
+    return positives, n - positives
+
+
+def keeps_heterogeneity(
+    scenario: str | Scenario, num_banks: int, rows_per_bank: int, seed: int = 42
+) -> bool:
+    """Whether ``scenario`` keeps what makes it hard at ``rows_per_bank``: its banks'
+    ``size_ratio`` untouched by the :data:`MIN_BANK_ROWS` floor, and every bank's target
+    default rate reached with at least :data:`MIN_CLASS_ROWS` rows of each class."""
+    spec = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    spaced = spec.size_ratio != 1.0 and num_banks > 1
+    if spaced and min(_spaced_sizes(spec, num_banks, rows_per_bank)) < MIN_BANK_ROWS:
+        return False
+    rates = scenario_default_rates(spec, num_banks)
+    if rates is None:
+        return True
+    sizes = scenario_sizes(spec, num_banks, rows_per_bank, seed)
+    return all(
+        min(_class_rows(rate, n)) >= MIN_CLASS_ROWS for rate, n in zip(rates, sizes, strict=True)
+    )
+
+
+def min_rows_per_bank(scenario: str | Scenario, num_banks: int, seed: int = 42) -> int:
+    """The smallest ``rows_per_bank`` at which ``scenario`` keeps its heterogeneity
+    (:func:`keeps_heterogeneity`; bank sizes, and so the answer, can depend on ``seed``)."""
+    spec = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    if keeps_heterogeneity(spec, num_banks, 1, seed):
+        return 1
+    low, high = 1, 2  # keeps_heterogeneity(low) is False; grow high until it is True
+    while not keeps_heterogeneity(spec, num_banks, high, seed):
+        low, high = high, high * 2
+        if high > 1 << 40:
+            raise ValueError(f"scenario {spec.name!r} has no workable rows-per-bank")
+    while high - low > 1:  # more rows never shrink a bank, so the answer is monotone
+        mid = (low + high) // 2
+        low, high = (low, mid) if keeps_heterogeneity(spec, num_banks, mid, seed) else (mid, high)
+    return high
+
+
+def check_rows_per_bank(
+    scenario: str | Scenario, num_banks: int, rows_per_bank: int, seed: int = 42
+) -> None:
+    """``ValueError`` naming ``rows-per-bank``, the scenario and the smallest workable
+    value when ``scenario`` would lose its heterogeneity at ``rows_per_bank``."""
+    spec = get_scenario(scenario) if isinstance(scenario, str) else scenario
+    if keeps_heterogeneity(spec, num_banks, rows_per_bank, seed):
+        return
+    need = min_rows_per_bank(spec, num_banks, seed)
+    what = []
+    if spec.size_ratio != 1.0 and num_banks > 1:
+        what.append(f"{spec.size_ratio:g}:1 bank sizes (no bank under {MIN_BANK_ROWS} rows)")
+    if spec.default_rates is not None:
+        low, high = spec.default_rates
+        what.append(
+            f"default rates {low:.0%} to {high:.0%} (at least {MIN_CLASS_ROWS} rows of each "
+            "class per bank)"
+        )
+    raise ValueError(
+        f"rows-per-bank = {rows_per_bank} is too small for scenario {spec.name!r} with "
+        f"{num_banks} bank{'s' if num_banks != 1 else ''} (seed {seed}): it would lose its "
+        f"{' and '.join(what)}; use rows-per-bank >= {need}"
+    )
 
 
 def scenario_default_rates(scenario: Scenario, num_banks: int) -> list[float] | None:
@@ -353,6 +433,7 @@ def generate_scenario_bank(
             seed=seed,
             noise=noise,
         )
+    check_rows_per_bank(spec, num_banks, rows_per_bank, seed)
     rng = np.random.default_rng([seed, bank_id, zlib.crc32(spec.name.encode())])
     n = scenario_sizes(spec, num_banks, rows_per_bank, seed)[bank_id]
     own = heterogeneity if spec.own_segment_share is None else spec.own_segment_share
@@ -415,15 +496,20 @@ def heterogeneity_table(
 
 __all__ = [
     "BOOK_RISK",
+    "MIN_BANK_ROWS",
+    "MIN_CLASS_ROWS",
     "SCENARIOS",
     "SCENARIO_KEY",
     "SCENARIO_NAMES",
     "BookRisk",
     "Scenario",
+    "check_rows_per_bank",
     "generate_scenario_bank",
     "generate_scenario_federation",
     "get_scenario",
     "heterogeneity_table",
+    "keeps_heterogeneity",
+    "min_rows_per_bank",
     "scenario_default_rates",
     "scenario_sizes",
     "spread_segments",

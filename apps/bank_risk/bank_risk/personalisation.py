@@ -42,14 +42,13 @@ from flwr.supercore import log
 from flower_ext.audit import AuditTrail, short_reason
 from flower_ext.personalise import (
     PersonalisationConfig,
-    beats_both,
     personalisation_summary,
     personalise,
 )
 from flower_ext.privacy import PrivacyPolicyViolation, bank_privacy, policy_refusal
 from flower_ext.training import predict_logits
 from flower_ext.validation import CLIENT_INFO_KEY, client_label, reply_sender
-from flower_ext.verdict import verdict_from_interval
+from flower_ext.verdict import MIN_CLASS_ROWS, verdict_from_interval
 
 #: The QUERY a bank answers with its personalisation summary.
 PERSONALISE_QUERY = "personalise"
@@ -224,13 +223,91 @@ def read_reply(reply: Message) -> dict[str, Any]:
         if key not in TEXT_KEYS or not isinstance(value, str):
             raise ValueError(f"unexpected field '{key}'")
         row[key] = short_reason(value, MAX_TEXT)
-    for prefix in ("vs-global", "vs-local"):
-        low, diff, high = (row.get(f"{prefix}-{f}") for f in ("ci-low", "diff", "ci-high"))
-        if (low is None) != (high is None) or (
-            low is not None and not low <= (diff if diff is not None else low) <= high
-        ):
-            raise ValueError(f"'{prefix}' interval is not ordered (low <= diff <= high)")
+    _check_consistency(row)
     return row
+
+
+#: Whole counts a reply may carry: each >= 0 and a whole number.
+_COUNT_KEYS = ("num-examples", "finetune-epochs-run", "finetune-best-epoch")
+#: Each comparison: its prefix and the two AUCs its difference is about (a - b).
+_COMPARED = {"vs-global": ("personalised", "global"), "vs-local": ("personalised", "local-only")}
+#: How far a sent AUC difference may be from the difference of the sent AUCs.
+DIFF_TOLERANCE = 1e-9
+
+
+def _check_consistency(row: Mapping[str, Any]) -> None:
+    """``ValueError`` naming the first way the summary contradicts itself (every check is
+    one a summary made by :func:`flower_ext.personalise.personalisation_summary` passes)."""
+    for key in _COUNT_KEYS:
+        value = row.get(key)
+        if value is not None and (value < 0 or value != int(value)):
+            raise ValueError(f"'{key}' = {value:g} is not a whole count >= 0")
+    if "finetune-best-epoch" in row:
+        if "finetune-epochs-run" not in row:
+            raise ValueError("'finetune-best-epoch' without 'finetune-epochs-run'")
+        if row["finetune-best-epoch"] > row["finetune-epochs-run"]:
+            raise ValueError(
+                f"'finetune-best-epoch' = {row['finetune-best-epoch']:g} is after the last "
+                f"epoch run ({row['finetune-epochs-run']:g})"
+            )
+    if row.get("seconds", 0.0) < 0:
+        raise ValueError(f"'seconds' = {row['seconds']:g} is negative")
+    minority = _minority_rows(row)
+    for prefix, (a, b) in _COMPARED.items():
+        low, diff, high, p = (
+            row.get(f"{prefix}-{f}") for f in ("ci-low", "diff", "ci-high", "p-value")
+        )
+        for name, value in (("diff", diff), ("ci-low", low), ("ci-high", high)):
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"'{prefix}-{name}' = {value:g} is outside [-1, 1]")
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise ValueError(f"'{prefix}-p-value' = {p:g} is outside [0, 1]")
+        sent = [f for f, v in (("diff", diff), ("ci-low", low), ("ci-high", high), ("p-value", p))
+                if v is not None]  # fmt: skip
+        if not sent:
+            continue
+        reason = row.get(f"{prefix}-unavailable") or row.get("unavailable")
+        if reason:
+            raise ValueError(
+                f"'{prefix}' sends {', '.join(sent)} together with an unavailable reason ({reason})"
+            )
+        if low is None or high is None or diff is None:
+            raise ValueError(f"'{prefix}' is incomplete: it needs diff, ci-low and ci-high")
+        if low > high:
+            raise ValueError(f"'{prefix}' interval has low {low:g} > high {high:g}")
+        if not low <= diff <= high:
+            raise ValueError(
+                f"'{prefix}-diff' = {diff:g} is outside its interval [{low:g}, {high:g}]"
+            )
+        auc_a, auc_b = row.get(f"auc-{a}"), row.get(f"auc-{b}")
+        if auc_a is None or auc_b is None:
+            raise ValueError(f"'{prefix}-diff' is sent without 'auc-{a}' and 'auc-{b}'")
+        if abs(diff - (auc_a - auc_b)) > DIFF_TOLERANCE:
+            raise ValueError(
+                f"'{prefix}-diff' = {diff:g} is not auc-{a} - auc-{b} = {auc_a - auc_b:g}"
+            )
+        if minority is not None and minority < MIN_CLASS_ROWS:
+            raise ValueError(
+                f"'{prefix}' interval from {minority:g} test rows of one class (a paired "
+                f"interval needs at least {MIN_CLASS_ROWS} of each)"
+            )
+
+
+def _minority_rows(row: Mapping[str, Any]) -> float | None:
+    """Test rows of the rarer class, from ``num-examples`` and ``observed-rate``; with no
+    rate, the most it can be (half the rows); ``None`` without ``num-examples``."""
+    n = row.get("num-examples")
+    if n is None:
+        return None
+    rate = row.get("observed-rate")
+    if rate is None:
+        return math.floor(n / 2)
+    defaults = rate * n
+    if abs(defaults - round(defaults)) > 1e-6 * max(1.0, n):
+        raise ValueError(
+            f"'observed-rate' = {rate:g} of {n:g} test rows is not a whole number of defaults"
+        )
+    return float(min(round(defaults), n - round(defaults)))
 
 
 def _comparison(row: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
@@ -264,9 +341,11 @@ def bank_entry(node: int, row: Mapping[str, Any]) -> dict[str, Any]:
             m: row.get(f"predicted-rate-{m}") for m in ("global", "personalised", "local-only")
         },
         "brier": {m: row.get(f"brier-{m}") for m in ("global", "personalised", "local-only")},
-        "beats_both": beats_both(row),
+        "beats_both": False,  # below: from the checked intervals only
         "seconds": row.get("seconds"),
     }
+    cmps = (entry["vs_global"], entry["vs_local_only"])
+    entry["beats_both"] = all(c is not None and c.get("ci") and c["ci"][0] > 0 for c in cmps)
     if "finetune-epochs-run" in row:
         entry["finetune"] = {
             "epochs_run": int(row["finetune-epochs-run"]),
