@@ -28,6 +28,7 @@ The legacy fixed 400-bin histograms (:func:`score_histograms`,
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,6 +251,35 @@ def _sketch_edges(v: NDArray[np.float64], bins: int) -> NDArray[np.float64]:
 
 def _pad(x: float) -> float:
     return 1e-9 * (1.0 + abs(float(x)))
+
+
+def sketch_problem(values: Mapping[str, object], prefix: str = "") -> str:
+    """Why one bank's sketch (keys ``<prefix>hist-edges``, ``-neg``, ``-pos`` in its
+    evaluate metrics) cannot be pooled, or "" when it can (or it sent none).
+
+    Edges finite and sorted; ``2 * len(edges) - 1`` cells per class of whole numbers
+    >= 0; and, for the test sketch, the cells adding up to the reply's ``num-examples``
+    (a bank claiming a million rows in its sketch but 500 in its count is refused).
+    The server leaves such a bank out of the pooled figure and says so, instead of
+    losing the pooled figure for everyone."""
+    edges = values.get(prefix + HIST_EDGES_KEY)
+    neg, pos = values.get(prefix + "hist-neg"), values.get(prefix + "hist-pos")
+    if edges is None and neg is None and pos is None:
+        return ""
+    if not all(isinstance(v, list) for v in (edges, neg, pos)):
+        return "sketch edges and counts must be lists"
+    e = np.asarray(edges, dtype=np.float64)
+    counts = np.asarray([neg, pos], dtype=np.float64)
+    if e.ndim != 1 or not e.size or not np.isfinite(e).all() or (np.diff(e) < 0).any():
+        return "sketch edges must be finite and sorted"
+    if counts.shape != (2, 2 * e.size - 1):
+        return f"a sketch of {e.size} edges needs {2 * e.size - 1} cells per class"
+    if not np.isfinite(counts).all() or (counts < 0).any() or (counts != np.round(counts)).any():
+        return "sketch counts must be whole numbers >= 0"
+    claimed = values.get("num-examples")
+    if not prefix and isinstance(claimed, (int, float)) and counts.sum() != claimed:
+        return f"sketch holds {counts.sum():.0f} rows but the reply claims {claimed} examples"
+    return ""
 
 
 def pooled_sketch_metrics(

@@ -51,7 +51,12 @@ from flower_ext.aggregation.server_opt import (
     check_server_optimizer,
 )
 from flower_ext.audit import AuditTrail
-from flower_ext.metrics import HIST_EDGES_KEY, metrics_from_histograms, pooled_sketch_metrics
+from flower_ext.metrics import (
+    HIST_EDGES_KEY,
+    metrics_from_histograms,
+    pooled_sketch_metrics,
+    sketch_problem,
+)
 from flower_ext.records import ArrayLayout, FlatModel, array_view, arrays_sha256
 from flower_ext.validation import (
     CheckedReply,
@@ -880,6 +885,30 @@ class UpdateAggregationStrategy(FlowerFedAvg):
             )
         return metrics
 
+    def _poolable(
+        self, server_round: int, accepted: list[CheckedReply], prefix: str, metrics: MetricRecord
+    ) -> list[MetricRecord]:
+        """The accepted replies' metrics whose score sketch can be pooled; a bank whose
+        sketch cannot (:func:`flower_ext.metrics.sketch_problem`) is left out of the pooled
+        figure, audited (``sketch_rejected``) and counted (``pooled-banks-left-out``)."""
+        kept = []
+        for rep in accepted:
+            problem = sketch_problem(rep.metrics, prefix)
+            if not problem:
+                kept.append(rep.metrics)
+                continue
+            self.audit.record(
+                "sketch_rejected",
+                round=server_round,
+                node_id=rep.node_id,
+                label=self.labels.get(rep.node_id, rep.label),
+                sketch=prefix + HIST_EDGES_KEY,
+                reason=problem,
+            )
+        if len(kept) < len(accepted):
+            metrics[_left_out_key(prefix)] = len(accepted) - len(kept)
+        return kept
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
@@ -913,13 +942,18 @@ class UpdateAggregationStrategy(FlowerFedAvg):
         for rep in accepted:
             self._note_label(rep.node_id, rep.label)
         metrics = self._client_metrics(server_round, accepted, "evaluate")
+        sketches = self._poolable(server_round, accepted, "", metrics)
         try:
-            pooled = pooled_histogram_metrics([r.metrics for r in accepted])
-        except Exception:  # malformed histograms: no pooled figure, the rest stands
+            pooled = pooled_histogram_metrics(sketches)
+        except Exception:  # malformed legacy histograms: no pooled figure, the rest stands
             pooled = None
         if pooled is not None:
             metrics[POOLED_AUC_KEY], metrics[POOLED_KS_KEY] = pooled
-        with_val = [r.metrics for r in accepted if VAL_PREFIX + HIST_NEG_KEY in r.metrics]
+        with_val = [
+            m
+            for m in self._poolable(server_round, accepted, VAL_PREFIX, metrics)
+            if VAL_PREFIX + HIST_NEG_KEY in m
+        ]
         try:  # banks too small to hold validation rows send none: pooled over the others
             pooled_val = pooled_histogram_metrics(with_val, prefix=VAL_PREFIX)
         except Exception:
@@ -1003,6 +1037,10 @@ def weighted_scalar_metrics(
             continue
         out[key] = float(sum(float(v) * w for v, w in values) / total)
     return out
+
+
+def _left_out_key(prefix: str) -> str:
+    return f"pooled-{prefix}banks-left-out"
 
 
 def pooled_histogram_metrics(

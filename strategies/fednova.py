@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from flower_ext.aggregation.fednova import fednova_weights
+from flower_ext.aggregation.fednova import STEPS_BAND, bounded_steps, fednova_weights
 from flower_ext.validation import CheckedReply, Rejection
 
 from .base import fedavg_arguments
@@ -42,10 +42,17 @@ class FedNova(FedAvg):
 
     Differs from Flower's FedAvg on purpose in that one step. Intake: a reply without
     a finite ``local-steps`` in (0, 1e7] is rejected with the reason (audited as
-    ``reply_rejected``) and the round goes on. A bank that lies about its steps moves
-    its own weight by that factor, as a bank lying about ``num-examples`` would; the
-    caps on weights (``max_weight``, ``max_weight_median_multiple``) bound the
-    product ``p_i / a_i`` only through ``p_i``.
+    ``reply_rejected``) and the round goes on. A claim is then held within
+    ``steps_band`` (10x) of the steps the bank's validated, pinned rows imply at the
+    round's median steps per row (:func:`flower_ext.aggregation.fednova.bounded_steps`;
+    audited in ``client_update.weight_cap_reason`` and ``fednova_normalised``), so a
+    bank lying about its steps moves its own weight by at most 10x and cannot blow up
+    everyone's step (unbounded, 1e-6 steps bought the whole round and 1e7 scaled the
+    step x22,000). Like FedAvg, FedNova is not a robust rule: a bank can send any update.
+
+    Assumes plain local SGD with small ``lr * steps`` (the paper's normaliser for
+    momentum SGD is used); with the proximal term, whose normaliser differs, the app
+    refuses it.
 
     Parameters
     ----------
@@ -67,9 +74,16 @@ class FedNova(FedAvg):
         configrecord_key: str = "config",
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        *,
+        steps_band: float = STEPS_BAND,
         **kwargs: Any,
     ) -> None:
+        finite = isinstance(steps_band, (int, float)) and math.isfinite(steps_band)
+        if not finite or steps_band < 1:
+            raise ValueError(f"steps_band must be a finite number >= 1, got {steps_band!r}")
         super().__init__(**fedavg_arguments(locals()), **kwargs)
+        self.steps_band = float(steps_band)
+        self._clamped: dict[int, float] = {}  # node id -> its claim, where it was held
         self._steps: dict[int, float] = {}  # node id -> a_i, this round
         self._scale = 1.0
         #: Per round: tau_eff-style scale applied and each bank's a_i.
@@ -107,8 +121,17 @@ class FedNova(FedAvg):
         capped, reasons = super().policy_weights(node_ids, raw)
         if not self._steps:  # outside a train round (no steps read): FedAvg's weights
             return capped, reasons
-        steps = np.array([self._steps[n] for n in node_ids], dtype=np.float64)
+        claimed = np.array([self._steps[n] for n in node_ids], dtype=np.float64)
+        steps, clamped = bounded_steps(capped, claimed, self.steps_band)
         shares, self._scale = fednova_weights(capped, steps)
+        for i, node in enumerate(node_ids):
+            if clamped[i]:
+                note = (
+                    f"FedNova: claimed {claimed[i]:.4g} local steps, held to {steps[i]:.4g} "
+                    f"(within {self.steps_band:g}x of what its rows imply)"
+                )
+                reasons[i] = f"{reasons[i]}; {note}" if reasons[i] else note
+                self._clamped[node] = float(claimed[i])
         return shares, reasons
 
     def server_step(self, aggregate: np.ndarray) -> ArrayRecord | None:
@@ -119,12 +142,16 @@ class FedNova(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self._scale, self._steps = 1.0, {}
+        self._scale, self._steps, self._clamped = 1.0, {}, {}
         try:
             arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None and metrics is not None:
                 metrics["fednova-scale"] = self._scale
-                report = {"scale": self._scale, "local_steps": dict(self._steps)}
+                report = {
+                    "scale": self._scale,
+                    "local_steps": dict(self._steps),
+                    "clamped_claims": dict(self._clamped),
+                }
                 self.normalisation_reports[server_round] = report
                 self.audit.record("fednova_normalised", round=server_round, **report)
                 log(INFO, "FedNova: step scale %.4g over %d banks", self._scale, len(self._steps))

@@ -28,6 +28,8 @@ from .fedavg import FedAvg
 #: mean gradient, of order 1-10 on standardised features; this catches garbage and
 #: keeps every float64 sum of a round finite.
 MAX_CONTROL_DELTA_NORM = 1e6
+#: A delta longer than this many times the round's median delta norm is rejected.
+CONTROL_DELTA_FACTOR = 10.0
 #: Prefix of every rejection this strategy adds (the audit trail's reason).
 REJECTION_PREFIX = "SCAFFOLD control delta"
 
@@ -94,8 +96,16 @@ class Scaffold(FedAvg):
         *,
         num_clients: int | None = None,
         max_control_delta_norm: float = MAX_CONTROL_DELTA_NORM,
+        control_delta_factor: float = CONTROL_DELTA_FACTOR,
         **kwargs: Any,
     ) -> None:
+        finite = isinstance(control_delta_factor, (int, float)) and math.isfinite(
+            control_delta_factor
+        )
+        if not finite or control_delta_factor < 0 or 0 < control_delta_factor < 1:
+            raise ValueError(
+                f"control_delta_factor must be 0 (off) or >= 1, got {control_delta_factor!r}"
+            )
         if num_clients is not None and (
             isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1
         ):
@@ -110,6 +120,7 @@ class Scaffold(FedAvg):
         super().__init__(**fedavg_arguments(locals()), **kwargs)
         self.num_clients = num_clients
         self.max_control_delta_norm = float(max_control_delta_norm)
+        self.control_delta_factor = float(control_delta_factor)
         #: The server control variate ``c`` (float64, the model's flat layout).
         self._control: np.ndarray | None = None
         self._population = num_clients or 0
@@ -228,7 +239,32 @@ class Scaffold(FedAvg):
                 continue
             self._delta_values[rep.node_id] = flat
             good.append(rep)
-        return good, rejected
+        return self._relative_bound(good, rejected)
+
+    def _relative_bound(
+        self, good: list[CheckedReply], rejected: list[Rejection]
+    ) -> tuple[list[CheckedReply], list[Rejection]]:
+        """Reject deltas longer than ``control_delta_factor`` x the round's median delta
+        norm (with 3 or more deltas): one bank could otherwise move ``c``, and so every
+        bank's training, by up to the absolute bound every round, and the lie never washes
+        out (honest deltas do not cancel it)."""
+        if self.control_delta_factor <= 0 or len(good) < 3:
+            return good, rejected
+        norms = {r.node_id: float(np.linalg.norm(self._delta_values[r.node_id])) for r in good}
+        median = float(np.median(list(norms.values())))
+        bound = self.control_delta_factor * median
+        kept = []
+        for rep in good:
+            if norms[rep.node_id] > bound and norms[rep.node_id] > 0:
+                del self._delta_values[rep.node_id]
+                reason = (
+                    f"{REJECTION_PREFIX} too long: L2 norm {norms[rep.node_id]:.3g} is more "
+                    f"than {self.control_delta_factor:g}x the round's median {median:.3g}"
+                )
+                rejected.append(Rejection(rep.node_id, reason, rep.label))
+            else:
+                kept.append(rep)
+        return kept, rejected
 
     def _read_delta(self, entry: ArrayRecord | str | None) -> tuple[np.ndarray | None, str]:
         """``delta c_i`` as a flat float64 vector, or ``None`` and why it is unusable."""
@@ -279,11 +315,23 @@ class Scaffold(FedAvg):
     def _update_control(self, server_round: int, accepted: list[int]) -> float | None:
         """``c += (1/N) sum_{i in S} delta c_i`` over the accepted replies; the new norm."""
         assert self._control is not None
-        deltas = [self._delta_values[n] for n in accepted if n in self._delta_values]
-        if not deltas:
+        contributors = [n for n in accepted if n in self._delta_values]
+        if not contributors:
             return None
-        population = max(self._population, len(deltas))
-        total = np.sum(deltas, axis=0, dtype=np.float64)
+        deltas = np.stack([self._delta_values[n] for n in contributors])
+        population = max(self._population, len(contributors))
+        # Weighted as the models are (validated, pinned, capped num-examples): with every
+        # bank in, c stays the weighted mean of the c_i, so the corrected steps follow the
+        # same objective FedAvg's weighted mean does. The paper averages both unweighted;
+        # an unweighted c under a weighted model average steers to the equal-weight optimum.
+        report = self.round_reports.get(server_round)
+        raw = np.array(
+            [float((report.clients.get(n) or {}).get("num_examples", 1.0)) if report else 1.0
+             for n in contributors]
+        )  # fmt: skip
+        weights, _ = self.policy_weights(contributors, raw)
+        shares = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        total = len(contributors) * (shares @ deltas)
         updated = self._control + total / population
         if not np.isfinite(updated).all():  # cannot happen with bounded deltas; never keep it
             return None
@@ -313,10 +361,13 @@ class Scaffold(FedAvg):
         return arrays, fields
 
     def import_state(self, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> None:
+        """The base's state. ``c`` restarts at 0: a resumed run is a new Flower run, so
+        every bank's ``c_i`` (in its Context state) restarts at 0 too, and ``c`` must stay
+        the mean of the ``c_i`` (the saved ``c`` against fresh ``c_i`` steered a resumed
+        run to 0.89 where the optimum was 0.5)."""
         super().import_state(arrays, fields)
-        control = arrays.get(CONTROL_KEY)
-        if control is not None:
-            self._control = np.asarray(control, dtype=np.float64).reshape(-1).copy()
+        if arrays.get(CONTROL_KEY) is not None:
+            self._control = None  # set to zeros with the model's layout (set_global_model)
         saved = fields.get("scaffold") or {}
         if self.num_clients is None and saved.get("population"):
             self._population = int(saved["population"])

@@ -128,6 +128,7 @@ def test_the_bank_reports_its_momentum_adjusted_steps_when_asked(tmp_path, as_se
         ({"he": True}, "he = true"),
         ({"topk-ratio": 0.1}, "topk-ratio = 0.1"),
         ({"scaffold": True}, "scaffold = true"),
+        ({"proximal-mu": 0.1}, "proximal-mu = 0.1"),
     ],
 )
 def test_app_refuses_fednova_combinations_naming_the_key(overrides, words):
@@ -140,3 +141,29 @@ def test_app_refuses_fednova_combinations_naming_the_key(overrides, words):
     assert words in str(err.value)
     ok = BankAppSettings.from_config({"num-banks": 3, "fednova": "true"})
     assert isinstance(build_strategy(ok, AuditTrail(), num_nodes=3), FedNova)
+
+
+@pytest.mark.parametrize(("claim", "expected_w"), [(1e-6, -28.0 / 15.0), (1e7, 2.8 * 19 / 21)])
+def test_a_lying_banks_steps_are_held_within_the_band(as_server, claim, expected_w):
+    """Review: 3 banks of 1000 rows, two honest (100 steps, update +1), a liar (update -1).
+    Unbounded, 1e-6 steps gave w = -2.2e7 and 1e7 steps x22,000. Held within 10x of the
+    median steps per row, the claim becomes 10 or 1000 steps and the step stays bounded:
+    a = [100, 100, 10]: shares [1, 1, 10]/12, scale 70 * 0.04 = 2.8 -> w = 2.8 * (-8/12);
+    a = [100, 100, 1000]: shares [10, 10, 1]/21, scale 400 * 0.007 = 2.8 -> 2.8 * 19/21."""
+
+    def replies_of(sent, node):
+        steps, update = (claim, -1.0) if node == 7 else (100.0, 1.0)
+        return reply(sent[node], _record([update, 0.0]),
+                     {"num-examples": 1000, LOCAL_STEPS_KEY: steps})  # fmt: skip
+
+    audit = AuditTrail()
+    strategy = FedNova(min_train_nodes=3, min_available_nodes=3, audit=audit)
+    new, metrics = _round(strategy, replies_of)
+    np.testing.assert_allclose(new["w"].numpy()[0], expected_w, rtol=1e-5)
+    assert metrics["fednova-scale"] == pytest.approx(2.8)
+    event = next(e for e in audit.events if e["event"] == "fednova_normalised")
+    assert event["clamped_claims"] == {"7": claim}  # JSON keys
+    update = next(e for e in audit.events if e["event"] == "client_update" and e["node_id"] == 7)
+    assert "held to" in update["weight_cap_reason"]
+    with pytest.raises(ValueError, match="steps_band"):
+        FedNova(steps_band=0.5)

@@ -189,3 +189,41 @@ def test_colluding_huge_metrics_do_not_make_the_mean_infinite(as_server) -> None
 def test_max_update_norm_outside_its_safe_range_is_refused(bad) -> None:
     with pytest.raises(ValueError, match="max_update_norm"):
         FedAvg(max_update_norm=bad)
+
+
+def test_a_banks_bad_sketch_is_left_out_of_the_pooled_figure_not_everyones(as_server) -> None:
+    """Review (issue 16): one fake sketch claiming a million rows moved the pooled AUC from
+    0.75 to 0.0002, and an unsorted one removed the pooled figure for everyone. Now a
+    sketch whose cells do not add up to the reply's num-examples, or that is malformed,
+    is left out, audited (sketch_rejected) and counted (pooled-banks-left-out)."""
+    from flower_ext.audit import AuditTrail
+    from flower_ext.metrics import score_sketch, sketch_problem
+
+    rng = np.random.default_rng(0)
+    honest = []
+    for _ in range(2):
+        y = (rng.uniform(size=400) < 0.25).astype(int)
+        edges, neg, pos = score_sketch(y, rng.normal(size=400) + y)
+        honest.append({"num-examples": 400, "hist-edges": edges.tolist(),
+                       "hist-neg": neg.tolist(), "hist-pos": pos.tolist()})  # fmt: skip
+    inflated = {
+        "num-examples": 400,
+        "hist-edges": [-5.0, 0.0, 5.0],
+        "hist-neg": [0.0, 0.0, 0.0, 1e6, 0.0],
+        "hist-pos": [0.0, 1e6, 0.0, 0.0, 0.0],
+    }
+    unsorted = {**honest[0], "hist-edges": honest[0]["hist-edges"][::-1]}
+    assert "claims 400 examples" in sketch_problem(inflated)
+    assert "sorted" in sketch_problem(unsorted)
+    assert sketch_problem(honest[0]) == ""
+    for liar in (inflated, unsorted):
+        audit = AuditTrail()
+        strategy = FedAvg(audit=audit)
+        arrays = _record({"w": np.zeros(3, np.float32)})
+        out = sent(strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid([2, 3, 4])))
+        replies = [reply(m, None, v) for m, v in zip(out, [*honest, liar], strict=True)]
+        metrics = strategy.aggregate_evaluate(1, replies)
+        assert metrics is not None and metrics["pooled-auc"] > 0.6  # the honest two, pooled
+        assert metrics["pooled-banks-left-out"] == 1
+        events = [e for e in audit.events if e["event"] == "sketch_rejected"]
+        assert [e["node_id"] for e in events] == [out[2].metadata.dst_node_id]

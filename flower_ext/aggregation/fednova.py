@@ -20,6 +20,38 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+#: A bank's claimed steps are held within this factor of what its rows imply at the
+#: round's median steps per row (a bank 20x smaller takes ~20x fewer steps; momentum's
+#: warm-up makes a bank of a few batches report up to ~5x fewer again).
+STEPS_BAND = 10.0
+
+
+def bounded_steps(
+    weights: NDArray[np.floating], steps: NDArray[np.floating], band: float = STEPS_BAND
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """``(steps', clamped)``: each bank's claimed steps held within ``band`` x of
+    ``median_j(a_j / n_j) * n_i``, the steps its (validated, pinned) row count ``n_i`` implies
+    at the round's median steps per row; ``clamped`` marks the banks whose claim moved.
+
+    FedNova divides by the claimed steps, so an unbounded claim buys a bank any share of
+    the round (1e-6 steps: all of it) and scales everyone's step (1e7 steps: x22,000). A
+    bank's rows are pinned at setup; its steps per row cannot differ much from the
+    others' when all train the same epochs with the same batch size, so a claim outside
+    the band is a lie or a misconfiguration, and is clamped (a liar moves its weight by at
+    most ``band``). Raises ``ValueError`` on ``band < 1`` or shapes that differ.
+    """
+    n = np.asarray(weights, dtype=np.float64)
+    a = np.asarray(steps, dtype=np.float64)
+    if band < 1 or n.shape != a.shape:
+        raise ValueError(f"band must be >= 1 and shapes equal, got {band}, {n.shape}, {a.shape}")
+    positive = n > 0
+    if not positive.any():
+        return a.copy(), np.zeros(a.shape, dtype=bool)
+    per_row = float(np.median(a[positive] / n[positive]))
+    low, high = per_row * n / band, per_row * n * band
+    out = np.where(positive, np.clip(a, low, high), a)
+    return out, out != a
+
 
 def fednova_weights(
     weights: NDArray[np.floating], steps: NDArray[np.floating]

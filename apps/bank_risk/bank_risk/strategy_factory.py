@@ -204,7 +204,7 @@ def build_strategy(
         else:
             strategy = BUILDERS[name](rs, common)
     except ValueError as err:
-        raise SettingsError(f"aggregation '{name}': {err}") from err
+        raise SettingsError(f"aggregation '{name}': {in_run_config_words(str(err))}") from err
     # Fail before any training if the federation is too small for the rule's f, in the
     # run config's own words.
     if isinstance(strategy, RobustStrategy) and num_nodes < strategy.min_clients():
@@ -244,6 +244,8 @@ def scaffold_problem(settings: BankAppSettings) -> str:
     ratio = settings.raw.get(TOPK_RATIO_KEY, 0.0)
     if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
         refused.append(f"topk-ratio = {ratio} (top-k compresses a reply of one ArrayRecord)")
+    if _proximal(settings):
+        refused.append(_proximal(settings))
     attack = str(settings.raw.get("attack", "none") or "none").strip().lower()
     if attack not in ("none", *LABEL_FLIP_ATTACKS):
         refused.append(
@@ -257,6 +259,35 @@ def scaffold_problem(settings: BankAppSettings) -> str:
         + "; ".join(refused)
         + " (set scaffold = false, or change those keys)"
     )
+
+
+#: Strategy argument names and the run-config keys a user typed for them.
+RUN_CONFIG_NAMES = {
+    "server_learning_rate": "server-learning-rate",
+    "server_optimizer": "server-optimizer",
+    "server_momentum": "server-momentum",
+    "server_beta1": "server-beta1",
+    "server_beta2": "server-beta2",
+    "server_tau": "server-tau",
+    "proximal_mu": "proximal-mu",
+}
+
+
+def in_run_config_words(message: str) -> str:
+    """A strategy's ValueError with its argument names as the run-config keys."""
+    for argument, key in RUN_CONFIG_NAMES.items():
+        message = message.replace(argument, key)
+    return message
+
+
+def _proximal(settings: BankAppSettings) -> str:
+    """The refusal text for the FedProx term next to a step-count based correction."""
+    if settings.proximal_mu > 0:
+        return (
+            f"proximal-mu = {settings.proximal_mu:g} (the bank's steps are no longer plain "
+            "gradient steps: the correction's step count would be wrong)"
+        )
+    return ""
 
 
 def fednova_problem(settings: BankAppSettings) -> str:
@@ -281,6 +312,8 @@ def fednova_problem(settings: BankAppSettings) -> str:
         refused.append(f"topk-ratio = {ratio}")
     if settings.scaffold:
         refused.append("scaffold = true (one correction of local training at a time)")
+    if _proximal(settings):
+        refused.append(_proximal(settings))
     if not refused:
         return ""
     return (
