@@ -22,7 +22,7 @@ attacker then trains every bank each round, ~3x slower).
 
 ``--runtime inprocess`` runs each cell on the app's in-process Grid
 (``bank_risk.simulate.run_bank_inprocess``: the same ServerApp and ClientApp, no Ray;
-same figures up to float summation order, ``tests/test_inprocess_grid.py``) and
+same figures as Ray within 0.003 AUC, ``tests/test_inprocess_grid.py``) and
 ``--jobs N`` runs N cells at once in separate processes: the way to get the full
 table in hours instead of a day on 2 cores.
 

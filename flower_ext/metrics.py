@@ -264,7 +264,7 @@ def sketch_problem(values: Mapping[str, object], prefix: str = "") -> str:
     losing the pooled figure for everyone."""
     edges = values.get(prefix + HIST_EDGES_KEY)
     neg, pos = values.get(prefix + "hist-neg"), values.get(prefix + "hist-pos")
-    if edges is None and neg is None and pos is None:
+    if edges is None:  # none, or the legacy fixed-bin histograms (checked where summed)
         return ""
     if not all(isinstance(v, list) for v in (edges, neg, pos)):
         return "sketch edges and counts must be lists"
