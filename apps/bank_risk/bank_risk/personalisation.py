@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -47,8 +47,10 @@ from flower_ext.personalise import (
 )
 from flower_ext.privacy import PrivacyPolicyViolation, bank_privacy, policy_refusal
 from flower_ext.training import predict_logits
-from flower_ext.validation import CLIENT_INFO_KEY, client_label, reply_sender
+from flower_ext.validation import CLIENT_INFO_KEY, client_label
 from flower_ext.verdict import MIN_CLASS_ROWS, verdict_from_interval
+
+from .bank_query import first_replies, query_banks
 
 #: The QUERY a bank answers with its personalisation summary.
 PERSONALISE_QUERY = "personalise"
@@ -390,31 +392,20 @@ def personalise_banks(
         "rows and reports global vs personalised vs local-only on its test rows",
         cfg.mode,
     )
-    config = {
-        "query": PERSONALISE_QUERY,
-        "server-round": settings.num_rounds,
-        "num-server-rounds": settings.num_rounds,
-        **audit.published(),
-    }
     live = set(grid.get_node_ids())  # a bank that dropped out is not waited for
-    messages = [
-        Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node,
-        )
-        for node in nodes
-        if node in live
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-    origins = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
+    replies, origins = query_banks(
+        grid,
+        [node for node in nodes if node in live],
+        PERSONALISE_QUERY,
+        audit,
+        settings.round_timeout,
+        arrays=arrays,
+        extra={"server-round": settings.num_rounds, "num-server-rounds": settings.num_rounds},
+    )
     per_bank: dict[str, Any] = {}
     failed: dict[str, str] = {}
     answered: set[int] = set()
-    for reply in replies:
-        node = reply_sender(reply, origins)
-        if node not in origins.values() or node in answered:
-            continue  # not asked, or a second answer: only the first one counts
+    for node, reply in first_replies(replies, origins):
         answered.add(node)
         name = short_reason(client_label(reply), 100) or (labels or {}).get(node) or str(node)
         if reply.has_error():

@@ -26,9 +26,9 @@ from flower_ext.audit import AuditTrail, short_reason
 from flower_ext.data import DataError
 from flower_ext.data.banks import schema_of
 from flower_ext.data.preprocessing import combine_stats
-from flower_ext.validation import client_label, reply_sender
+from flower_ext.validation import client_label
 
-from .bank_query import query_banks
+from .bank_query import first_replies, query_banks
 from .settings import BankAppSettings
 
 #: Longest preprocessing-stats answer read (JSON text): 1000 values x 100 chars x columns.
@@ -101,10 +101,7 @@ def federated_preprocessing(
     part_nodes: list[int] = []
     labels: dict[int, str] = {}
     problems: dict[int, str] = {}
-    for reply in replies:
-        node = reply_sender(reply, origins)
-        if node not in origins.values() or node in labels or node in problems:
-            continue  # not asked, or a second answer
+    for node, reply in first_replies(replies, origins):
         label = short_reason(client_label(reply), 100)
         labels[node] = label
         if reply.has_error():

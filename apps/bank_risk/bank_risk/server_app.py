@@ -57,9 +57,9 @@ from flower_ext.runlog import (
 )
 from flower_ext.strategies import UpdateAggregationStrategy
 from flower_ext.training import evaluate_model, train_local
-from flower_ext.validation import client_label, reply_sender
+from flower_ext.validation import client_label
 
-from .bank_query import query_banks
+from .bank_query import first_replies, query_banks
 from .encryption import he_enabled, prepare_keys
 from .personalisation import personalisation_lines, personalise_banks
 from .preprocessing_query import with_preprocessing
@@ -229,10 +229,7 @@ def federated_standardisation(
     labels: dict[int, str] = {}
     problems: dict[int, str] = {}  # node -> why it is not in the standardisation
     answered: set[int] = set()
-    for reply in replies:
-        node = reply_sender(reply, origins)
-        if node not in origins.values() or node in answered:
-            continue  # not asked, or a second answer: only the first one counts
+    for node, reply in first_replies(replies, origins):
         answered.add(node)
         label = short_reason(client_label(reply), MAX_LABEL_CHARS)
         if label:
