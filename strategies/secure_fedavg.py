@@ -15,6 +15,15 @@ unmask the server divides by the survivors' ``sum n_i / N``, so the result is
 the ``num-examples``-weighted mean of the survivors' updates. A bank can still
 inflate its count (the server cannot check it under masking): weight caps are
 refused rather than silently not applied.
+
+Distributed DP (``dp=DistributedDP(...)``, :mod:`flower_ext.secagg.dp`): every bank
+clips its update to L2 ``C`` and adds ``N(0, (sigma C)^2 / t)`` before masking, with
+the *same* weight for every bank (sensitivity ``2C`` whatever the counts); the
+server divides the unmasked sum by the number of survivors. Each round's metrics
+and the audit (``secagg_dp``) give the epsilon so far against the server with the
+survivors honest (``secagg-dp-epsilon``), with only ``t`` honest banks per round
+(``secagg-dp-epsilon-nominal``, the stated guarantee) and with ``k = 0 .. n - t``
+banks dropped or colluding (``secagg-dp-epsilon-if-missing``, a list indexed by k).
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ from flwr.supercore import log
 
 from flower_ext.audit import AuditTrail
 from flower_ext.records import arrays_sha256
+from flower_ext.secagg.dp import DistributedDP, clamp_probability, dp_clipping_range
 from flower_ext.secagg.mod import (
+    DP_CLIP_KEY,
+    DP_STD_KEY,
     MASKED_KEY,
     RECORD_KEY,
     STAGE_MASKED_INPUT,
@@ -52,6 +64,8 @@ from flower_ext.validation import bind_replies, check_weight, client_label, shor
 from .base import RoundReport, UpdateAggregationStrategy, fedavg_arguments
 
 KEY_BYTES = 32
+#: Largest per-coordinate clamp chance (:func:`clamp_probability`) accepted under DP.
+MAX_CLAMP_PROBABILITY = 1e-6
 
 
 @dataclass
@@ -113,12 +127,18 @@ class SecureFedAvg(UpdateAggregationStrategy):
         banks sampled in the round (``max(2, ceil(f * n))``). Fixed before any bank
         replies. The round survives up to ``n - t`` drop-outs after the keys are
         shared; the server with fewer than ``t`` banks learns no single update.
-    clipping_range : float (default: 1.0)
-        ``c``: each coordinate of ``n_i / N * update`` is clipped to ``[-c, c]``
-        (banks report how many they clipped, ``secagg-clipped``).
+    clipping_range : float | None (default: None)
+        ``c``: each coordinate of ``n_i / N * update`` (with DP: of the clipped,
+        noised update) is clipped to ``[-c, c]`` (banks report how many they clipped,
+        ``secagg-clipped``; not under DP). None: 1.0, or with DP ``C + 8 s``
+        (:func:`~flower_ext.secagg.dp.dp_clipping_range`, ``s`` the per-bank noise
+        std); an explicit ``c`` that DP noise would leave with chance above
+        :data:`MAX_CLAMP_PROBABILITY` per coordinate is refused.
     quantization_bits, modulus_bits : int (default: 22, 32)
         Fixed point: ``2**quantization_bits`` levels over ``[-c, c]``, sums mod
         ``2**modulus_bits``; at most ``2**(modulus_bits - quantization_bits)`` banks.
+    dp : DistributedDP | None (default: None)
+        Distributed DP (see the module docstring and :mod:`flower_ext.secagg.dp`).
     step_timeout : float (default: 600)
         Seconds to wait for the banks in each extra protocol step.
     compose_with : sequence
@@ -147,7 +167,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         *,
         threshold: int | float = 2 / 3,
-        clipping_range: float = 1.0,
+        clipping_range: float | None = None,
         quantization_bits: int = 22,
         modulus_bits: int = 32,
         step_timeout: float = 600.0,
@@ -164,6 +184,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         server_beta1: float = 0.9,
         server_beta2: float = 0.99,
         server_tau: float = 1e-3,
+        dp: DistributedDP | None = None,
     ) -> None:
         problems = [p for p in map(composition_problem, compose_with) if p]
         if problems:
@@ -180,7 +201,9 @@ class SecureFedAvg(UpdateAggregationStrategy):
         if isinstance(threshold, int) and threshold < 2:
             raise ValueError(f"threshold must be at least 2, got {threshold}")
         # Checks the fixed-point settings once, here (t is set per round).
-        SecAggParams(2, clipping_range, quantization_bits, modulus_bits)
+        SecAggParams(2, clipping_range or 1.0, quantization_bits, modulus_bits)
+        if dp is not None and not isinstance(dp, DistributedDP):
+            raise ValueError(f"dp must be a DistributedDP or None, got {type(dp).__name__}")
         super().__init__(
             **fedavg_arguments(locals()),
             server_learning_rate=server_learning_rate,
@@ -195,7 +218,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
             audit=audit,
         )
         self.threshold = threshold
-        self.clipping_range = float(clipping_range)
+        self.clipping_range = None if clipping_range is None else float(clipping_range)
+        self.dp = dp
+        #: Per released round under DP: (banks given the keys n, threshold t, survivors).
+        self.dp_rounds: dict[int, tuple[int, int, int]] = {}
         self.quantization_bits = int(quantization_bits)
         self.modulus_bits = int(modulus_bits)
         self.step_timeout = float(step_timeout)
@@ -204,14 +230,55 @@ class SecureFedAvg(UpdateAggregationStrategy):
 
     # ------------------------------------------------------------------ summary
     def rule_summary(self) -> str:
+        clip = "auto" if self.clipping_range is None else self.clipping_range
+        dp = (
+            f", distributed DP sigma={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:g}"
+            if self.dp
+            else ""
+        )
         return (
-            f"weighted mean via secure aggregation (t={self.threshold}, clip {self.clipping_range}"
-            f", {self.quantization_bits}-bit quantisation mod 2^{self.modulus_bits})"
+            f"{'equal-weight' if self.dp else 'weighted'} mean via secure aggregation "
+            f"(t={self.threshold}, clip {clip}, {self.quantization_bits}-bit quantisation mod "
+            f"2^{self.modulus_bits}{dp})"
         )
 
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t\t└── Secure aggregation: the server sees masked updates and their sum")
+
+    def clipping_range_for(self, threshold: int) -> float:
+        """``c`` for a round with threshold ``t`` (see ``clipping_range``)."""
+        if self.dp is None:
+            return 1.0 if self.clipping_range is None else self.clipping_range
+        std = self.dp.noise_std(threshold)
+        if self.clipping_range is None:
+            return dp_clipping_range(self.dp.clip_norm, std)
+        chance = clamp_probability(self.clipping_range, self.dp.clip_norm, std)
+        if chance > MAX_CLAMP_PROBABILITY:
+            raise ValueError(
+                f"clipping_range={self.clipping_range:g} is too small for distributed DP: a "
+                f"coordinate of a clipped update (L2 clip {self.dp.clip_norm:g}) plus noise of "
+                f"std {std:.3g} leaves it with chance up to {chance:.2g} (> "
+                f"{MAX_CLAMP_PROBABILITY:g}); raise it to at least "
+                f"{dp_clipping_range(self.dp.clip_norm, std):.4g} or leave it unset"
+            )
+        return self.clipping_range
+
+    def dp_figures(self) -> dict[str, float | list[float]]:
+        """The distributed-DP epsilons over the rounds released so far (empty without DP)."""
+        if self.dp is None or not self.dp_rounds:
+            return {}
+        rounds = [self.dp_rounds[r] for r in sorted(self.dp_rounds)]
+        table = self.dp.if_missing([(n, t) for n, t, _ in rounds])
+        return {
+            "secagg-dp-epsilon": self.dp.epsilon([(k, t) for _, t, k in rounds]),
+            "secagg-dp-epsilon-nominal": self.dp.epsilon([(t, t) for _, t, _ in rounds]),
+            "secagg-dp-epsilon-if-missing": [table[k] for k in sorted(table)],
+            "secagg-dp-delta": float(self.dp.delta),
+            "secagg-dp-noise-multiplier": float(self.dp.noise_multiplier),
+            "secagg-dp-clip-norm": float(self.dp.clip_norm),
+            "secagg-dp-rounds": len(rounds),
+        }
 
     def params_for(self, num_banks: int) -> SecAggParams:
         """The round's public parameters for ``num_banks`` sampled banks."""
@@ -224,13 +291,27 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 f"SecureFedAvg threshold t={t} exceeds the {num_banks} banks sampled: "
                 "lower threshold or sample more banks"
             )
-        params = SecAggParams(t, self.clipping_range, self.quantization_bits, self.modulus_bits)
+        params = SecAggParams(
+            t, self.clipping_range_for(t), self.quantization_bits, self.modulus_bits
+        )
         if num_banks > params.max_banks:
             raise ValueError(
                 f"{num_banks} banks could wrap the masked sum: at most {params.max_banks} with "
                 f"quantization_bits={self.quantization_bits}, modulus_bits={self.modulus_bits}"
             )
         return params
+
+    def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The base state plus the distributed-DP rounds (a resumed run keeps counting)."""
+        arrays, fields = super().export_state()
+        if self.dp_rounds:
+            fields["secagg_dp_rounds"] = {str(r): list(v) for r, v in self.dp_rounds.items()}
+        return arrays, fields
+
+    def import_state(self, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> None:
+        super().import_state(arrays, fields)
+        saved = fields.get("secagg_dp_rounds") or {}
+        self.dp_rounds = {int(r): (int(v[0]), int(v[1]), int(v[2])) for r, v in saved.items()}
 
     # ------------------------------------------------------------------ Flower API
     def configure_train(
@@ -255,6 +336,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
                     **params.to_dict(),
                     "weight-key": self.weighted_by_key,
                     "arrays-key": self.arrayrecord_key,
+                    **self._dp_record(params),
                 }
             )
         self.audit.record(
@@ -263,8 +345,17 @@ class SecureFedAvg(UpdateAggregationStrategy):
             stage=STAGE_TRAIN,
             banks=len(messages),
             **{k.replace("-", "_"): v for k, v in params.to_dict().items()},
+            **{k.replace("-", "_"): v for k, v in self._dp_record(params).items()},
         )
         return messages
+
+    def _dp_record(self, params: SecAggParams) -> dict[str, float]:
+        if self.dp is None:
+            return {}
+        return {
+            DP_CLIP_KEY: float(self.dp.clip_norm),
+            DP_STD_KEY: float(self.dp.noise_std(params.threshold)),
+        }
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -316,6 +407,25 @@ class SecureFedAvg(UpdateAggregationStrategy):
         metrics = self._summary_metrics(report, kept, None)  # type: ignore[arg-type]
         for key, value in extra.items():
             metrics[key] = value
+        if self.dp is not None:
+            self.dp_rounds[server_round] = (len(banks), params.threshold, len(survivors))
+            figures = self.dp_figures()
+            for key, value in figures.items():
+                metrics[key] = value  # type: ignore[assignment]
+            self.audit.record(
+                "secagg_dp",
+                round=server_round,
+                banks=len(banks),
+                threshold=params.threshold,
+                survivors=len(survivors),
+                noise_std_per_bank=self._dp_record(params)[DP_STD_KEY],
+                **{k.replace("-", "_"): v for k, v in figures.items()},
+                guarantee=(
+                    "central (epsilon, delta)-DP of the released sums against the server, "
+                    "replace-one-bank; epsilon_if_missing[k]: k banks per round dropped or "
+                    "colluding"
+                ),
+            )
         report.train_metrics = dict(metrics)
         return new_arrays, metrics
 
@@ -536,7 +646,12 @@ class SecureFedAvg(UpdateAggregationStrategy):
             "secagg_step", round=server_round, stage=STAGE_UNMASK, answered=sorted(answers),
             survivors=survivors,
         )  # fmt: skip
-        share = sum(banks[n].weight for n in survivors) / total_weight
+        # Under DP every bank has weight 1: the mean is the sum over the survivors' count.
+        share = (
+            float(len(survivors))
+            if self.dp is not None
+            else sum(banks[n].weight for n in survivors) / total_weight
+        )
         mean = dequantize_sum(total, len(survivors), params) / share
         extra = {
             "secagg-survivors": len(survivors),

@@ -4,10 +4,12 @@
   quantisation helpers;
 - :mod:`.protocol`: the protocol as pure steps (:class:`BankSession` at a bank,
   :class:`ServerRound` at the server);
+- :mod:`.dp`: distributed DP (each bank's share of the Gaussian noise, the accountant);
 - :mod:`.mod`: the bank-side ClientApp mod ``secagg_mod``;
 - the server strategy is ``flower_ext.strategies.SecureFedAvg``.
 """
 
+from .dp import DistributedDP, DistributedDPError, epsilon_if_missing
 from .protocol import (
     BankSession,
     SecAggError,
@@ -20,10 +22,13 @@ from .protocol import (
 
 __all__ = [
     "BankSession",
+    "DistributedDP",
+    "DistributedDPError",
     "SecAggError",
     "SecAggParams",
     "ServerRound",
     "TooFewSurvivors",
     "dequantize_sum",
+    "epsilon_if_missing",
     "quantize_vector",
 ]

@@ -18,7 +18,10 @@ Stages (the ``stage`` key of the server's ``secagg`` record; all are train messa
 ``masked-input``
     Gets the shares other banks sent it; replies with
     ``masked(q(n_i / N * update))`` as one ``uint32`` array and the number of
-    coordinates clipped.
+    coordinates clipped. With distributed DP (the train record carries
+    ``dp-clip-norm`` and ``dp-noise-std``) it masks ``q(clip(update) + noise)``
+    instead, every bank with the same weight, and reports no clip count
+    (:mod:`flower_ext.secagg.dp`).
 ``unmask``
     Gets the survivors and the dropped; replies with its shares of the
     survivors' self-mask seeds and of the dropped banks' mask keys (never both for
@@ -51,6 +54,11 @@ STAGE_TRAIN = "train"
 STAGE_SHARE_KEYS = "share-keys"
 STAGE_MASKED_INPUT = "masked-input"
 STAGE_UNMASK = "unmask"
+
+#: Distributed-DP keys of the ``train`` record (absent: no DP): L2 clip and noise std.
+DP_CLIP_KEY = "dp-clip-norm"
+DP_STD_KEY = "dp-noise-std"
+_KEPT = ("weight", "weight-total", DP_CLIP_KEY, DP_STD_KEY)  # carried from step to step
 
 
 def _ids(values: list[int]) -> list[str]:
@@ -170,12 +178,19 @@ def _train(msg: Message, context: Context, call_next: Callable, config: ConfigRe
         raise SecAggError(f"'{weight_key}' must be positive, got {metrics[weight_key]}")
     update = layout.flatten(local, np.float64) - layout.flatten(incoming, np.float64)
     session = BankSession(int(context.node_id), int(config["round"]), params)  # type: ignore
-    save_session(session, {"weight": weight}, context)
+    dp = {k: float(config[k]) for k in (DP_CLIP_KEY, DP_STD_KEY) if k in config}  # type: ignore
+    if len(dp) == 1:
+        raise SecAggError(f"distributed DP needs both {DP_CLIP_KEY} and {DP_STD_KEY}")
+    save_session(session, {"weight": weight, **dp}, context)
     context.state[STATE_UPDATE_KEY] = ArrayRecord({"update": Array(update)})
     c_pk, s_pk = session.advertise()
     records = {k: v for k, v in content.items() if k != arrays_key and k != RECORD_KEY}
     records = {k: v for k, v in records.items() if not isinstance(v, ArrayRecord)}
     return _reply(msg, "advertise", {"c-pk": c_pk, "s-pk": s_pk}, **records)
+
+
+def _kept(record: ConfigRecord) -> dict:
+    return {k: record[k] for k in _KEPT if k in record}
 
 
 def _share_keys(msg: Message, context: Context, config: ConfigRecord) -> Message:
@@ -188,7 +203,7 @@ def _share_keys(msg: Message, context: Context, config: ConfigRecord) -> Message
     if not (np.isfinite(total) and total >= weight):
         raise SecAggError(f"weight-total {total} is below this bank's own weight {weight}")
     cts = session.share_keys(roster)
-    save_session(session, {"weight": weight, "weight-total": total}, context)
+    save_session(session, {**_kept(record), "weight-total": total}, context)
     dsts = sorted(cts)
     return _reply(
         msg,
@@ -211,15 +226,27 @@ def _masked_input(msg: Message, context: Context, config: ConfigRecord) -> Messa
         raise SecAggError("no update kept for this round")
     srcs = _from_ids(config.get("src"))
     session.receive_shares(dict(zip(srcs, config["ct"], strict=True)))  # type: ignore[arg-type]
-    scale = float(record["weight"]) / float(record["weight-total"])  # type: ignore[arg-type]
     update = update_record["update"].numpy()
-    masked, clipped = session.masked_input(update * scale)
-    save_session(session, {k: record[k] for k in ("weight", "weight-total")}, context)
+    if DP_STD_KEY in record:  # distributed DP: equal weights, clip + this bank's noise share
+        from flower_ext.privacy.mechanisms import secure_numpy_generator
+
+        from .dp import noised_share
+
+        clip, std = float(record[DP_CLIP_KEY]), float(record[DP_STD_KEY])  # type: ignore
+        masked, clipped = session.masked_input(
+            noised_share(update, clip, std, secure_numpy_generator())
+        )
+        report = {"dim": int(masked.size)}  # a clamp count would be outside the guarantee
+    else:
+        scale = float(record["weight"]) / float(record["weight-total"])  # type: ignore[arg-type]
+        masked, clipped = session.masked_input(update * scale)
+        report = {"clipped": int(clipped), "dim": int(masked.size)}
+    save_session(session, _kept(record), context)
     del context.state.array_records[STATE_UPDATE_KEY]  # the plaintext is no longer needed
     return _reply(
         msg,
         STAGE_MASKED_INPUT,
-        {"clipped": int(clipped), "dim": int(masked.size)},
+        report,
         **{RECORD_KEY + ".masked": ArrayRecord({MASKED_KEY: Array(masked)})},
     )
 
