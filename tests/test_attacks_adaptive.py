@@ -215,11 +215,15 @@ def test_simulation_default_app_neutralises_poisoned_standardisation_and_inflati
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     events = [json.loads(line) for line in (run_dir / "audit.jsonl").open()]
-    rejected = [e for e in events if e["event"] == "stats_rejected"]
-    assert [e["label"] for e in rejected] == [bank_name(1)]
-    assert "outlier std" in rejected[0]["reason"]
+    replaced = [e for e in events if e["event"] == "stats_replaced"]
+    assert [e["label"] for e in replaced] == [bank_name(1)]
+    assert "outlier std" in replaced[0]["reason"]
+    assert "replaced by the median" in replaced[0]["reason"]
+    assert not [e for e in events if e["event"] == "stats_rejected"]
     standardisation = next(e for e in events if e["event"] == "standardisation")
-    assert standardisation["banks"] == 5 and len(standardisation["outliers"]) == 1
+    # Its honest means and count are used; only its std statistics are replaced.
+    assert standardisation["banks"] == 6 and standardisation["left_out"] == []
+    assert len(standardisation["replaced"]) == 1 == len(standardisation["outliers"])
     updates = [e for e in events if e["event"] == "client_update"]
     bad = [e for e in updates if e["label"] == bank_name(1)]
     assert len(bad) == 2

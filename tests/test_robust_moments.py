@@ -54,6 +54,23 @@ def _poison(kind, part):
     raise AssertionError(kind)
 
 
+def replaced_reference(xs, liars, what):
+    """Float64 reference: the pooled moments by the law of total variance, with the
+    liars' ``what`` statistics (means and/or stds) set to the median of the honest
+    banks' (for when every feature's ``what`` of a liar is an outlier)."""
+    n = np.array([len(x) for x in xs], dtype=np.float64)
+    m = np.stack([x.mean(axis=0) for x in xs])
+    s = np.stack([x.std(axis=0) for x in xs])
+    honest = [i for i in range(len(xs)) if i not in liars]
+    for i in liars:
+        if "mean" in what:
+            m[i] = np.median(m[honest], axis=0)
+        if "std" in what:
+            s[i] = np.median(s[honest], axis=0)
+    mean = n @ m / n.sum()
+    return mean, np.sqrt(n @ (s**2 + (m - mean) ** 2) / n.sum())
+
+
 @pytest.mark.parametrize(
     "kind",
     [
@@ -80,14 +97,30 @@ def test_poisoned_moments_are_neutralised(kind, liars):
         # (honest, non-IID) mean moves the result a bounded amount from the true one.
         assert np.abs(r.mean - all_mean).max() <= 0.25 * all_std.min()
         assert np.abs(r.std / all_std - 1).max() <= 0.05
-    else:  # rejected: exactly the honest banks' pooled moments (float64 reference)
+        assert set(r.capped) == set(liars) and r.rejected == {} == r.replaced
+        assert all(r.counts[i] < 3000 for i in liars)
+    elif kind == "sum-sq x 10000":
+        # Only the stds lie: the liars' counts and their honest means are kept (held
+        # to z 3: an unusual honest mean of a flagged bank may be replaced too), so
+        # the mean is close to the pooled mean of ALL banks; their stds are replaced
+        # by the honest median.
+        assert np.abs(r.mean - all_mean).max() <= 0.05 * all_std.min()
+        _, ref_std = replaced_reference(xs, liars, "std")
+        np.testing.assert_allclose(r.std, ref_std, rtol=0.02)
+        assert set(r.replaced) == set(liars) and r.rejected == {}
+        assert all("std" in r.replaced[i] and "median" in r.replaced[i] for i in liars)
+        assert all(r.counts[i] == len(xs[i]) for i in liars)
+    elif kind == "mean x 50":
+        # Every std (x50) is an outlier, so each liar is held to z 3 on its means:
+        # a mean near 0 stays near 0 when multiplied and may pass; the rest are
+        # replaced by the honest median. Bounded: 3 robust spreads x the liars' share.
+        assert set(r.replaced) == set(liars) and r.rejected == {}
+        assert np.abs(r.mean - all_mean).max() <= 0.25 * all_std.min()
+        assert np.abs(r.std / all_std - 1).max() <= 0.2
+    else:  # fails a bound: left out, exactly the honest banks' pooled moments
         np.testing.assert_allclose(r.mean, honest_mean, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(r.std, honest_std, rtol=1e-9)
-    if kind == "count x 1000, consistent":  # harmless moments: kept, but the count capped
-        assert set(r.capped) == set(liars) and r.rejected == {}
-        assert all(r.counts[i] < 3000 for i in liars)
-    else:
-        assert set(r.rejected) == set(liars)
+        assert set(r.rejected) == set(liars) and r.replaced == {}
         assert all(r.rejected[i] for i in liars)  # every rejection has a reason
     # Plain sums are wrecked by the same poisoning (except the harmless kinds).
     if kind in ("sum-sq x 10000", "mean x 50"):
@@ -95,6 +128,24 @@ def test_poisoned_moments_are_neutralised(kind, liars):
             np.abs(plain_std / all_std - 1).max() > 0.5
             or np.abs(plain_mean - all_mean).max() > all_std.min()
         )
+        assert np.abs(r.std / all_std - 1).max() < 0.2  # and the robust result is not
+
+
+def test_one_outlier_feature_replaces_only_that_statistic():
+    xs = banks()
+    parts = [feature_moments(x) for x in xs]
+    count, total, total_sq = parts[4]
+    total_sq = total_sq.copy()
+    total_sq[2] *= 1e4  # only feature 2's std lies
+    parts[4] = (count, total, total_sq)
+    r = robust_feature_moments(parts, names=[f"f{j}" for j in range(6)])
+    assert list(r.replaced) == [4] and "feature f2" in r.replaced[4]
+    assert "0 mean(s) and 1 std(s) of 6 features replaced" in r.replaced[4]
+    all_mean, all_std = pooled(xs)
+    np.testing.assert_allclose(r.mean, all_mean, rtol=1e-9, atol=1e-9)
+    others = [0, 1, 3, 4, 5]
+    np.testing.assert_allclose(r.std[others], all_std[others], rtol=1e-9)
+    assert abs(r.std[2] / all_std[2] - 1) < 0.1
 
 
 def test_reasons_name_the_feature_and_the_bound():
@@ -104,7 +155,7 @@ def test_reasons_name_the_feature_and_the_bound():
     parts[6] = _poison("sum-sq / 10000", parts[6])
     names = [f"f{j}" for j in range(6)]
     r = robust_feature_moments(parts, names=names)
-    assert "outlier std of feature f" in r.rejected[4] and "robust z-score" in r.rejected[4]
+    assert "outlier std of feature f" in r.replaced[4] and "robust z-score" in r.replaced[4]
     assert "negative variance" in r.rejected[6]
 
 
@@ -172,16 +223,16 @@ def test_app_standardisation_neutralises_poison_and_pins_counts(as_server):
     parts[106] = _poison("count x 1000, consistent", parts[106])
     audit = AuditTrail()
     stats = federated_standardisation(_MomentsGrid(parts), nodes, 5.0, audit)
-    honest_mean, honest_std = pooled([x for n, x in zip(nodes, xs, strict=True) if n != 103])
-    assert np.abs(stats.std / honest_std - 1).max() < 0.25  # 106 over-weighted, bounded
-    assert np.abs(stats.mean - honest_mean).max() < 0.25 * honest_std.min()
+    all_mean, all_std = pooled(xs)
+    assert np.abs(stats.std / all_std - 1).max() < 0.25  # 106 over-weighted, bounded
+    assert np.abs(stats.mean - all_mean).max() < 0.25 * all_std.min()
     events = {e["event"]: e for e in audit.events}
-    assert events["stats_rejected"]["node_id"] == 103
-    assert "outlier std" in events["stats_rejected"]["reason"]
+    assert "stats_rejected" not in events
+    assert events["stats_replaced"]["node_id"] == 103
+    assert "outlier std" in events["stats_replaced"]["reason"]
     assert events["stats_count_capped"]["node_id"] == 106
-    assert (
-        events["standardisation"]["outliers"] == [103] and events["standardisation"]["banks"] == 9
-    )
+    std_event = events["standardisation"]
+    assert std_event["outliers"] == [103] == std_event["replaced"] and std_event["banks"] == 10
     # The pinned training weights: reported counts, 106's capped at 3x the median.
     assert stats.counts[100] == len(xs[0])
     assert stats.counts[106] < 3 * max(len(x) for x in xs) < len(xs[6]) * 1000

@@ -13,18 +13,30 @@ combines them so that a minority of liars cannot move the result far:
    the robust z-score of each bank's mean and of its log standard deviation
    against the other banks',
    ``z = |x_b - median(x)| / max(1.4826 MAD(x), floor)`` (the MAD scaled to a
-   normal sigma; Hampel, JASA 1974; Leys et al., JESP 2013). A bank whose largest
-   z over the features exceeds ``z_max`` is rejected, naming the feature. The
-   floors (``mean_floor`` x the median bank std for means, ``log_std_floor`` for
-   log std) keep near-identical honest banks from making a tiny MAD flag
-   harmless differences. A bank just under ``z_max`` still moves the result by
-   up to its (capped) weight share times ``z_max`` robust spreads: the bound is
-   on how far a liar gets, not a promise of exactness.
+   normal sigma; Hampel, JASA 1974; Leys et al., JESP 2013). Each *statistic*
+   (one bank's mean, or its std, of one feature) whose z exceeds ``z_max`` is
+   replaced by the median of the banks' values of that statistic that are not
+   outliers, and the bank is reported (``replaced``) naming the first feature.
+   A bank with any statistic over ``z_max`` is held to ``z_flagged`` (default 3)
+   on its other statistics: once caught lying it is not given the benefit of the
+   doubt that honest non-IID banks need.
+   Replacing one statistic rather than leaving the whole bank out keeps what the
+   bank said honestly: a bank inflating only its sum of squares still
+   contributes its exact means and its count, so on non-IID banks (where a
+   segment's banks differ from the rest) the result stays close to the pooled
+   one instead of dropping that segment (measured on the app's 10 synthetic
+   banks, 3 liars: mean error 0 instead of 0.27 std). The floors
+   (``mean_floor`` x the median bank std for means, ``log_std_floor`` for log
+   std) keep near-identical honest banks from making a tiny MAD flag harmless
+   differences. A statistic just under ``z_max`` still moves the result by up
+   to its bank's (capped) weight share times ``z_max`` robust spreads: the
+   bound is on how far a liar gets, not a promise of exactness.
 3. **Counts** are capped at ``count_median_multiple`` x the median count of the
    banks kept, so a consistent-looking bank claiming 1000x its rows gains at most
    that multiple of weight. The capped counts are what a server should pin each
    bank's training weight to.
-4. **Combine** the banks kept with the capped counts ``w_b`` by the law of total
+4. **Combine** the banks that passed the bounds, with the statistics replaced
+   and the capped counts ``w_b`` by the law of total
    variance: ``mean = sum_b w_b m_b / W``,
    ``var = sum_b w_b (v_b + (m_b - mean)^2) / W``. With honest banks and no cap
    this is exactly the pooled mean and (population) variance of all rows.
@@ -55,9 +67,12 @@ class MomentsResult:
     mean, std : (d,) float64
         Combined per-feature mean and standard deviation (constant features: std 1).
     kept : list of int
-        Input positions of the banks used.
+        Input positions of the banks used with all their statistics.
     rejected : dict of int -> str
-        Input position -> why that bank's moments were not used.
+        Input position -> why that bank's moments were not used at all (bounds).
+    replaced : dict of int -> str
+        Input position -> which of its statistics were outliers, replaced by the
+        median over banks (the bank's other statistics and its count were used).
     counts : (n,) float64
         Per bank, the count it may weigh with (its reported count, capped; 0 when
         rejected for malformed counts). Pin training weights to it.
@@ -71,6 +86,7 @@ class MomentsResult:
     std: NDArray[np.float64]
     kept: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    replaced: dict[int, str] = field(default_factory=dict)
     counts: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     capped: dict[int, str] = field(default_factory=dict)
     max_z: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
@@ -112,6 +128,62 @@ def _robust_z(values: NDArray[np.float64], floor: NDArray[np.float64]) -> NDArra
     return np.abs(values - med) / np.maximum(mad, floor)
 
 
+def _replace_outliers(
+    values: NDArray[np.float64], outlier: NDArray[np.bool_], what: str, names: Sequence[str] | None
+) -> NDArray[np.float64]:
+    """(n, d) ``values`` with each outlier replaced by its column's median of the non-outliers.
+
+    Raises ValueError when a column's non-outliers are not a strict majority (then
+    the banks disagree too much to tell honest from poisoned)."""
+    out = values.copy()
+    n = values.shape[0]
+    for j in np.flatnonzero(outlier.any(axis=0)):
+        ok = ~outlier[:, j]
+        if 2 * int(ok.sum()) <= n:
+            feature = names[j] if names is not None and j < len(names) else f"#{j}"
+            raise ValueError(
+                f"only {int(ok.sum())} of {n} banks' {what} of feature {feature} agree: "
+                "too few to tell honest from poisoned"
+            )
+        out[~ok, j] = np.median(values[ok, j])
+    return out
+
+
+def _replacement_reason(
+    k: int,
+    z_mean: NDArray[np.float64],
+    z_std: NDArray[np.float64],
+    z_max: float,
+    mean_b: NDArray[np.float64],
+    std_b: NDArray[np.float64],
+    names: Sequence[str] | None,
+    part: MomentsPart,
+    count: float,
+) -> str:
+    """Why bank row ``k``'s statistics were replaced ('' if none was)."""
+    bad_mean = np.flatnonzero(z_mean[k] > z_max)
+    bad_std = np.flatnonzero(z_std[k] > z_max)
+    if not (bad_mean.size or bad_std.size):
+        return ""
+    z = np.where(z_mean[k] > z_max, z_mean[k], 0.0)
+    z = np.maximum(z, np.where(z_std[k] > z_max, z_std[k], 0.0))
+    j = int(np.argmax(z))
+    what = "mean" if z_mean[k, j] >= z_std[k, j] and z_mean[k, j] > z_max else "std"
+    total = np.asarray(part[1], dtype=np.float64)[j] / count
+    said = (
+        total
+        if what == "mean"
+        else np.sqrt(max(float(np.asarray(part[2], dtype=np.float64)[j]) / count - total**2, 0.0))
+    )
+    used = mean_b[k, j] if what == "mean" else std_b[k, j]
+    feature = names[j] if names is not None and j < len(names) else f"#{j}"
+    return (
+        f"outlier {what} of feature {feature}: robust z-score {z[j]:.3g} > {z_max:g} "
+        f"(bank {what} {said:.4g}, replaced by the median over banks {used:.4g}); "
+        f"{bad_mean.size} mean(s) and {bad_std.size} std(s) of {z_mean.shape[1]} features replaced"
+    )
+
+
 def robust_feature_moments(
     parts: Sequence[MomentsPart],
     z_max: float = 8.0,
@@ -120,6 +192,7 @@ def robust_feature_moments(
     log_std_floor: float = 0.02,
     count_median_multiple: float | None = 3.0,
     names: Sequence[str] | None = None,
+    z_flagged: float = 3.0,
 ) -> MomentsResult:
     r"""Combine per-bank ``(count, sum, sum of squares)`` robustly (module docstring).
 
@@ -140,8 +213,14 @@ def robust_feature_moments(
     log_std_floor : float (default: 0.02)
         Floor of the log-std scale (0.02: a 2% change of std).
     count_median_multiple : float or None (default: 3)
-        Cap on a bank's count relative to the median count kept; None: no cap.
+        Cap on a bank's count relative to the median count of the banks that
+        passed the bounds; None: no cap.
     names : feature names, optional (for the reasons).
+    z_flagged : float (default: 3)
+        A bank with any statistic above ``z_max`` has its other statistics held
+        to this z-score (those above are replaced too): a bank caught lying on one
+        statistic is not trusted to ``z_max`` on the rest. Never applies to a bank
+        with no statistic above ``z_max``.
 
     Returns
     -------
@@ -150,9 +229,10 @@ def robust_feature_moments(
     Raises
     ------
     ValueError
-        If no bank passes, or the banks kept are not a strict majority of those
-        that passed the bounds (then the banks disagree too much to tell honest
-        from poisoned, and the caller should stop and look).
+        If no bank passes the bounds, or for some feature the banks whose mean
+        (or std) is not an outlier are not a strict majority of those that passed
+        (then the banks disagree too much to tell honest from poisoned, and the
+        caller should stop and look).
     """
     if not z_max > 0:
         raise ValueError(f"z_max must be > 0, got {z_max!r}")
@@ -179,37 +259,33 @@ def robust_feature_moments(
     std_b = np.sqrt(var_b)
 
     max_z = np.full(n, np.nan)
-    keep = np.ones(len(good), dtype=bool)
+    replaced: dict[int, str] = {}
     if len(good) >= max(3, min_banks_for_outliers) and np.isfinite(z_max):
         scale = np.median(std_b, axis=0)
         scale = np.where(scale > 0, scale, np.maximum(np.abs(np.median(mean_b, axis=0)), 1.0))
         tiny = 1e-6 * scale
+        log_std_b = np.log(std_b + tiny)
         z_mean = _robust_z(mean_b, mean_floor * scale)
-        z_std = _robust_z(np.log(std_b + tiny), np.full(d, log_std_floor))
-        z = np.maximum(z_mean, z_std)
+        z_std = _robust_z(log_std_b, np.full(d, log_std_floor))
         for k, b in enumerate(good):
-            j = int(np.argmax(z[k]))
-            max_z[b] = float(z[k, j])
-            if z[k, j] > z_max:
-                keep[k] = False
-                what = "mean" if z_mean[k, j] >= z_std[k, j] else "std"
-                feature = names[j] if names is not None and j < len(names) else f"#{j}"
-                rejected[b] = (
-                    f"outlier {what} of feature {feature}: robust z-score {z[k, j]:.3g} > "
-                    f"{z_max:g} (bank {what} {mean_b[k, j] if what == 'mean' else std_b[k, j]:.4g}"
-                    f", median over banks "
-                    f"{np.median(mean_b[:, j]) if what == 'mean' else np.median(std_b[:, j]):.4g})"
-                )
-    if 2 * int(keep.sum()) <= len(good):
-        raise ValueError(
-            f"only {int(keep.sum())} of {len(good)} banks' moments agree (robust z <= {z_max:g}): "
-            "too few to tell honest from poisoned; " + "; ".join(rejected.values())
-        )
+            max_z[b] = float(max(z_mean[k].max(), z_std[k].max()))
+        # A bank caught lying on one statistic is held to z_flagged on the others.
+        flagged = ((z_mean > z_max) | (z_std > z_max)).any(axis=1, keepdims=True)
+        limit = np.where(flagged, min(z_flagged, z_max), z_max)
+        out_mean, out_std = z_mean > limit, z_std > limit
+        mean_b = _replace_outliers(mean_b, out_mean, "mean", names)
+        # Exact variances where kept (no sqrt/square round trip on honest banks).
+        var_b = np.where(out_std, _replace_outliers(std_b, out_std, "std", names) ** 2, var_b)
+        for k, b in enumerate(good):
+            reason = _replacement_reason(
+                k, z_mean, z_std, limit[k, 0], mean_b, np.sqrt(var_b), names, parts[b], count[k]
+            )
+            if reason:
+                replaced[b] = reason
 
     counts = np.zeros(n)
     capped: dict[int, str] = {}
-    kept = [b for k, b in enumerate(good) if keep[k]]
-    w = count[keep].copy()
+    w = count.copy()
     cap = np.inf
     if count_median_multiple is not None:
         cap = float(count_median_multiple) * float(np.median(w))
@@ -218,14 +294,21 @@ def robust_feature_moments(
         if count[k] > cap:
             capped[b] = (
                 f"row count {count[k]:g} capped at {count_median_multiple:g}x the median "
-                f"count of the banks kept ({cap:g})"
+                f"count of the banks ({cap:g})"
             )
     w = np.minimum(w, cap)
-    m, v = mean_b[keep], var_b[keep]
-    mean = (w @ m) / w.sum()
-    var = (w @ (v + (m - mean) ** 2)) / w.sum()
+    mean = (w @ mean_b) / w.sum()
+    var = (w @ (var_b + (mean_b - mean) ** 2)) / w.sum()
     std = np.sqrt(np.maximum(var, 0.0))
     std[std < 1e-8 * np.maximum(1.0, np.abs(mean))] = 1.0
+    kept = [b for b in good if b not in replaced]
     return MomentsResult(
-        mean=mean, std=std, kept=kept, rejected=rejected, counts=counts, capped=capped, max_z=max_z
+        mean=mean,
+        std=std,
+        kept=kept,
+        rejected=rejected,
+        replaced=replaced,
+        counts=counts,
+        capped=capped,
+        max_z=max_z,
     )

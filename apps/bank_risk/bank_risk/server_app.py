@@ -271,11 +271,15 @@ def federated_standardisation(
             "A short round-timeout or a slow first start of the banks can cause this; "
             "see audit.jsonl"
         )
-    mean, std, counts, outliers = combine_standardisation(parts, part_nodes, names, labels, audit)
+    mean, std, counts, left_out, replaced = combine_standardisation(
+        parts, part_nodes, names, labels, audit
+    )
     audit.record(
         "standardisation",
-        banks=len(parts) - len(outliers),
-        outliers=outliers,
+        banks=len(parts) - len(left_out),
+        outliers=sorted(set(left_out) | set(replaced)),
+        left_out=left_out,
+        replaced=replaced,
         features=names,
         labels={str(n): lbl for n, lbl in labels.items()},
         missing=sorted(problems),
@@ -289,27 +293,31 @@ def combine_standardisation(
     names: list[str],
     labels: dict[int, str],
     audit: AuditTrail,
-) -> tuple[np.ndarray, np.ndarray, dict[int, float], list[int]]:
+) -> tuple[np.ndarray, np.ndarray, dict[int, float], list[int], list[int]]:
     """Robust combine of the banks' moments (``flower_ext.aggregation.moments``).
 
-    A bank whose moments break a bound or are a robust outlier is left out of the
-    standardisation and audited (``stats_rejected``); a row count above 3x the
-    median is capped (``stats_count_capped``). Returns mean, std, the per-node
-    counts training weights are pinned to, and the nodes left out.
+    A bank whose moments break a bound is left out of the standardisation and
+    audited (``stats_rejected``); a bank's outlying statistics (one feature's mean
+    or std) are replaced by the median over banks and audited (``stats_replaced``),
+    its other statistics used; a row count above 3x the median is capped
+    (``stats_count_capped``). Returns mean, std, the per-node counts training
+    weights are pinned to, the nodes left out and the nodes with replaced statistics.
     """
     try:
         result = robust_feature_moments(parts, names=names)
     except ValueError as err:
         raise RuntimeError(f"the banks' feature statistics cannot be combined: {err}") from None
-    for i, reason in sorted(result.rejected.items()):
-        node = nodes[i]
-        audit.record("stats_rejected", node_id=node, label=labels.get(node, ""), reason=reason)
-        log(WARNING, "[bank-risk] standardisation: node %s left out: %s", node, reason)
+    for event, found in (("stats_rejected", result.rejected), ("stats_replaced", result.replaced)):
+        for i, reason in sorted(found.items()):
+            node = nodes[i]
+            audit.record(event, node_id=node, label=labels.get(node, ""), reason=reason)
+            log(WARNING, "[bank-risk] standardisation: node %s: %s", node, reason)
     for i, reason in sorted(result.capped.items()):
         node = nodes[i]
         audit.record("stats_count_capped", node_id=node, label=labels.get(node, ""), reason=reason)
     counts = {node: float(result.counts[i]) for i, node in enumerate(nodes)}
-    return result.mean, result.std, counts, sorted(nodes[i] for i in result.rejected)
+    left_out = sorted(nodes[i] for i in result.rejected)
+    return result.mean, result.std, counts, left_out, sorted(nodes[i] for i in result.replaced)
 
 
 def centralized_ceiling(
