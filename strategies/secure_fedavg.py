@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flower_ext.audit import AuditTrail
+from flower_ext.audit.receipts import record_exchange
 from flower_ext.records import arrays_sha256
 from flower_ext.secagg.dp import DistributedDP, clamp_probability, dp_clipping_range
 from flower_ext.secagg.mod import (
@@ -496,6 +497,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
             for node, body in payloads.items()
         }
         replies = list(self._grid.send_and_receive(messages.values(), timeout=self.step_timeout))
+        # The step's hashes go into the audit so that the banks' receipts of it match
+        # (``flower-ext verify --receipts``). A step carries no model and no "config", so a
+        # bank's receipt files it under round 0; the round is inside the hashed secagg record.
+        record_exchange(self.audit, 0, "train", messages.values(), replies)
         origins = {m.metadata.message_id: n for n, m in messages.items() if m.metadata.message_id}
         bound, rejected = bind_replies(replies, origins=origins, sampled=list(messages))
         good: dict[int, Message] = {}

@@ -58,7 +58,7 @@ from flower_ext.validation import CLIENT_INFO_KEY
 from flower_ext.verdict import bank_summary
 
 from .client_mods import BANK_MODS
-from .settings import BankAppSettings
+from .settings import BankAppSettings, secagg_dp_enabled
 
 app = ClientApp(mods=BANK_MODS)
 
@@ -280,7 +280,8 @@ def train(msg: Message, context: Context) -> Message:
         step_metrics[LOCAL_STEPS_KEY] = effective_steps(steps, train_cfg.momentum)
     # Under DP the training loss is a statistic of the protected rows outside the
     # guarantee: it is not sent. The row count is declared public (README).
-    loss_metric = {} if privacy is not None else {"train-loss": loss}
+    dp_on = privacy is not None or secagg_dp_enabled(context.run_config)
+    loss_metric = {} if dp_on else {"train-loss": loss}
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -392,7 +393,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     is_final = int(config.get("server-round", 0)) >= int(config.get("num-server-rounds", 10**9))
     local_logits = None
     if is_final and settings.local_only_baseline:
-        if settings.privacy() is None:
+        if settings.privacy() is None and not secagg_dp_enabled(context.run_config):
             local, local_logits = local_only_metrics(bank, settings)
             values.update(_metric_entries("local-only-", local))
         else:  # it would be a non-private model of the protected rows: never sent under DP

@@ -24,6 +24,7 @@ from flower_ext.mods.he import he_mod
 from flower_ext.mods.receipt import receipt_mod
 from flower_ext.mods.topk import topk_mod
 from flower_ext.records import ArrayLayout, as_c_array
+from flower_ext.secagg.mod import secagg_mod
 
 from .settings import FaultInjection
 
@@ -112,12 +113,15 @@ bank_update_dp_mod = UpdateDPMod(frozen_keys=("feature_mean", "feature_std"))
 
 #: Receipts (node config ``receipt-dir``; in simulation always), outermost of all: the bank's
 #: signed record of exactly what arrived and what left (flower_ext.audit.receipts).
+#: Secure aggregation (run config ``secagg``; acts only on SecureFedAvg's messages), next:
+#: what leaves the bank is public keys, encrypted shares and one masked vector.
 #: Encryption (run config ``he``), next: decrypts what arrives first, encrypts what leaves.
 #: Top-k compression (run config ``topk-ratio`` > 0; the server's train config wins), between
 #: the attack (an attacker's update is compressed like any other) and encryption.
 #: Fault injection (run config ``fault-*``, tests only), innermost: it stands in for the handler.
 BANK_MODS: list[Mod] = [
     receipt_mod,
+    secagg_mod,
     he_mod,
     topk_mod,
     bank_attack_mod,

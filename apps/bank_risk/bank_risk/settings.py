@@ -39,6 +39,16 @@ def _flag(cfg: Mapping[str, object], key: str, default: bool) -> bool:
     raise ValueError(f"{key} must be true or false, got {value!r}")
 
 
+def secagg_enabled(cfg: Mapping[str, object]) -> bool:
+    """Run config ``secagg``: secure aggregation (SecureFedAvg + secagg_mod)."""
+    return _flag(cfg, "secagg", False)
+
+
+def secagg_dp_enabled(cfg: Mapping[str, object]) -> bool:
+    """Run config ``secagg-dp`` (only with ``secagg``): distributed DP over secure aggregation."""
+    return secagg_enabled(cfg) and _flag(cfg, "secagg-dp", False)
+
+
 def _whole(cfg: Mapping[str, object], key: str, default: int) -> int:
     """A run-config count: a whole number (2.9 rounds is a mistake, not 2)."""
     value = cfg.get(key, default)

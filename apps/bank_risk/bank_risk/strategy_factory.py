@@ -32,6 +32,8 @@ server step (``server-learning-rate``, ``server-momentum``, ``proximal-mu``, and
 ``server-optimizer`` = adagrad / adam / yogi with ``server-beta1``, ``server-beta2``,
 ``server-tau``). ``scaffold = true`` builds :class:`~flower_ext.strategies.Scaffold`
 instead of ``FedAvg`` (refused with a robust rule, dp, he or top-k: :func:`scaffold_problem`).
+``secagg = true`` builds :class:`~flower_ext.strategies.SecureFedAvg` (keys ``secagg-*``,
+distributed DP with ``secagg-dp``; refusals in :func:`secagg_problem`).
 Whatever the caps, the server app pins every bank's train weight to the row
 count it reported at standardisation (capped at 3x the median there), so a count
 claimed later cannot buy influence (``weight_capped`` in the audit says why).
@@ -47,6 +49,8 @@ from flower_ext.attacks import LABEL_FLIP_ATTACKS
 from flower_ext.audit import AuditTrail
 from flower_ext.mods.he import TOPK_RATIO_KEY
 from flower_ext.privacy import privacy_train_metrics_aggr_fn
+from flower_ext.privacy.accounting import DELTA_BOUNDS, EPSILON_BOUNDS
+from flower_ext.secagg.dp import DistributedDP, DistributedDPError
 from flower_ext.strategies import (
     Bulyan,
     CenteredClipping,
@@ -59,12 +63,13 @@ from flower_ext.strategies import (
     NormBound,
     RobustStrategy,
     Scaffold,
+    SecureFedAvg,
     TrimmedMean,
     UpdateAggregationStrategy,
 )
 
 from .encryption import build_encrypted_strategy, he_enabled
-from .settings import BankAppSettings, SettingsError
+from .settings import BankAppSettings, SettingsError, secagg_dp_enabled, secagg_enabled
 from .strategy_wrappers import wrap_strategy
 
 
@@ -191,9 +196,11 @@ def build_strategy(
     }
     if rs.max_weight_median_multiple > 0:  # 0: the rule's default (2x for weight-using rules)
         common["max_weight_median_multiple"] = rs.max_weight_median_multiple
-    problem = scaffold_problem(settings) or fednova_problem(settings)
+    problem = secagg_problem(settings) or scaffold_problem(settings) or fednova_problem(settings)
     if problem:
         raise SettingsError(problem)
+    if secagg_enabled(settings.raw):  # secure aggregation: the server sees only the sum
+        return build_secure_strategy(settings, common, num_nodes)
     if he_enabled(settings.raw):  # encrypted aggregation: EncryptedFedAvg or a clear refusal
         return build_encrypted_strategy(settings, name, common)
     try:
@@ -332,7 +339,7 @@ def check_run_config(settings: BankAppSettings) -> None:
     are reported at once, naming the run-config keys.
     """
     name = settings.aggregation.strip().lower()
-    problem = scaffold_problem(settings) or fednova_problem(settings)
+    problem = secagg_problem(settings) or scaffold_problem(settings) or fednova_problem(settings)
     if problem:
         raise SettingsError(problem)
     if he_enabled(settings.raw):
@@ -362,3 +369,166 @@ def check_run_config(settings: BankAppSettings) -> None:
         wrap_strategy(strategy, settings, AuditTrail())
     except (TypeError, ValueError) as err:
         raise SettingsError(f"invalid run config: {err}") from err
+
+
+# --------------------------------------------------------------------------- secagg
+def _number(raw: Mapping[str, object], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingsError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def secagg_threshold(raw: Mapping[str, object], num_nodes: int) -> int | float:
+    """``secagg-threshold``: 0 = 2/3; a fraction in (0.5, 1]; or a whole count in [2, banks]."""
+    value = _number(raw, "secagg-threshold", 0.0)
+    if value == 0:
+        return 2 / 3
+    if 0.5 < value <= 1.0:
+        return value
+    if value >= 2 and value.is_integer():
+        if value > num_nodes:
+            raise SettingsError(
+                f"secagg-threshold = {int(value)} exceeds the {num_nodes} banks a round needs "
+                "(num-banks / min-banks): lower it, or give a fraction such as 0.67"
+            )
+        return int(value)
+    raise SettingsError(
+        f"secagg-threshold must be 0 (= 2/3), a fraction in (0.5, 1] or a whole count >= 2, "
+        f"got {value:g} (at or below half, two disjoint halves could each unmask)"
+    )
+
+
+def secagg_dp(settings: BankAppSettings) -> DistributedDP | None:
+    """The distributed-DP settings (``secagg-dp-*``), checked; None when ``secagg-dp`` is off."""
+    raw = settings.raw
+    if not secagg_dp_enabled(raw):
+        return None
+    target = _number(raw, "secagg-dp-target-epsilon", 0.0)
+    sigma = _number(raw, "secagg-dp-noise-multiplier", 1.0)
+    clip = _number(raw, "secagg-dp-clip-norm", 1.0)
+    delta = _number(raw, "secagg-dp-delta", 1e-5)
+    accountant = str(raw.get("secagg-dp-accountant", "rdp"))
+    problems = []
+    if target != 0 and not EPSILON_BOUNDS[0] <= target <= EPSILON_BOUNDS[1]:
+        problems.append(
+            f"secagg-dp-target-epsilon must be in [{EPSILON_BOUNDS[0]:g}, "
+            f"{EPSILON_BOUNDS[1]:g}] (or 0: use secagg-dp-noise-multiplier), got {target:g}"
+        )
+    if not DELTA_BOUNDS[0] <= delta <= DELTA_BOUNDS[1]:
+        problems.append(
+            f"secagg-dp-delta must be in [{DELTA_BOUNDS[0]:g}, {DELTA_BOUNDS[1]:g}], got {delta:g}"
+        )
+    if not clip > 0:
+        problems.append(f"secagg-dp-clip-norm must be > 0, got {clip:g}")
+    if target == 0 and not sigma > 0:
+        problems.append(f"secagg-dp-noise-multiplier must be > 0 (0 is no privacy), got {sigma:g}")
+    if problems:
+        raise SettingsError("invalid distributed-DP settings: " + "; ".join(problems))
+    try:
+        if target > 0:
+            return DistributedDP.for_target_epsilon(
+                target, settings.num_rounds, clip, delta, accountant
+            )
+        return DistributedDP(sigma, clip, delta, accountant)
+    except DistributedDPError as err:
+        raise SettingsError(f"invalid distributed-DP settings (secagg-dp-*): {err}") from err
+
+
+def secagg_problem(settings: BankAppSettings) -> str:
+    """Why ``secagg = true`` (or ``secagg-dp``) cannot run with these settings ("" if it can).
+
+    Secure aggregation shows the server only the sum of dense, pre-scaled updates:
+    robust rules, top-k, weight caps, SCAFFOLD's control deltas and FedNova's
+    reweighting all need each bank's reply in clear; HE is a second, unnecessary
+    layer. ``secagg-dp`` adds its own noise: update-level or DP-SGD noise on top
+    would be a second mechanism, and personalisation / the local-only baseline would
+    use the rows outside the accounting.
+    """
+    raw = settings.raw
+    if not secagg_enabled(raw):
+        if _flag_on(raw, "secagg-dp"):
+            return "secagg-dp = true needs secagg = true (the noise shares only add up in the sum)"
+        return ""
+    refused = []
+    name = settings.aggregation.strip().lower()
+    if name != "fedavg":
+        refused.append(
+            f"aggregation = '{name}' (a robust rule needs every bank's plaintext update; the "
+            "server sees only their sum: use 'fedavg')"
+        )
+    if he_enabled(raw):
+        refused.append("he = true (encrypting the masked updates as well is unnecessary)")
+    ratio = raw.get(TOPK_RATIO_KEY, 0.0)
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+        refused.append(
+            f"topk-ratio = {ratio} (masks cancel only over one shared set of coordinates)"
+        )
+    if settings.scaffold:
+        refused.append("scaffold = true (the server must read each bank's control delta)")
+    if settings.fednova:
+        refused.append("fednova = true (the server cannot reweight updates it never sees)")
+    for key in ("max-weight", "max-weight-median-multiple"):
+        value = raw.get(key, 0.0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            refused.append(f"{key} = {value} (banks pre-scale by their own count)")
+    if secagg_dp_enabled(raw):
+        mode = str(raw.get("dp", "off"))
+        if mode != "off":
+            refused.append(
+                f"dp = '{mode}' together with secagg-dp = true (one DP mechanism at a time: "
+                "set dp = 'off' for distributed DP)"
+            )
+        if settings.personalisation.enabled:
+            refused.append(
+                "personalisation with secagg-dp = true (it would use the protected rows "
+                "outside the accounting)"
+            )
+    if not refused:
+        return ""
+    return (
+        "secagg = true cannot be combined with "
+        + "; ".join(refused)
+        + " (set secagg = false, or change those keys)"
+    )
+
+
+def _flag_on(raw: Mapping[str, object], key: str) -> bool:
+    value = raw.get(key, False)
+    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def build_secure_strategy(
+    settings: BankAppSettings, common: dict[str, Any], num_nodes: int
+) -> SecureFedAvg:
+    """``SecureFedAvg`` from the ``secagg-*`` keys (after :func:`secagg_problem`)."""
+    raw = settings.raw
+    bits = raw.get("secagg-quantization-bits", 22)
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise SettingsError(f"secagg-quantization-bits must be a whole number, got {bits!r}")
+    clipping = _number(raw, "secagg-clipping-range", 0.0)
+    if clipping < 0:
+        raise SettingsError(f"secagg-clipping-range must be > 0 (0 = automatic), got {clipping:g}")
+    arguments = {k: v for k, v in common.items() if k not in ("max_weight",)}
+    try:
+        strategy = SecureFedAvg(
+            **arguments,
+            threshold=secagg_threshold(raw, num_nodes),
+            clipping_range=clipping or None,
+            quantization_bits=bits,
+            step_timeout=settings.round_timeout,
+            dp=secagg_dp(settings),
+        )
+        strategy.params_for(num_nodes)  # t, the range under DP and the modulus: checked now
+        return strategy
+    except ValueError as err:
+        if isinstance(err, SettingsError):
+            raise
+        message = in_run_config_words(str(err))
+        for argument, key in (
+            ("clipping_range", "secagg-clipping-range"),
+            ("quantization_bits", "secagg-quantization-bits"),
+            ("threshold", "secagg-threshold"),
+        ):
+            message = message.replace(argument, key)
+        raise SettingsError(f"secagg = true: {message}") from err
