@@ -302,6 +302,23 @@ class SecureFedAvg(UpdateAggregationStrategy):
             )
         return params
 
+    def secagg_summary(self) -> dict[str, Any]:
+        """For the run's report: what the server learned, the drop-outs, the DP figures."""
+        reports = [self.round_reports[r] for r in sorted(self.round_reports)]
+        metrics = [r.train_metrics for r in reports]
+        return {
+            "server_saw": (
+                "per bank: two public keys, num-examples and train metrics, encrypted shares, "
+                "one masked vector (uniform on its own); per round: the sum of the survivors' "
+                "updates only"
+            ),
+            "threshold": self.threshold,
+            "rounds_aggregated": sum(1 for m in metrics if "secagg-survivors" in m),
+            "rounds_failed": sum(1 for m in metrics if m.get("secagg-failed")),
+            "dropouts": int(sum(m.get("secagg-dropped", 0) for m in metrics)),  # type: ignore[misc]
+            "distributed_dp": self.dp_figures() or None,
+        }
+
     def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The base state plus the distributed-DP rounds (a resumed run keeps counting)."""
         arrays, fields = super().export_state()

@@ -69,6 +69,11 @@ def test_secagg_run_gives_the_plaintext_fedavg_model(runs):
     assert stages == {"train", "advertise", "share-keys", "masked-input", "unmask"}
     saw = [e["server_saw"] for e in events if e["event"] == "round_aggregated"]
     assert saw and all("sum" in s for s in saw)
+    summary = secure["secure_aggregation"]  # metrics.json, and run_end in the trail
+    assert "the sum of the survivors' updates only" in summary["server_saw"]
+    assert summary["rounds_aggregated"] == 2 and summary["dropouts"] == 0
+    assert summary["distributed_dp"] is None
+    assert "secure_aggregation" not in plain
 
 
 def test_secagg_run_verifies_against_the_banks_receipts(runs):
@@ -98,6 +103,8 @@ def test_distributed_dp_run_reports_the_epsilon(runs):
     assert len(table) == 2 and table[0] == pytest.approx(last["secagg-dp-epsilon"])
     assert table[0] < table[1] == pytest.approx(last["secagg-dp-epsilon-nominal"])
     assert "train-loss" not in last  # a statistic of the rows outside the guarantee
+    final = dp["secure_aggregation"]["distributed_dp"]
+    assert final["secagg-dp-epsilon-nominal"] == last["secagg-dp-epsilon-nominal"]
     events = [e for e in _events(run_dir) if e["event"] == "secagg_dp"]
     assert [e["round"] for e in events] == [1, 2]
     assert events[-1]["secagg_dp_epsilon_nominal"] == pytest.approx(

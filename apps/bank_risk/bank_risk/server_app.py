@@ -785,6 +785,21 @@ def run_federation(
     }
     if personalised:  # the personalisation block (bank_risk.personalisation)
         summary["personalisation"] = personalised
+    secure = getattr(inner, "secagg_summary", None)  # secagg = true: what the server learned
+    if callable(secure):
+        summary["secure_aggregation"] = secure()
+        dp = summary["secure_aggregation"]["distributed_dp"] or {}
+        log(
+            INFO,
+            "[bank-risk] secure aggregation: the server saw only the sum each round%s",
+            (
+                f"; distributed DP epsilon {dp['secagg-dp-epsilon']:.3f} (all survivors "
+                f"honest), {dp['secagg-dp-epsilon-nominal']:.3f} with only t honest, at delta "
+                f"{dp['secagg-dp-delta']:g}"
+                if dp
+                else ""
+            ),
+        )
     metrics.update(
         status="finished",
         final={**final_eval, "model_sha256": final_sha},
