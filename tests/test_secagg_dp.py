@@ -219,3 +219,26 @@ def test_a_clipping_range_the_noise_would_leave_is_refused(as_server):
     assert auto.params_for(4).clipping_range == pytest.approx(0.05 + 8 * 0.1 / math.sqrt(2))
     with pytest.raises(ValueError, match="DistributedDP"):
         SecureFedAvg(dp={"noise_multiplier": 1.0})  # type: ignore[arg-type]
+
+
+def test_frozen_coordinates_send_exactly_zero_and_no_noise():
+    rng = np.random.default_rng(1)
+    update = np.array([3.0, 4.0, 7.0, -2.0])
+    free = np.array([True, True, False, False])
+    out = noised_share(update, 1.0, 1e-9, rng, free=free)
+    assert np.allclose(out[:2], [0.6, 0.8])  # clipped on the free part's norm (5)
+    assert out[2] == 0.0 and out[3] == 0.0  # exactly: no noise, no update
+    with pytest.raises(DistributedDPError, match="shape"):
+        noised_share(update, 1.0, 1.0, rng, free=free[:3])
+
+
+def test_the_bank_mod_keeps_frozen_arrays_exact_under_dp(as_server, monkeypatch):
+    import tests.test_secagg_flower as flower_tests
+    from flower_ext.secagg.mod import SecAggMod
+
+    monkeypatch.setattr(flower_tests, "secagg_mod", SecAggMod(dp_frozen_keys=("b",)))
+    dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)  # loud noise elsewhere
+    new, _ = Federation(NODES).run_round(SecureFedAvg(threshold=2, dp=dp))
+    # "b" is frozen: its global value (zeros) comes back up to the quantisation error only
+    assert np.max(np.abs(new["b"].numpy())) < 1e-5
+    assert np.max(np.abs(new["w"].numpy() - _global()["w"].numpy())) > 1e-3

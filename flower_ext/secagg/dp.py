@@ -221,16 +221,30 @@ def clip_to_norm(vector: np.ndarray, clip_norm: float) -> np.ndarray:
 
 
 def noised_share(
-    update: np.ndarray, clip_norm: float, noise_std: float, rng: np.random.Generator
+    update: np.ndarray,
+    clip_norm: float,
+    noise_std: float,
+    rng: np.random.Generator,
+    free: np.ndarray | None = None,
 ) -> np.ndarray:
     """One bank's DP contribution: ``clip(update, C) + N(0, noise_std^2)`` per coordinate.
 
-    ``rng`` must be unpredictable to everyone else (the app passes
-    :func:`flower_ext.privacy.secure_numpy_generator`); a seeded one only in tests.
+    ``free`` (bool, the shape of ``update``; default all True) marks the coordinates
+    training may change; the others (frozen buffers) are sent as exactly 0, without
+    noise, and do not count towards the norm. ``rng`` must be unpredictable to
+    everyone else (the app passes :func:`flower_ext.privacy.secure_numpy_generator`);
+    a seeded one only in tests.
     """
     std = _check_positive("noise_std", noise_std)
-    clipped = clip_to_norm(update, clip_norm)
-    return clipped + rng.normal(0.0, std, size=clipped.shape)
+    values = np.asarray(update, dtype=np.float64)
+    if free is None:
+        return clip_to_norm(values, clip_norm) + rng.normal(0.0, std, size=values.shape)
+    free = np.asarray(free, dtype=bool)
+    if free.shape != values.shape:
+        raise DistributedDPError(f"free has shape {free.shape}, the update {values.shape}")
+    out = np.zeros_like(values)
+    out[free] = clip_to_norm(values[free], clip_norm) + rng.normal(0.0, std, size=int(free.sum()))
+    return out
 
 
 def clamp_probability(clipping_range: float, clip_norm: float, noise_std: float) -> float:

@@ -146,7 +146,22 @@ def _check_round(session: BankSession, config: ConfigRecord) -> None:
         )
 
 
-def _train(msg: Message, context: Context, call_next: Callable, config: ConfigRecord) -> Message:
+def _free_mask(layout: ArrayLayout, frozen: tuple[str, ...]) -> np.ndarray:
+    """``uint8`` per coordinate: 1 where the array may change in training, 0 for ``frozen``."""
+    free = np.ones(layout.dim, dtype=np.uint8)
+    for key, start, stop in zip(layout.keys, layout.offsets[:-1], layout.offsets[1:], strict=True):
+        if key in frozen:
+            free[start:stop] = 0
+    return free
+
+
+def _train(
+    msg: Message,
+    context: Context,
+    call_next: Callable,
+    config: ConfigRecord,
+    frozen: tuple[str, ...] = (),
+) -> Message:
     params = SecAggParams.from_dict(dict(config))
     weight_key = str(config.get("weight-key", "num-examples"))
     arrays_key = str(config.get("arrays-key", "arrays"))
@@ -182,7 +197,10 @@ def _train(msg: Message, context: Context, call_next: Callable, config: ConfigRe
     if len(dp) == 1:
         raise SecAggError(f"distributed DP needs both {DP_CLIP_KEY} and {DP_STD_KEY}")
     save_session(session, {"weight": weight, **dp}, context)
-    context.state[STATE_UPDATE_KEY] = ArrayRecord({"update": Array(update)})
+    kept = {"update": Array(update)}
+    if dp and frozen:  # under DP the frozen arrays send exactly 0 and get no noise
+        kept["free"] = Array(_free_mask(layout, frozen))
+    context.state[STATE_UPDATE_KEY] = ArrayRecord(kept)
     c_pk, s_pk = session.advertise()
     records = {k: v for k, v in content.items() if k != arrays_key and k != RECORD_KEY}
     records = {k: v for k, v in records.items() if not isinstance(v, ArrayRecord)}
@@ -233,8 +251,9 @@ def _masked_input(msg: Message, context: Context, config: ConfigRecord) -> Messa
         from .dp import noised_share
 
         clip, std = float(record[DP_CLIP_KEY]), float(record[DP_STD_KEY])  # type: ignore
+        free = update_record["free"].numpy().astype(bool) if "free" in update_record else None
         masked, clipped = session.masked_input(
-            noised_share(update, clip, std, secure_numpy_generator())
+            noised_share(update, clip, std, secure_numpy_generator(), free=free)
         )
         report = {"dim": int(masked.size)}  # a clamp count would be outside the guarantee
     else:
@@ -270,15 +289,32 @@ def _unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
     )
 
 
-def secagg_mod(msg: Message, context: Context, call_next: Callable) -> Message:
-    """Flower ClientApp mod: run this bank's side of a SecureFedAvg round."""
+class SecAggMod:
+    """Flower ClientApp mod: run this bank's side of a SecureFedAvg round.
+
+    ``dp_frozen_keys`` name arrays training never changes (e.g. a model's
+    standardisation buffers): under distributed DP their update is sent as exactly
+    0 and gets no noise (as :class:`flower_ext.mods.dp.UpdateDPMod` does).
+    :data:`secagg_mod` is the instance without frozen arrays.
+    """
+
+    def __init__(self, dp_frozen_keys: tuple[str, ...] = ()) -> None:
+        self.dp_frozen_keys = tuple(str(k) for k in dp_frozen_keys)
+
+    def __call__(self, msg: Message, context: Context, call_next: Callable) -> Message:
+        return _secagg(msg, context, call_next, self.dp_frozen_keys)
+
+
+def _secagg(
+    msg: Message, context: Context, call_next: Callable, frozen: tuple[str, ...]
+) -> Message:
     if not msg.has_content() or RECORD_KEY not in msg.content.config_records:
         return call_next(msg, context)
     config = msg.content.config_records[RECORD_KEY]
     stage = config.get("stage")
     try:
         if stage == STAGE_TRAIN:
-            return _train(msg, context, call_next, config)
+            return _train(msg, context, call_next, config, frozen)
         if stage == STAGE_SHARE_KEYS:
             return _share_keys(msg, context, config)
         if stage == STAGE_MASKED_INPUT:
@@ -290,3 +326,7 @@ def secagg_mod(msg: Message, context: Context, call_next: Callable) -> Message:
         if stage in (STAGE_MASKED_INPUT, STAGE_UNMASK):
             clear_session(context)  # never retry a half-done masking step
         return _error(msg, f"stage {stage!r}: {err}")
+
+
+#: The mod, ready to install: ``ClientApp(mods=[secagg_mod])``.
+secagg_mod = SecAggMod()

@@ -24,7 +24,7 @@ from flower_ext.mods.he import he_mod
 from flower_ext.mods.receipt import receipt_mod
 from flower_ext.mods.topk import topk_mod
 from flower_ext.records import ArrayLayout, as_c_array
-from flower_ext.secagg.mod import secagg_mod
+from flower_ext.secagg.mod import SecAggMod
 
 from .settings import FaultInjection
 
@@ -111,6 +111,10 @@ bank_attack_mod = AttackMod(colluder_updates=colluder_updates)
 #: encryption only ever see the noised update. The standardisation buffers are not trained.
 bank_update_dp_mod = UpdateDPMod(frozen_keys=("feature_mean", "feature_std"))
 
+#: Secure aggregation (run config ``secagg``); under ``secagg-dp`` the standardisation
+#: buffers are sent as exactly 0, without noise (they are not trained).
+bank_secagg_mod = SecAggMod(dp_frozen_keys=("feature_mean", "feature_std"))
+
 #: Receipts (node config ``receipt-dir``; in simulation always), outermost of all: the bank's
 #: signed record of exactly what arrived and what left (flower_ext.audit.receipts).
 #: Secure aggregation (run config ``secagg``; acts only on SecureFedAvg's messages), next:
@@ -121,7 +125,7 @@ bank_update_dp_mod = UpdateDPMod(frozen_keys=("feature_mean", "feature_std"))
 #: Fault injection (run config ``fault-*``, tests only), innermost: it stands in for the handler.
 BANK_MODS: list[Mod] = [
     receipt_mod,
-    secagg_mod,
+    bank_secagg_mod,
     he_mod,
     topk_mod,
     bank_attack_mod,
