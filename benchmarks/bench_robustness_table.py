@@ -73,6 +73,13 @@ ATTACKS = (
 )
 
 
+#: Pseudo-attack of the yardstick cells: FedAvg over the honest banks only (the malicious
+#: banks crash in training, ``fault-kind = "raise"``, and are left out; they still
+#: take part in standardisation and evaluation, as in the attacked cells). No rule can
+#: be expected to beat it: it is what perfect detection of the attackers gives.
+HONEST_ONLY = "honest-only"
+
+
 def parse_rule(spec: str) -> tuple[str, dict[str, Any]]:
     """``"median:bucket-size=2,trim-beta=0.3"`` -> ``("median", {...})`` (values as JSON)."""
     name, _, rest = spec.partition(":")
@@ -91,6 +98,14 @@ def cell_overrides(
 ) -> dict[str, Any]:
     rule, rule_extra = parse_rule(rule_spec)
     f = len([m for m in malicious.split(",") if m.strip()])
+    if attack == HONEST_ONLY:  # the yardstick: the malicious banks take no part in training
+        return {
+            **cell_overrides("fedavg", "none", "", seed, args),
+            "num-malicious": 0,
+            "fault-banks": malicious,
+            "fault-kind": "raise",
+            "min-banks": args.banks - f,
+        }
     if rule == "bulyan":
         f = min(f, (args.banks - 3) // 4)
     return {
@@ -141,7 +156,20 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--runtime", default="ray", choices=("ray", "inprocess"))
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (--runtime inprocess)")
+    parser.add_argument(
+        "--no-honest-only",
+        action="store_true",
+        help="skip the yardstick cells (FedAvg over the honest banks only)",
+    )
+    parser.add_argument(
+        "--table-from",
+        help="','-separated JSON files of earlier runs: summarise their cells (a later "
+        "file's cell replaces an earlier one of the same rule, attack, set and seed); no runs",
+    )
     args = parser.parse_args()
+    if args.table_from:
+        table_from(args)
+        return
     if args.jobs > 1 and args.runtime != "inprocess":
         parser.error("--jobs > 1 needs --runtime inprocess (Ray already uses every core)")
     # Rules may carry ','-separated overrides, so ';' separates rules when present.
@@ -158,6 +186,8 @@ def main() -> None:
     started = time.perf_counter()
     # Clean FedAvg first (the reference of every gap), then attack by attack.
     plan = [("fedavg", "none", sets[0], seed) for seed in seeds]
+    if not args.no_honest_only:
+        plan += [("fedavg", HONEST_ONLY, m, seed) for m in sets for seed in seeds]
     for attack in attacks:
         for malicious in sets if attack != "none" else sets[:1]:
             for rule in rules:
@@ -216,8 +246,34 @@ def main() -> None:
         print(markdown(result), file=sys.stderr)
 
 
+def table_from(args: argparse.Namespace) -> None:
+    """Summarise the cells of earlier JSON outputs (``--table-from``)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    setups = []
+    for name in [p.strip() for p in args.table_from.split(",") if p.strip()]:
+        data = json.loads(Path(name).read_text())
+        setups.append(data.get("setup", {}))
+        for c in data["cells"]:
+            merged[(c["rule"], c["attack"], c["malicious"], c["seed"])] = c
+    cells = list(merged.values())
+    args.seeds = ",".join(str(s) for s in sorted({c["seed"] for c in cells}))
+    args.malicious_sets = ";".join(sorted({c["malicious"] for c in cells if c["malicious"]}))
+    result = summarise(cells, args, time.perf_counter())
+    result["setup"]["merged_from"] = args.table_from
+    result["total_seconds"] = sum(c.get("seconds", 0.0) for c in cells)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result), file=sys.stderr)
+
+
 def _r(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _worst(row: dict[str, Any], key: str, value: float | None) -> None:
+    if value is not None and (row[key] is None or value < row[key]):
+        row[key] = value
 
 
 def summarise(
@@ -230,24 +286,41 @@ def summarise(
         for c in cells
         if c["rule"] == "fedavg" and c["attack"] == "none" and c.get("final_auc") is not None
     }
-    # Per (rule, attack, #malicious): worst seed's final and minimum AUC, and gaps to clean.
+    # The yardstick per (seed, malicious set): FedAvg over the honest banks only.
+    honest_only = {
+        (c["seed"], c["malicious"]): {"final": c["final_auc"], "min": c["min_auc"]}
+        for c in cells
+        if c["attack"] == HONEST_ONLY and c.get("final_auc") is not None
+    }
+    # Per (rule, attack, #malicious): worst seed's final and minimum AUC, and gaps to
+    # clean FedAvg and to honest-only FedAvg (same seed, same malicious set).
     table: dict[str, dict[str, Any]] = {}
     for c in cells:
+        if c["attack"] == HONEST_ONLY:
+            continue
         key = f"{c['attack']}, f={c['num_malicious_banks']}"
         row = table.setdefault(c["rule"], {}).setdefault(
-            key, {"final_auc": None, "min_auc": None, "gap_final": None, "gap_min": None}
+            key,
+            {
+                "final_auc": None,
+                "min_auc": None,
+                "gap_final": None,
+                "gap_min": None,
+                "gap_honest_only_final": None,
+                "gap_honest_only_min": None,
+            },
         )
         if c.get("final_auc") is None:
             continue
-        ref = clean.get(c["seed"])
+        refs = {"gap": clean.get(c["seed"]), "gap_honest_only": None}
+        if c["malicious"]:
+            refs["gap_honest_only"] = honest_only.get((c["seed"], c["malicious"]))
         for what in ("final", "min"):
             auc = c[f"{what}_auc"]
-            if row[f"{what}_auc"] is None or auc < row[f"{what}_auc"]:
-                row[f"{what}_auc"] = auc
-            if ref is not None and auc is not None and ref[what] is not None:
-                gap = auc - ref[what]
-                if row[f"gap_{what}"] is None or gap < row[f"gap_{what}"]:
-                    row[f"gap_{what}"] = gap
+            _worst(row, f"{what}_auc", auc)
+            for name, ref in refs.items():
+                if ref is not None and auc is not None and ref[what] is not None:
+                    _worst(row, f"{name}_{what}", auc - ref[what])
     best: dict[str, Any] = {}
     for key in sorted({k for row in table.values() for k in row}):
         scored = [
@@ -257,11 +330,18 @@ def summarise(
         ]
         if scored:
             gap, rule = max(scored)
-            best[key] = {"rule": rule, "worst_gap_final_or_min": gap}
+            cell = table[rule][key]
+            to_honest = [cell["gap_honest_only_final"], cell["gap_honest_only_min"]]
+            best[key] = {
+                "rule": rule,
+                "worst_gap_final_or_min": gap,
+                "worst_gap_to_honest_only": None if None in to_honest else min(to_honest),
+            }
     return {
         "benchmark": "robustness_table",
         "what": "pooled test AUC of the bank app per rule and attack: the final round's and the "
-        "minimum over rounds, worst over seeds; gaps to clean FedAvg of the same seed",
+        "minimum over rounds, worst over seeds; gaps to clean FedAvg of the same seed and to "
+        "FedAvg over the honest banks only (same seed and malicious set)",
         "setup": {
             "banks": args.banks,
             "malicious_sets": args.malicious_sets,
@@ -274,6 +354,7 @@ def summarise(
             "bulyan_num_malicious": f"min(f, {(args.banks - 3) // 4})",
         },
         "clean_fedavg_auc_by_seed": clean,
+        "honest_only_fedavg_auc": {f"{s} / {m}": v for (s, m), v in honest_only.items()},
         "table": table,
         "best_per_attack": best,
         "cells": cells,
@@ -281,23 +362,56 @@ def summarise(
     }
 
 
+def _pair(v: dict[str, Any] | None) -> str:
+    if not v or v["final_auc"] is None:
+        return "-"
+    return f"{v['final_auc']:.3f} / {v['min_auc']:.3f}"
+
+
+def _gap(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
+    """One row per (attack, f): each rule's final / minimum AUC (worst seed), then the
+    best rule's worse gap to clean FedAvg (the issue's goal: >= -0.01 at f = 2,
+    >= -0.02 at f = 3) and its worse gap to FedAvg over the honest banks only."""
     table = result["table"]
+    rules = list(table)
     keys = sorted({k for row in table.values() for k in row})
     lines = [
-        "| rule | " + " | ".join(keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
+        "| attack | f | "
+        + " | ".join(f"{r} final / min" for r in rules)
+        + " | best rule: worse gap to clean FedAvg | its gap to honest-only FedAvg |",
+        "|---|---|" + "---|" * len(rules) + "---|---|",
     ]
-    for rule, row in table.items():
-        cells = []
-        for k in keys:
-            v = row.get(k)
-            if not v or v["final_auc"] is None:
-                cells.append("-")
-            else:
-                cells.append(f"{v['final_auc']:.3f} / {v['min_auc']:.3f}")
-        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n(final / minimum-over-rounds AUC, worst seed)"
+    for key in keys:
+        attack, _, f = key.partition(", f=")
+        best = result["best_per_attack"].get(key)
+        goal = {"2": -0.01, "3": -0.02}.get(f)
+        verdict = "-"
+        if best:
+            miss = goal is not None and best["worst_gap_final_or_min"] < goal
+            verdict = f"{_gap(best['worst_gap_final_or_min'])} ({best['rule']})" + (
+                " **misses the goal**" if miss else ""
+            )
+        honest = _gap(best["worst_gap_to_honest_only"]) if best else "-"
+        lines.append(
+            f"| {attack} | {f} | "
+            + " | ".join(_pair(table[r].get(key)) for r in rules)
+            + f" | {verdict} | {honest} |"
+        )
+    clean = result["clean_fedavg_auc_by_seed"]
+    honest_only = result.get("honest_only_fedavg_auc", {})
+    lines.append("")
+    lines.append(
+        "Clean FedAvg final / min by seed: "
+        + ", ".join(f"{s}: {v['final']:.3f} / {v['min']:.3f}" for s, v in clean.items())
+        + ". Honest-only FedAvg by seed / malicious set: "
+        + ", ".join(f"{k}: {v['final']:.3f} / {v['min']:.3f}" for k, v in honest_only.items())
+        + ". (final / minimum-over-rounds AUC, worst seed)"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
