@@ -18,9 +18,12 @@ not there). Methods are run-config overrides; add one to :data:`METHODS`. A meth
 keys the app does not know (yet) is skipped with a message. Personalisation's per-bank
 results (``metrics.json``'s ``personalisation`` block) add the column "banks where the
 personalised model beats both the global and the local-only model" (:func:`personalised`).
+``--rows-per-bank`` sets the synthetic banks' mean size (each setting gets its own table);
+``--table-from a.json,b.json`` prints saved results together.
 
     python benchmarks/bench_non_iid.py [--scenarios segments,hard] [--methods fedavg,fedprox]
-        [--rounds 30] [--seeds 42] [--local-epochs 1,5] [--out FILE.json] [--plot FILE.png]
+        [--rounds 30] [--seeds 42] [--local-epochs 1,5] [--rows-per-bank 8000]
+        [--out FILE.json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "fednova+adam": {"fednova": True, "server-optimizer": "adam", "server-learning-rate": 0.1},
     # FedAvg's global model, then each bank fine-tunes it and recalibrates its intercept
     "fedavg+personalised": {"personalisation": "finetune+intercept"},
+    # FedAvg's global model mixed with each bank's local-only model, the weight chosen on
+    # the bank's validation rows (Mansour et al. 2020's model interpolation)
+    "fedavg+mix": {"personalisation": "mix"},
+    "fedavg+finetune+mix": {"personalisation": "finetune+mix"},
     "fednova+adam+personalised": {
         "fednova": True,
         "server-optimizer": "adam",
@@ -91,10 +98,15 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def app_config() -> dict[str, Any]:
+    """The app's run config with its defaults (``[tool.flwr.app.config]``)."""
+    project = tomllib.loads((APP / "pyproject.toml").read_text())
+    return dict(project["tool"]["flwr"]["app"]["config"])
+
+
 def known_keys() -> set[str]:
-    """The app's run-config keys (``[tool.flwr.app.config]``); Flower refuses any other."""
-    config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    return set(config)
+    """The app's run-config keys; Flower refuses any other."""
+    return set(app_config())
 
 
 def rounds_to_target(curve: list[float | None], ceiling: float | None) -> int | None:
@@ -133,11 +145,28 @@ def personalised(metrics: dict[str, Any]) -> dict[str, Any] | None:
     rows = block.get("per_bank") or {}
     aucs = [r.get("personalised_auc") for r in rows.values() if r.get("personalised_auc")]
     return {
+        "mode": block.get("mode"),
         "banks_beating_both": block.get("banks_beating_both"),
         "banks": block.get("banks"),
         "names": block.get("banks_beating_both_names"),
         "worst_bank_personalised_auc": min(aucs) if aucs else None,
         "per_bank_personalised_auc": {b: r.get("personalised_auc") for b, r in rows.items()},
+        "per_bank": {b: bank_figures(r) for b, r in rows.items()},
+    }
+
+
+def bank_figures(row: dict[str, Any]) -> dict[str, Any]:
+    """One bank's personalisation figures, as the server checked them: test rows, the
+    three AUCs, both paired 95% intervals, and the mixture weight (``mix`` modes)."""
+    return {
+        "test_rows": row.get("num_test_examples"),
+        "global_auc": row.get("global_auc"),
+        "personalised_auc": row.get("personalised_auc"),
+        "local_only_auc": row.get("local_only_auc"),
+        "vs_global_ci": (row.get("vs_global") or {}).get("ci"),
+        "vs_local_only_ci": (row.get("vs_local_only") or {}).get("ci"),
+        "beats_both": row.get("beats_both"),
+        "mix_alpha": (row.get("mix") or {}).get("alpha"),
     }
 
 
@@ -217,16 +246,23 @@ def point_wins(row: dict[str, Any]) -> int:
 
 
 def tables(rows: list[dict[str, Any]], scenarios: list[str], methods: list[str]) -> str:
+    """One markdown table per (local epochs, rows per bank) setting. A row saved before
+    ``--rows-per-bank`` existed counts as the app's default (2000 then and now)."""
     out = []
-    for epochs in sorted({r["local_epochs"] for r in rows}):
-        subset = [r for r in rows if r["local_epochs"] == epochs]
+    sizes = sorted({r.get("rows_per_bank", 2000) for r in rows})
+    for epochs, size in itertools.product(sorted({r["local_epochs"] for r in rows}), sizes):
+        subset = [
+            r for r in rows if r["local_epochs"] == epochs and r.get("rows_per_bank", 2000) == size
+        ]
+        if not subset:
+            continue
         ceilings = {
             s: _mean([r["centralized_auc"] for r in subset if r["scenario"] == s])
             for s in scenarios
         }
         shown = [s for s in scenarios if any(r["scenario"] == s for r in subset)]
         out.append(
-            f"local-epochs = {epochs}; cell: final pooled AUC / rounds to "
+            f"local-epochs = {epochs}, rows-per-bank = {size}; cell: final pooled AUC / rounds to "
             f"{TARGET_FRACTION} x centralized / worst bank's AUC / MB up+down"
             " (/ personalised: banks where the personalised model beats both the global and"
             " the local-only model, with a significant gain / as point estimates)\n"
@@ -247,6 +283,19 @@ def tables(rows: list[dict[str, Any]], scenarios: list[str], methods: list[str])
                 out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def merge_saved(saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several saved results as one: their rows in order, scenarios and methods in order
+    of first appearance (``--table-from a.json,b.json``)."""
+    scenarios: dict[str, None] = {}
+    methods: dict[str, None] = {}
+    rows: list[dict[str, Any]] = []
+    for one in saved:
+        scenarios.update(dict.fromkeys(one["scenarios"]))
+        methods.update(dict.fromkeys(one["methods"]))
+        rows.extend(one["rows"])
+    return {"scenarios": list(scenarios), "methods": list(methods), "rows": rows}
 
 
 def plot(rows: list[dict[str, Any]], scenarios: list[str], path: str) -> None:
@@ -302,19 +351,27 @@ def main() -> None:
     parser.add_argument("--seeds", default="42", help="comma-separated seeds")
     parser.add_argument("--local-epochs", default="1", help="comma-separated, e.g. 1,5")
     parser.add_argument("--banks", type=int, default=5, help="synthetic scenarios' banks")
+    parser.add_argument(
+        "--rows-per-bank",
+        type=int,
+        default=0,
+        help="synthetic banks' mean rows (run config rows-per-bank; 0 = the app's default)",
+    )
     parser.add_argument("--out", default="", help="write the JSON here too")
     parser.add_argument("--plot", default="", help="round-by-round AUC curves (PNG)")
-    parser.add_argument("--table-from", default="", help="print the tables of a saved JSON")
+    parser.add_argument(
+        "--table-from", default="", help="print the tables of saved JSON files (comma-separated)"
+    )
     parser.add_argument("--runtime", default="ray", choices=("ray", "inprocess"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (--runtime inprocess)")
     args = parser.parse_args()
     if args.jobs > 1 and args.runtime != "inprocess":
         parser.error("--jobs > 1 needs --runtime inprocess (Ray already uses every core)")
-    if args.table_from:  # re-render a finished run's tables (and curves) without running
-        saved = json.loads(Path(args.table_from).read_text())
-        print(tables(saved["rows"], list(saved["scenarios"]), list(saved["methods"])))
+    if args.table_from:  # re-render finished runs' tables (and curves) without running
+        saved = merge_saved([json.loads(Path(f).read_text()) for f in args.table_from.split(",")])
+        print(tables(saved["rows"], saved["scenarios"], saved["methods"]))
         if args.plot:
-            plot(saved["rows"], list(saved["scenarios"]), args.plot)
+            plot(saved["rows"], saved["scenarios"], args.plot)
         return
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -341,6 +398,7 @@ def main() -> None:
 
     from bank_risk.simulate import run_many
 
+    rows_per_bank = args.rows_per_bank or int(app_config()["rows-per-bank"])
     output = Path(tempfile.mkdtemp(prefix="bench-noniid-"))
     plan = [
         (epochs, seed, scenario, method)
@@ -353,11 +411,12 @@ def main() -> None:
         {
             "num-server-rounds": args.rounds,
             "num-banks": args.banks,
+            **({"rows-per-bank": args.rows_per_bank} if args.rows_per_bank else {}),
             "local-epochs": epochs,
             "seed": seed,
             "local-only-baseline": True,
             "centralized-baseline": True,
-            "run-name": f"{scenario}-{method}-e{epochs}-s{seed}",
+            "run-name": f"{scenario}-{method}-e{epochs}-s{seed}-r{rows_per_bank}",
             "output-dir": str(output),
             **DATA_SCENARIOS[scenario],
             **METHODS[method],
@@ -373,7 +432,9 @@ def main() -> None:
             skipped[f"{scenario}-{method}-e{epochs}-s{seed}"] = f"run failed: {error}"
             print(f"[bench] {scenario} {method}: FAILED {error}", file=sys.stderr, flush=True)
             continue
-        row = {"local_epochs": epochs, "seed": seed} | read_one(scenario, method, run_dir, seconds)
+        row = {"local_epochs": epochs, "seed": seed, "rows_per_bank": rows_per_bank} | read_one(
+            scenario, method, run_dir, seconds
+        )
         rows.append(row)
         brief = {k: v for k, v in row.items() if k not in ("auc_curve",)}
         print(json.dumps(brief), file=sys.stderr, flush=True)
@@ -381,6 +442,7 @@ def main() -> None:
         "benchmark": "non_iid",
         "rounds": args.rounds,
         "banks": args.banks,
+        "rows_per_bank": rows_per_bank,
         "seeds": args.seeds,
         "local_epochs": args.local_epochs,
         "runtime": args.runtime,

@@ -8,6 +8,9 @@ After the last round the server sends every bank one more message, a QUERY
    default rate on its training rows);
 2. trains its local-only model, exactly as the verdict does
    (:func:`bank_risk.client_app.local_only_metrics`, same seeds: the same model);
+   with ``mix`` / ``finetune+mix`` its personalised model is the mixture of the (fine-tuned)
+   federated model and this local-only model, the weight chosen on its validation rows
+   (:func:`flower_ext.personalise.choose_mix_weight`);
 3. scores the three models on its own test rows and replies with a summary only
    (:func:`flower_ext.personalise.personalisation_summary`): AUCs, paired DeLong
    differences with 95% intervals (personalised - global, personalised - local-only),
@@ -15,8 +18,10 @@ After the last round the server sends every bank one more message, a QUERY
    the personalised model itself never leaves the bank.
 
 The server checks every reply (only known keys, finite numbers, AUCs and rates in
-[0, 1], ordered intervals; verdicts recomputed from the intervals, never taken from the
-bank) and writes the ``personalisation`` block of ``metrics.json`` and ``run_end``:
+[0, 1], ordered intervals; a mixture's weight in [0, 1], its validation loss no worse
+than either endpoint's, its AUC the global's at ``alpha = 1`` of ``mix`` and the
+local-only's at ``alpha = 0``; verdicts recomputed from the intervals, never taken from
+the bank) and writes the ``personalisation`` block of ``metrics.json`` and ``run_end``:
 per bank, and the count of banks where the personalised model beats *both* the global
 and the local-only model with a significant gain (both lower bounds > 0).
 
@@ -32,16 +37,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flower_ext.audit import AuditTrail, short_reason
 from flower_ext.personalise import (
+    MIX_GRID,
+    PERSONALISATION_MODES,
+    MixChoice,
     PersonalisationConfig,
+    choose_mix_weight,
+    mix_logits,
     personalisation_summary,
     personalise,
 )
@@ -56,6 +68,14 @@ from .bank_query import first_replies, query_banks
 PERSONALISE_QUERY = "personalise"
 #: Error code of a bank that cannot personalise (reason: one line).
 PERSONALISE_ERROR_CODE = 4210
+#: A mixture's figures in the reply: MixChoice field -> reply key.
+MIX_KEYS = {
+    "alpha": "mix-alpha",
+    "offset": "mix-offset",
+    "val_loss": "mix-val-loss",
+    "val_loss_federated": "mix-val-loss-federated",
+    "val_loss_local": "mix-val-loss-local-only",
+}
 #: The only numbers a bank's reply may carry (record ``personalisation``).
 NUMERIC_KEYS = frozenset(
     {
@@ -70,6 +90,7 @@ NUMERIC_KEYS = frozenset(
         "finetune-val-loss-before",
         "finetune-val-loss-after",
         "intercept-offset",
+        *MIX_KEYS.values(),
         "seconds",
     }
 )  # fmt: skip
@@ -106,6 +127,11 @@ PERSONALISATION_HE_REFUSAL = (
     "personalise query does not go through; set personalisation = 'off' or he = false"
 )
 
+PERSONALISATION_MIX_REFUSAL = (
+    "personalisation = '{mode}' chooses each bank's mixture weight on its validation rows, "
+    "and validation-fraction = 0 gives it none; set validation-fraction > 0 (e.g. 0.15)"
+)
+
 
 def config_problems(settings: Any) -> list[str]:
     """What the settings check reports about ``personalisation`` (before anything starts):
@@ -122,6 +148,8 @@ def config_problems(settings: Any) -> list[str]:
         return [PERSONALISATION_DP_REFUSAL.format(dp=settings.raw.get("dp"))]
     if he_enabled(settings.raw):
         return [PERSONALISATION_HE_REFUSAL]
+    if settings.personalisation.mix and settings.data.validation_fraction <= 0:
+        return [PERSONALISATION_MIX_REFUSAL.format(mode=settings.personalisation.mode)]
     return []
 
 
@@ -163,13 +191,20 @@ def personalise_reply(msg: Message, context: Context) -> Message:
         cfg,
         settings.train_config(seed=settings.seed, proximal_mu=0.0),
     )
-    _, local_logits = local_only_metrics(bank, settings)
+    local_val, local_logits = local_only_logits(bank, settings, local_only_metrics)
+    personal_logits = predict_logits(mine.model, bank.x_test)
+    mix: MixChoice | None = None
+    if cfg.mix:
+        mix = choose_mix_weight(predict_logits(mine.model, bank.x_val), local_val, bank.y_val)
+        personal_logits = mix_logits(personal_logits, local_logits, mix.alpha, mix.offset)
     summary = personalisation_summary(
         bank.y_test,
         predict_logits(global_model, bank.x_test),
-        predict_logits(mine.model, bank.x_test),
+        personal_logits,
         local_logits,
     )
+    if mix is not None:
+        summary.update({key: getattr(mix, field) for field, key in MIX_KEYS.items()})
     if mine.finetune is not None:
         summary.update(
             {
@@ -181,8 +216,9 @@ def personalise_reply(msg: Message, context: Context) -> Message:
         )
     if mine.intercept_offset is not None:
         summary["intercept-offset"] = mine.intercept_offset
-    if mine.note:
-        summary["note"] = mine.note
+    notes = [n for n in (mine.note, mix.note if mix else "") if n]
+    if notes:
+        summary["note"] = "; ".join(notes)
     summary["seconds"] = time.perf_counter() - started
     numbers = {
         k: float(v)
@@ -198,6 +234,28 @@ def personalise_reply(msg: Message, context: Context) -> Message:
     )
     # The personalised model stays here: it is not part of the reply.
     return Message(content=content, reply_to=msg)
+
+
+def local_only_logits(
+    bank: Any, settings: Any, local_only_metrics: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bank's local-only model's log-odds on its validation and its test rows:
+    ``(shape (n_val,), shape (n_test,))``.
+
+    ``local_only_metrics`` is :func:`bank_risk.client_app.local_only_metrics` (passed in:
+    that module imports this one). It trains on the training rows only and scores the
+    test rows it is given, so handing it the validation rows followed by the test rows
+    gives the verdict's very model (same rows, same seeds) on both, trained once.
+    """
+    n_val = len(bank.y_val)
+    x_val = np.asarray(bank.x_val, dtype=bank.x_test.dtype).reshape(n_val, bank.x_test.shape[1])
+    both = replace(
+        bank,
+        x_test=np.concatenate([x_val, bank.x_test]),
+        y_test=np.concatenate([bank.y_val, bank.y_test]).astype(bank.y_test.dtype),
+    )
+    _, logits = local_only_metrics(both, settings)
+    return logits[:n_val], logits[n_val:]
 
 
 # ---------------------------------------------------------------------- the server side
@@ -254,6 +312,10 @@ def _check_consistency(row: Mapping[str, Any]) -> None:
             )
     if row.get("seconds", 0.0) < 0:
         raise ValueError(f"'seconds' = {row['seconds']:g} is negative")
+    mode = row.get("mode")
+    if mode is not None and mode not in PERSONALISATION_MODES:
+        raise ValueError(f"'mode' = {mode!r} is not one of {PERSONALISATION_MODES}")
+    _check_mix(row)
     minority = _minority_rows(row)
     for prefix, (a, b) in _COMPARED.items():
         low, diff, high, p = (
@@ -292,6 +354,53 @@ def _check_consistency(row: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"'{prefix}' interval from {minority:g} test rows of one class (a paired "
                 f"interval needs at least {MIN_CLASS_ROWS} of each)"
+            )
+
+
+#: How far a mixture's AUC at an endpoint may be from that endpoint model's AUC (the
+#: offset is one constant, so only float rounding in the last bits can move a rank).
+ENDPOINT_AUC_TOLERANCE = 1e-6
+#: How much a mixture's validation loss may exceed an endpoint's (float rounding).
+LOSS_TOLERANCE = 1e-9
+
+
+def _check_mix(row: Mapping[str, Any]) -> None:
+    """``ValueError`` naming how a mixture's figures contradict themselves or the mode:
+    figures only from a ``mix`` mode and then a weight; the weight on :data:`MIX_GRID`;
+    losses >= 0 and the kept one no worse than either endpoint's (both are candidates);
+    at ``alpha = 1`` of ``mix`` (the global model plus a constant) the global AUC, at
+    ``alpha = 0`` (the local-only model plus a constant) the local-only AUC."""
+    sent = [k for k in MIX_KEYS.values() if k in row]
+    mixing = str(row.get("mode", "")).endswith("mix")
+    if not mixing:
+        if sent:
+            raise ValueError(f"{', '.join(sent)} sent by mode {row.get('mode')!r} (not a mix)")
+        return
+    alpha = row.get("mix-alpha")
+    if alpha is None:
+        raise ValueError(f"mode {row.get('mode')!r} sends no 'mix-alpha'")
+    if not any(abs(alpha - a) <= 1e-9 for a in MIX_GRID):
+        raise ValueError(f"'mix-alpha' = {alpha:g} is not one of the weights {MIX_GRID}")
+    losses = {k: row[k] for k in sent if k.startswith("mix-val-loss")}
+    for key, value in losses.items():
+        if value < 0:
+            raise ValueError(f"'{key}' = {value:g} is negative")
+    kept = losses.get("mix-val-loss")
+    for key in ("mix-val-loss-federated", "mix-val-loss-local-only"):
+        if kept is not None and key in losses and kept > losses[key] + LOSS_TOLERANCE:
+            raise ValueError(
+                f"'mix-val-loss' = {kept:g} is worse than '{key}' = {losses[key]:g}, a "
+                "candidate the choice had"
+            )
+    ends = {0.0: "local-only"} | ({1.0: "global"} if row.get("mode") == "mix" else {})
+    for weight, model in ends.items():
+        auc_p, auc_m = row.get("auc-personalised"), row.get(f"auc-{model}")
+        if auc_p is None or auc_m is None or alpha != weight:
+            continue
+        if abs(auc_p - auc_m) > ENDPOINT_AUC_TOLERANCE:
+            raise ValueError(
+                f"'mix-alpha' = {alpha:g} makes the {model} model, but auc-personalised "
+                f"= {auc_p:g} is not auc-{model} = {auc_m:g}"
             )
 
 
@@ -357,6 +466,16 @@ def bank_entry(node: int, row: Mapping[str, Any]) -> dict[str, Any]:
         }
     if "intercept-offset" in row:
         entry["intercept_offset"] = row["intercept-offset"]
+    if "mix-alpha" in row:
+        entry["mix"] = {
+            "alpha": row["mix-alpha"],
+            "offset": row.get("mix-offset"),
+            "validation_loss": {
+                "mixture": row.get("mix-val-loss"),
+                "federated": row.get("mix-val-loss-federated"),
+                "local_only": row.get("mix-val-loss-local-only"),
+            },
+        }
     notes = [
         str(row[k])
         for k in (
@@ -413,6 +532,8 @@ def personalise_banks(
             continue
         try:
             row = read_reply(reply)
+            if row.get("mode") not in (None, cfg.mode):
+                raise ValueError(f"mode {row['mode']!r}, the run's is {cfg.mode!r}")
         except ValueError as err:
             failed[name] = f"reply rejected: {err}"
             continue
@@ -434,6 +555,7 @@ def personalise_banks(
         "epochs": cfg.epochs if cfg.finetune else None,
         "learning_rate": (cfg.learning_rate or settings.learning_rate) if cfg.finetune else None,
         "patience": cfg.patience if cfg.finetune else None,
+        "mix_grid": list(MIX_GRID) if cfg.mix else None,
         "per_bank": per_bank,
         "failed": failed,
         "banks": len(nodes),
@@ -483,6 +605,7 @@ def personalisation_lines(block: Mapping[str, Any]) -> list[str]:
             f"{_cmp_text(r.get('vs_local_only'))}  default rate observed "
             f"{_f(r.get('observed_default_rate'))} / predicted global "
             f"{_f(rates.get('global'))}, personalised {_f(rates.get('personalised'))}"
+            + (f"  mix alpha {r['mix']['alpha']:.1f}" if r.get("mix") else "")
             + (f"  ({r['note']})" if r.get("note") else "")
         )
     return lines
