@@ -22,7 +22,8 @@ the noise per coordinate is small enough for the difference to show.
 
 The in-process runtime (``bank_risk.simulate.run_bank_inprocess``: the same ServerApp
 and ClientApp, every Message serialised as on the wire, the banks one after the other
-in this process) is the default; ``--runtime ray`` uses Flower's Ray simulation.
+in this process) is the default; ``--runtime ray`` uses Flower's Ray simulation. One
+unrecorded run comes first (imports, caches).
 
     python benchmarks/bench_secagg.py --out benchmarks/results/secagg.json
 """
@@ -42,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "apps" / "bank_risk")]
 
+FROZEN = ("feature_mean", "feature_std")  # the standardisation buffers: never trained
 COMMON = {"local-only-baseline": False, "centralized-baseline": False}
 OVERHEAD_VARIANTS = {"plain": {}, "secagg": {"secagg": True}, "he": {"he": True}}
 
@@ -78,6 +80,7 @@ def run_once(overrides: dict[str, Any], runtime: str) -> dict[str, Any]:
     banks = int(overrides["num-banks"])
     last = rounds[-1]["train"]
     return {
+        "run_dir": str(run_dir),
         "wall_seconds": wall,
         "federation_seconds": metrics["total_seconds"],
         "seconds_per_round": statistics.mean(r["seconds"] for r in rounds),
@@ -96,6 +99,21 @@ def run_once(overrides: dict[str, Any], runtime: str) -> dict[str, Any]:
             default=None,
         ),
     }
+
+
+def model_distance(run_dir: str, reference_dir: str) -> float:
+    """L2 distance between two runs' final models, trained arrays only (not the buffers)."""
+    import numpy as np
+
+    from flower_ext.runlog import load_checkpoint
+
+    def flat(path: str) -> Any:
+        arrays = load_checkpoint(path).arrays
+        return np.concatenate(
+            [arrays[k].numpy().ravel() for k in arrays if k not in FROZEN], dtype=np.float64
+        )
+
+    return float(np.linalg.norm(flat(run_dir) - flat(reference_dir)))
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
@@ -120,6 +138,8 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "he-public-context": str(out / "keys" / PUBLIC_FILE),
     }
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in OVERHEAD_VARIANTS}
+    # One unrecorded plain run first: imports, data generation and caches are paid there.
+    run_once({**config, "num-server-rounds": 1, "run-name": "warm-up"}, args.runtime)
     for i in range(args.repeats):
         for name, extra in OVERHEAD_VARIANTS.items():
             keys = he_keys if name == "he" else {}
@@ -127,6 +147,7 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             runs[name].append(run_once(overrides, args.runtime))
             print("overhead", name, i, json.dumps(runs[name][-1]), flush=True)
     keys = (
+        "wall_seconds",
         "federation_seconds",
         "seconds_per_round",
         "uplink_bytes_per_bank_round",
@@ -152,7 +173,9 @@ def overhead(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }
 
 
-def privacy(args: argparse.Namespace, out: Path, model: str, rounds: int) -> dict[str, Any]:
+def privacy(
+    args: argparse.Namespace, out: Path, model: str, rounds: int, repeats: int
+) -> dict[str, Any]:
     config = {
         **COMMON,
         "num-server-rounds": rounds,
@@ -164,7 +187,7 @@ def privacy(args: argparse.Namespace, out: Path, model: str, rounds: int) -> dic
     }
     variants = dp_variants(args.epsilon, args.dp_clip_norm)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for i in range(args.dp_repeats):
+    for i in range(repeats):
         for name, extra in variants.items():
             if name == "no-dp" and i > 0:
                 continue  # deterministic: one run is the reference
@@ -172,12 +195,20 @@ def privacy(args: argparse.Namespace, out: Path, model: str, rounds: int) -> dic
             runs[name].append(run_once(overrides, args.runtime))
             print("privacy", model, name, i, runs[name][-1]["final_auc"], flush=True)
 
+    reference_dir = runs["no-dp"][0]["run_dir"]
+    for name in variants:
+        for r in runs[name]:
+            r["distance_to_no_dp_model"] = model_distance(r["run_dir"], reference_dir)
+
     def summary(name: str) -> dict[str, Any]:
         aucs = [r["final_auc"] for r in runs[name]]
+        distances = [r["distance_to_no_dp_model"] for r in runs[name]]
         return {
             "final_auc": aucs,
             "mean": statistics.mean(aucs),
             "std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+            "sem": statistics.stdev(aucs) / len(aucs) ** 0.5 if len(aucs) > 1 else 0.0,
+            "mean_distance_to_no_dp_model": statistics.mean(distances),
         }
 
     table = {name: summary(name) for name in variants}
@@ -204,14 +235,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--banks", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="overhead runs")
-    parser.add_argument("--repeats", type=int, default=2, help="overhead runs per variant")
+    parser.add_argument("--repeats", type=int, default=3, help="overhead runs per variant")
     parser.add_argument("--hidden-units", default="512,256")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--dp-clip-norm", type=float, default=0.5)
     parser.add_argument("--dp-rounds-mlp", type=int, default=5)
-    parser.add_argument("--dp-rounds-logreg", type=int, default=2)
-    parser.add_argument("--dp-repeats", type=int, default=5, help="runs per DP variant")
+    parser.add_argument("--dp-rounds-logreg", type=int, default=3)
+    parser.add_argument("--dp-repeats", type=int, default=5, help="MLP runs per DP variant")
+    parser.add_argument("--dp-repeats-logreg", type=int, default=20)
     parser.add_argument("--runtime", choices=("inprocess", "ray"), default="inprocess")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: overhead,dp")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/secagg.json"))
@@ -230,8 +262,8 @@ def main() -> None:
         result["overhead"] = overhead(args, out)
     if "dp" not in skip:
         result["privacy"] = {
-            "mlp": privacy(args, out, "mlp", args.dp_rounds_mlp),
-            "logreg": privacy(args, out, "logreg", args.dp_rounds_logreg),
+            "mlp": privacy(args, out, "mlp", args.dp_rounds_mlp, args.dp_repeats),
+            "logreg": privacy(args, out, "logreg", args.dp_rounds_logreg, args.dp_repeats_logreg),
         }
     result["total_seconds"] = time.perf_counter() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

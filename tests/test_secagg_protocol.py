@@ -222,3 +222,27 @@ def test_params_are_checked():
     assert params.max_banks == 3
     with pytest.raises(SecAggError, match="wrap"):
         params.check_banks(4)
+
+
+def test_shamir_shares_are_interchangeable_with_flowers_and_need_t():
+    import os
+
+    from flwr.common.secure_aggregation.crypto import shamir as flower_shamir
+
+    from flower_ext.secagg.primitives import create_shares
+
+    secret = os.urandom(32)
+    ours = create_shares(secret, 3, 5)
+    assert flower_shamir.combine_shares(ours[1:4]) == secret
+    theirs = flower_shamir.create_shares(secret, 3, 5)
+    assert combine_shares([theirs[0], theirs[2], theirs[4]]) == secret
+    assert [len(s) for s in ours] == [len(s) for s in theirs] == [4 + 48] * 5
+    # two shares of a 3-of-5 sharing give some other value (or fail to unpad)
+    for pair in (ours[:2], ours[2:4], [ours[0], ours[4]]):
+        try:
+            rebuilt = combine_shares(pair)
+        except ValueError:
+            rebuilt = b""
+        assert rebuilt != secret
+    with pytest.raises(ValueError, match="same length"):
+        combine_shares([ours[0], ours[1][:-1]])
