@@ -77,6 +77,8 @@ class _Bank:
     metrics: MetricRecord
     c_pk: bytes = b""
     s_pk: bytes = b""
+    signer: str = ""  # hex Ed25519 identity key, when the bank signs its keys
+    sig: str = ""
 
 
 def composition_problem(part: object) -> str | None:
@@ -107,6 +109,19 @@ def composition_problem(part: object) -> str | None:
             "single updates from the server; pick one"
         )
     return None
+
+
+def _signature_problem(record: ConfigRecord) -> str:
+    """Why an advertisement's optional signature fields are malformed ("" if fine or absent)."""
+    signer, sig = record.get("signer"), record.get("sig")
+    if signer is None and sig is None:
+        return ""
+    hexdigits = set("0123456789abcdef")
+    if not (isinstance(signer, str) and len(signer) == 64 and set(signer) <= hexdigits):
+        return "signer is not a 64-hex-digit Ed25519 public key"
+    if not (isinstance(sig, str) and len(sig) == 128 and set(sig) <= hexdigits):
+        return "sig is not a 128-hex-digit Ed25519 signature"
+    return ""
 
 
 class SecureFedAvg(UpdateAggregationStrategy):
@@ -477,6 +492,8 @@ class SecureFedAvg(UpdateAggregationStrategy):
                     reason = "public keys are not 32-byte X25519 keys"
                 elif {rec["c-pk"], rec["s-pk"]} & keys_seen or rec["c-pk"] == rec["s-pk"]:
                     reason = "public key reused (another bank's, or twice)"
+                elif _signature_problem(rec):
+                    reason = _signature_problem(rec)
                 elif metrics is None:
                     reason = "no 'metrics' record"
                 else:
@@ -492,8 +509,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 label,
                 float(weight),
                 metrics,
-                rec["c-pk"],
-                rec["s-pk"],  # type: ignore
+                rec["c-pk"],  # type: ignore[arg-type]
+                rec["s-pk"],  # type: ignore[arg-type]
+                str(rec.get("signer", "")),
+                str(rec.get("sig", "")),
             )
         return banks, rejected
 
@@ -569,7 +588,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
             srv.advertised(node, *adverts[node])
         self.audit.record(
             "secagg_step", round=server_round, stage="advertise", banks=nodes,
-            weight_total=total_weight,
+            weight_total=total_weight, signed=sum(1 for n in nodes if banks[n].signer),
         )  # fmt: skip
         body = {
             "nodes": [str(n) for n in nodes],
@@ -577,6 +596,9 @@ class SecureFedAvg(UpdateAggregationStrategy):
             "s-pk": [adverts[n][1] for n in nodes],
             "weight-total": total_weight,
         }
+        if any(banks[n].signer for n in nodes):  # signed keys: the banks check them all
+            body["signer"] = [banks[n].signer for n in nodes]
+            body["sig"] = [banks[n].sig for n in nodes]
         got = self._exchange(server_round, STAGE_SHARE_KEYS, {n: body for n in nodes})
         sent = {}
         for node, msg in got.items():

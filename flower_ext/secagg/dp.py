@@ -44,7 +44,7 @@ is claimed. Rounds that release nothing (abandoned) cost nothing.
   non-linear step the Gaussian analysis does not cover;
   :func:`clamp_probability` bounds its chance per coordinate and
   :func:`dp_clipping_range` picks ``c = C + 8 s`` (``s`` the per-bank noise std)
-  by default, where the bound is below ``1.3e-15``. Under DP the banks do not
+  by default, where the bound is below ``7e-16``. Under DP the banks do not
   report how many coordinates they clamped (that count would be a statistic of
   their update outside the guarantee);
 - the sum of at most :attr:`~flower_ext.secagg.protocol.SecAggParams.max_banks`

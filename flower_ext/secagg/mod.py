@@ -30,6 +30,20 @@ Stages (the ``stage`` key of the server's ``secagg`` record; all are train messa
 A refusal (a step out of order, a tampered share, a request that would unmask one
 bank) comes back as an error reply with the reason; the bank's update never
 leaves in clear.
+
+Signed keys (node config, both optional):
+
+``secagg-identity-key``
+    Path to this bank's long-term Ed25519 private key (PEM, PKCS#8; e.g. the
+    bank's ``bank-key.pem`` of its receipts). The advertisement then carries the
+    public half and a signature over the two public keys, the run, the round and
+    the node id.
+``secagg-trusted-keys``
+    The banks' identity public keys, comma-separated, each 64 hex digits or a
+    file (PEM, or hex). With it the bank refuses (error reply, nothing shared) a
+    roster in which any bank's keys are unsigned, signed by another key, or two
+    entries are signed by one key: a server that forges other banks' keys gets no
+    share of this bank's secrets.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from flower_ext.audit.signing import Signer, SigningKeyError, load_public_key
 from flower_ext.records import ArrayLayout
 
 from .primitives import KeyPair
@@ -54,6 +69,10 @@ STAGE_TRAIN = "train"
 STAGE_SHARE_KEYS = "share-keys"
 STAGE_MASKED_INPUT = "masked-input"
 STAGE_UNMASK = "unmask"
+
+#: Node-config keys of signed keys (module docstring).
+IDENTITY_KEY = "secagg-identity-key"
+TRUSTED_KEYS = "secagg-trusted-keys"
 
 #: Distributed-DP keys of the ``train`` record (absent: no DP): L2 clip and noise std.
 DP_CLIP_KEY = "dp-clip-norm"
@@ -202,9 +221,36 @@ def _train(
         kept["free"] = Array(_free_mask(layout, frozen))
     context.state[STATE_UPDATE_KEY] = ArrayRecord(kept)
     c_pk, s_pk = session.advertise()
+    advert: dict = {"c-pk": c_pk, "s-pk": s_pk}
+    signer = identity(context)
+    if signer is not None:
+        session.run_id = int(context.run_id)
+        advert.update(signer=signer.public_hex, sig=session.signed_advert(signer.sign))
     records = {k: v for k, v in content.items() if k != arrays_key and k != RECORD_KEY}
     records = {k: v for k, v in records.items() if not isinstance(v, ArrayRecord)}
-    return _reply(msg, "advertise", {"c-pk": c_pk, "s-pk": s_pk}, **records)
+    return _reply(msg, "advertise", advert, **records)
+
+
+def identity(context: Context) -> Signer | None:
+    """This bank's identity key (node config ``secagg-identity-key``), or None."""
+    path = str(context.node_config.get(IDENTITY_KEY, "") or "").strip()
+    if not path:
+        return None
+    try:
+        return Signer.from_file(path)
+    except (OSError, SigningKeyError) as err:
+        raise SecAggError(f"node config {IDENTITY_KEY}: {err}") from None
+
+
+def trusted_keys(context: Context) -> frozenset[str] | None:
+    """The banks' identity keys (node config ``secagg-trusted-keys``), or None (unchecked)."""
+    text = str(context.node_config.get(TRUSTED_KEYS, "") or "").strip()
+    if not text:
+        return None
+    try:
+        return frozenset(load_public_key(part) for part in text.split(",") if part.strip())
+    except SigningKeyError as err:
+        raise SecAggError(f"node config {TRUSTED_KEYS}: {err}") from None
 
 
 def _kept(record: ConfigRecord) -> dict:
@@ -220,7 +266,12 @@ def _share_keys(msg: Message, context: Context, config: ConfigRecord) -> Message
     weight = float(record["weight"])  # type: ignore[arg-type]
     if not (np.isfinite(total) and total >= weight):
         raise SecAggError(f"weight-total {total} is below this bank's own weight {weight}")
-    cts = session.share_keys(roster)
+    session.run_id, session.trusted = int(context.run_id), trusted_keys(context)
+    signatures = {}
+    if "signer" in config and "sig" in config:
+        signers, sigs = config["signer"], config["sig"]
+        signatures = dict(zip(nodes, zip(signers, sigs, strict=True), strict=True))  # type: ignore
+    cts = session.share_keys(roster, signatures)
     save_session(session, {**_kept(record), "weight-total": total}, context)
     dsts = sorted(cts)
     return _reply(

@@ -21,9 +21,13 @@ Shamir-shared mask keys that Bell et al. (SecAgg+, CCS 2020) keep. One round:
 Differences from the papers, on purpose: the mask graph is complete (SecAgg; the
 SecAgg+ sparse ``k``-regular graph only pays off at hundreds of clients), and there
 is no consistency-check round with signatures (that defends against a server that
-sends different ``U3`` to different banks), and the public keys are not signed:
-a server that forges keys can read a bank's shares. The server is trusted to follow
-the protocol while curious about all it sees (semi-honest).
+sends different ``U3`` to different banks). Signed keys are optional: a bank with a
+long-term Ed25519 identity signs its two public keys with the run, round and its
+node id (:func:`advert_message`), and a bank given the set of trusted identities
+refuses a roster in which any entry is unsigned, signed by an unknown key, or
+signed twice by one key (:func:`roster_signature_problems`): a server that forges
+keys for other banks then gets nothing. Without them the server is trusted not to
+forge keys (semi-honest).
 
 Quantisation (Flower's, stochastic rounding): each coordinate is clipped to
 ``[-c, c]`` and mapped to an integer in ``[0, R]``, ``R = 2**quantization_bits``.
@@ -35,6 +39,7 @@ and coordinate the rounding error is below one quantum ``2c / R``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +64,56 @@ from .primitives import (
 
 SHARE_PURPOSE = "share-encryption"
 MASK_PURPOSE = "pair-mask"
+_ADVERT_CONTEXT = b"flower-ext/secagg/v1/advert"
+
+
+def advert_message(
+    run_id: int, server_round: int, node_id: int, c_public: bytes, s_public: bytes
+) -> bytes:
+    """The bytes a bank's identity key signs: its two public keys, bound to run, round, node."""
+    return b"|".join(
+        [
+            _ADVERT_CONTEXT,
+            str(int(run_id)).encode(),
+            str(int(server_round)).encode(),
+            str(int(node_id)).encode(),
+            bytes(c_public).hex().encode(),
+            bytes(s_public).hex().encode(),
+        ]
+    )
+
+
+def roster_signature_problems(
+    roster: dict[int, tuple[bytes, bytes]],
+    signatures: dict[int, tuple[str, str]],
+    trusted: frozenset[str],
+    run_id: int,
+    server_round: int,
+) -> list[str]:
+    """Why a roster's keys cannot be trusted (empty: every entry checks out).
+
+    ``signatures``: node -> (signer's Ed25519 public key, hex; signature, hex) over
+    :func:`advert_message`. Every entry must be signed by a key in ``trusted``
+    (hex), and no key may sign two entries (one bank, one place in the roster).
+    """
+    from flower_ext.audit.signing import verify_signature
+
+    problems, signers = [], {}
+    for node in sorted(roster):
+        signer, signature = signatures.get(node, ("", ""))
+        signer = str(signer).lower()
+        if not signer or not signature:
+            problems.append(f"node {node}'s public keys are not signed")
+        elif signer not in trusted:
+            problems.append(f"node {node}'s keys are signed by an unknown key {signer[:16]}...")
+        elif signer in signers:
+            problems.append(f"nodes {signers[signer]} and {node} are signed by the same key")
+        elif not verify_signature(
+            signer, advert_message(run_id, server_round, node, *roster[node]), signature
+        ):
+            problems.append(f"node {node}'s signature does not verify (forged or replayed keys)")
+        signers.setdefault(signer, node)
+    return problems
 
 
 class SecAggError(ValueError):
@@ -215,6 +270,9 @@ class BankSession:
     s_keys: KeyPair = field(default_factory=KeyPair)
     self_seed: bytes = field(default_factory=new_seed)
     roster: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    run_id: int = 0
+    #: Hex Ed25519 keys of the banks (None: signatures not checked; see the module).
+    trusted: frozenset[str] | None = None
     seed_shares: dict[int, bytes] = field(default_factory=dict)  # b_j shares this bank holds
     key_shares: dict[int, bytes] = field(default_factory=dict)  # s_sk_j shares it holds
     unmasked: bool = False
@@ -223,9 +281,31 @@ class BankSession:
         """The public keys ``(c_pk, s_pk)``."""
         return self.c_keys.public, self.s_keys.public
 
-    def share_keys(self, roster: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Shares of ``b_i`` and ``s_sk_i`` for every other bank, each encrypted to it."""
+    def signed_advert(self, sign: Callable[[bytes], str]) -> str:
+        """``sign(advert_message(...))``: this bank's identity key over its public keys."""
+        return sign(advert_message(self.run_id, self.server_round, self.node_id, *self.advertise()))
+
+    def share_keys(
+        self,
+        roster: dict[int, tuple[bytes, bytes]],
+        signatures: dict[int, tuple[str, str]] | None = None,
+    ) -> dict[int, bytes]:
+        """Shares of ``b_i`` and ``s_sk_i`` for every other bank, each encrypted to it.
+
+        With :attr:`trusted` set, every roster entry must carry a valid signature by a
+        distinct trusted key (``signatures``: node -> (signer hex, signature hex)), or
+        nothing is shared (:class:`SecAggError` naming the entries).
+        """
         roster = {int(k): (bytes(v[0]), bytes(v[1])) for k, v in roster.items()}
+        if self.trusted is not None:
+            problems = roster_signature_problems(
+                roster, signatures or {}, self.trusted, self.run_id, self.server_round
+            )
+            if problems:
+                raise SecAggError(
+                    "refusing to share keys: " + "; ".join(problems[:5]) + " (a server that "
+                    "substitutes keys would receive this bank's shares)"
+                )
         if roster.get(self.node_id) != self.advertise():
             raise SecAggError("the roster does not hold this bank's own public keys")
         publics = [key for pair in roster.values() for key in pair]
