@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum_min_clients, multi_krum
+from flower_ext.aggregation.robust import SELECTED_AGGREGATES
 
 from .base import fedavg_arguments
 from .robust import MetricsAggregationFn, RobustStrategy
@@ -33,6 +34,10 @@ class MultiKrum(RobustStrategy):
         m in ``[1, n]``; ``None`` (default) selects ``n - f`` of the n valid replies.
         **Differs from Flower on purpose**: Flower's default is 1 (which is Krum);
         pass ``num_nodes_to_select=1`` for Flower's behaviour. ``summary()`` says which.
+    selected_aggregate : {"mean", "geometric-median"} (default: "mean")
+        How the selected updates are combined: Multi-Krum's weighted mean, or their
+        weighted geometric median (a Bulyan-style composition; see
+        :func:`flower_ext.aggregation.multi_krum`). Not in Flower.
 
     Weights
     -------
@@ -60,6 +65,7 @@ class MultiKrum(RobustStrategy):
         configrecord_key: str = "config",
         train_metrics_aggr_fn: MetricsAggregationFn | None = None,
         evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        selected_aggregate: str = "mean",
         **kwargs: Any,
     ) -> None:
         # Flower's positional order: num_malicious_nodes 6th, num_nodes_to_select 7th.
@@ -78,6 +84,12 @@ class MultiKrum(RobustStrategy):
                 f"{num_nodes_to_select!r}"
             )
         self.num_nodes_to_select = None if num_nodes_to_select is None else int(num_nodes_to_select)
+        if selected_aggregate not in SELECTED_AGGREGATES:
+            raise ValueError(
+                f"selected_aggregate must be one of {', '.join(SELECTED_AGGREGATES)}, "
+                f"got {selected_aggregate!r}"
+            )
+        self.selected_aggregate = selected_aggregate
 
     def rule_min_clients(self) -> int:
         return max(krum_min_clients(self.num_malicious_nodes), self.num_nodes_to_select or 1)
@@ -93,12 +105,21 @@ class MultiKrum(RobustStrategy):
             if self.num_nodes_to_select is None
             else str(self.num_nodes_to_select)
         )
+        combine = (
+            "weighted mean" if self.selected_aggregate == "mean" else "weighted geometric median"
+        )
         return (
-            f"Multi-Krum (f={self.num_malicious_nodes}, m={m}): weighted mean of the m updates "
+            f"Multi-Krum (f={self.num_malicious_nodes}, m={m}): {combine} of the m updates "
             "with the smallest Krum scores (weights not used in the selection)"
         )
 
     def robust_aggregate(
         self, updates: np.ndarray, weights: np.ndarray, server_round: int
     ) -> AggregationResult:
-        return multi_krum(updates, weights, self.num_malicious_nodes, self.num_nodes_to_select)
+        return multi_krum(
+            updates,
+            weights,
+            self.num_malicious_nodes,
+            self.num_nodes_to_select,
+            selected_aggregate=self.selected_aggregate,
+        )

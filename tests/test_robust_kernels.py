@@ -302,6 +302,37 @@ def test_krum_selection_ignores_inflated_weights() -> None:
     np.testing.assert_allclose(result.update, updates[honest].mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
+def test_multi_krum_geometric_median_of_the_selected_matches_references() -> None:
+    # Three far outliers (rows 0, 4, 9) and two honest clusters: Multi-Krum (f = 3) drops
+    # the outliers, then the geometric median of the 7 kept is Weiszfeld's (float64).
+    updates = make_updates(10, 250, seed=31, outliers={0: 15.0, 4: -12.0, 9: 18.0})
+    weights = np.random.default_rng(31).uniform(1, 10, 10)
+    plain = multi_krum(updates, weights, num_malicious=3)
+    result = unchanged_after(
+        multi_krum, updates, weights, 3, None, selected_aggregate="geometric-median"
+    )
+    _, ref_chosen, _ = ref_krum(updates, weights, 3, 7)
+    assert result.selected_rows == plain.selected_rows == ref_chosen
+    assert {0, 4, 9} <= set(result.rejected_rows)
+    chosen = list(ref_chosen)
+    reference = ref_weiszfeld(updates[chosen], weights[chosen])
+    kept = updates[chosen].astype(np.float64)
+
+    def objective(v):
+        return float(weights[chosen] @ np.linalg.norm(kept - v, axis=1))
+
+    # default tolerance: at the optimum's objective to 1e-6, close to the optimum itself
+    assert objective(result.update) <= objective(reference) * (1 + 1e-6)
+    np.testing.assert_allclose(result.update, reference, rtol=0, atol=5e-3)
+    assert not np.allclose(result.update, plain.update, atol=5e-2)  # not the mean
+    check_reports(result, 10)
+    assert result.reports[chosen[0]].reason.startswith("selected by Multi-Krum (score ")
+    assert "geometric median weight" in result.reports[chosen[0]].reason
+    assert result.reports[0].reason == plain.reports[0].reason  # Krum's rank reason
+    with pytest.raises(ValueError, match="selected_aggregate must be one of"):
+        multi_krum(updates, weights, 3, selected_aggregate="median")
+
+
 def test_krum_rejects_invalid_parameters() -> None:
     updates = make_updates(6, 10, seed=0)
     with pytest.raises(ValueError, match=r"n > 2f \+ 2.*at least 7 clients, but got 6"):

@@ -138,6 +138,25 @@ def test_multikrum_keeps_n_minus_f_and_weights_only_the_selected(as_server):
     assert sum(c["weight"] for c in clients.values()) == pytest.approx(1.0)
 
 
+def test_multikrum_geometric_median_keeps_the_selection_and_changes_the_combination(as_server):
+    plain, composed = (
+        MultiKrum(num_malicious_nodes=2),
+        MultiKrum(num_malicious_nodes=2, selected_aggregate="geometric-median"),
+    )
+    _, replies = planted_round(plain)
+    mean_arrays, _ = plain.aggregate_train(1, replies)
+    _, replies = planted_round(composed)
+    median_arrays, _ = composed.aggregate_train(1, replies)
+    clients = composed.round_reports[1].clients
+    assert [n for n, c in clients.items() if not c["selected"]] == [101, 102]
+    assert sum(c["weight"] for c in clients.values()) == pytest.approx(1.0)
+    assert "geometric median" in composed.rule_summary()
+    assert "weighted mean" in plain.rule_summary()
+    a = mean_arrays.to_numpy_ndarrays()
+    b = median_arrays.to_numpy_ndarrays()
+    assert any(not np.allclose(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_bulyan_and_trimmed_mean_report_their_decisions(as_server):
     bulyan = Bulyan(num_malicious_nodes=2)
     _, replies = planted_round(bulyan)
@@ -205,6 +224,7 @@ def test_f_against_n_is_checked_with_a_clear_message(as_server):
         (lambda: Krum(num_malicious_nodes=-1), "non-negative integer"),
         (lambda: Bulyan(num_malicious_nodes=1.5), "non-negative integer"),
         (lambda: MultiKrum(num_nodes_to_select=0), "positive integer"),
+        (lambda: MultiKrum(selected_aggregate="median"), "selected_aggregate must be one of"),
         (lambda: TrimmedMean(beta=0.5), "beta must be in"),
         (lambda: TrimmedMean(beta=0.0, num_malicious_nodes=1), "trims nothing"),
         (lambda: CenteredClipping(tau=0.0), "tau"),
@@ -329,6 +349,7 @@ def settings_with(**overrides):
         ("fedavg", FedAvg, {}),
         ("krum", Krum, {"num_malicious": 2}),
         ("multikrum", MultiKrum, {"num_malicious": 2, "multikrum_select": 5}),
+        ("multikrum", MultiKrum, {"num_malicious": 2, "multikrum_aggregate": "geometric-median"}),
         ("median", Median, {}),
         ("trimmed-mean", TrimmedMean, {"trim_beta": 0.3}),
         ("bulyan", Bulyan, {"num_malicious": 1}),
@@ -347,7 +368,7 @@ def test_factory_builds_each_rule_from_the_run_config(name, cls, extra):
     if "num_malicious" in extra:
         assert strategy.num_malicious_nodes == extra["num_malicious"]
     expected = {
-        "multikrum": ("num_nodes_to_select", 5),
+        "multikrum": ("num_nodes_to_select", extra.get("multikrum_select")),
         "trimmed-mean": ("beta", 0.3),
         "geometric-median": ("max_iter", 7),
         "centered-clipping": ("tau", 2.5),
@@ -356,6 +377,8 @@ def test_factory_builds_each_rule_from_the_run_config(name, cls, extra):
     if name in expected:
         attr, value = expected[name]
         assert getattr(strategy, attr) == value
+    if name == "multikrum":
+        assert strategy.selected_aggregate == extra.get("multikrum_aggregate", "mean")
 
 
 def test_factory_rejects_unknown_rules_and_impossible_f():

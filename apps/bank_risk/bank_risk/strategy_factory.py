@@ -79,6 +79,7 @@ class RobustSettings:
 
     num_malicious: int = 1
     multikrum_select: int = 0  # 0: n - f
+    multikrum_aggregate: str = "mean"  # or "geometric-median" of the selected
     trim_beta: float = 0.2
     clip_tau: float = 1.0
     clip_iterations: int = 1
@@ -98,6 +99,7 @@ class RobustSettings:
             return cls(
                 num_malicious=int(cfg.get("num-malicious", d.num_malicious)),  # type: ignore[arg-type]
                 multikrum_select=int(cfg.get("multikrum-select", d.multikrum_select)),  # type: ignore[arg-type]
+                multikrum_aggregate=str(cfg.get("multikrum-aggregate", d.multikrum_aggregate)),
                 trim_beta=float(cfg.get("trim-beta", d.trim_beta)),  # type: ignore[arg-type]
                 clip_tau=float(cfg.get("clip-tau", d.clip_tau)),  # type: ignore[arg-type]
                 clip_iterations=int(cfg.get("clip-iterations", d.clip_iterations)),  # type: ignore[arg-type]
@@ -142,6 +144,7 @@ def _multikrum(rs: RobustSettings, common: dict[str, Any]) -> UpdateAggregationS
         **common,
         num_malicious_nodes=rs.num_malicious,
         num_nodes_to_select=select,
+        selected_aggregate=rs.multikrum_aggregate,
         bucket_size=rs.bucket_size,
         bucket_seed=rs.seed,
     )
