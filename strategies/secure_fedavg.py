@@ -403,6 +403,10 @@ class SecureFedAvg(UpdateAggregationStrategy):
         self.round_reports[server_round] = report
         banks, rejected = self._read_advertisements(server_round, replies, report)
         self.record_participation(server_round, report, replies, rejected, list(banks.values()))
+        for bank in banks.values():  # per-bank train metrics (DP-SGD / update-level epsilon)
+            report.client_metrics[bank.node_id] = {
+                k: v for k, v in bank.metrics.items() if not isinstance(v, list)
+            }
         try:
             mean, survivors, extra = self._run_protocol(server_round, params, banks)
         except SecAggError as err:

@@ -175,3 +175,17 @@ def test_combinations_that_can_work_are_built():
         strategy = build_strategy(settings, AuditTrail(), num_nodes=4)
         assert isinstance(strategy, SecureFedAvg)
     assert strategy.server_momentum == 0.9
+
+
+def test_update_level_dp_inside_secagg_reports_each_banks_epsilon(tmp_path):
+    from flower_ext.audit.verify import verify_run
+
+    run_dir, metrics = _run(
+        tmp_path, "update-dp", secagg=True, dp="update", **{"dp-target-epsilon": 5.0}
+    )
+    assert metrics["status"] == "finished"
+    spent = [row.get("epsilon") for row in metrics["per_bank"].values()]
+    assert len(spent) == 4 and all(e == pytest.approx(5.0, abs=0.01) for e in spent)
+    (receipts,) = (tmp_path / "bank-side").iterdir()
+    result = verify_run(run_dir, receipts=[receipts])  # the banks' epsilons match the trail
+    assert result.ok, result.summary()

@@ -38,7 +38,7 @@ is claimed. Rounds that release nothing (abandoned) cost nothing.
 - stochastic rounding adds a zero-mean error below one quantum ``Delta = 2c / R``
   per bank and coordinate (std at most ``Delta / 2``), which depends on the noised
   value: it is not covered by the analysis, and :func:`rounding_to_noise_ratio`
-  states its size against the noise (about ``1e-6`` with the app's defaults).
+  states its size against the noise (about ``2e-6`` with the app's defaults).
   The exact treatment is the discrete Gaussian of Kairouz et al. (not done here);
 - every coordinate is clamped to ``[-c, c]`` after the noise. A clamp is a
   non-linear step the Gaussian analysis does not cover;
