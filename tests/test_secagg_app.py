@@ -189,3 +189,19 @@ def test_update_level_dp_inside_secagg_reports_each_banks_epsilon(tmp_path):
     (receipts,) = (tmp_path / "bank-side").iterdir()
     result = verify_run(run_dir, receipts=[receipts])  # the banks' epsilons match the trail
     assert result.ok, result.summary()
+
+
+def test_the_app_with_secagg_runs_on_flowers_ray_simulation(runs, tmp_path):
+    """The same run on Flower's Ray backend: the protocol's extra exchanges go through the
+    real simulation runtime and the app's grid wrappers, to the in-process figures."""
+    from bank_risk.simulate import run_bank_simulation
+
+    run_dir = run_bank_simulation(
+        {**BASE, "secagg": True, "output-dir": str(tmp_path), "run-name": "ray"}
+    )
+    ray = json.loads((run_dir / "metrics.json").read_text())
+    _, local = runs["secagg"]
+    assert ray["status"] == "finished"
+    for got, want in zip(ray["rounds"], local["rounds"], strict=True):
+        assert got["train"]["secagg-survivors"] == 4
+        assert got["evaluate"]["auc"] == pytest.approx(want["evaluate"]["auc"], abs=3e-3)
