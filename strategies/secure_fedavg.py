@@ -420,6 +420,9 @@ class SecureFedAvg(UpdateAggregationStrategy):
             return None, metrics
         new_arrays = self.server_step(mean.astype(self._layout.compute_dtype))  # type: ignore
         kept = [banks[n] for n in survivors]
+        # Accepted = the banks whose updates are in the sum; the others are in the audit's
+        # secagg_dropout events and in secagg-dropped.
+        report.accepted = [bank.node_id for bank in kept]
         if new_arrays is None:
             self.skip_round(server_round, report, len(kept), reason="aggregate is not finite")
             return None, self._summary_metrics(report, kept, None)

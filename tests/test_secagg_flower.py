@@ -167,6 +167,8 @@ def test_dropout_after_masked_update_is_recovered_and_audited(as_server):
     assert recovered and recovered[0]["dropped"] == [303]
     dropouts = {(e["stage"], e["node_id"]) for e in audit.events if e["event"] == "secagg_dropout"}
     assert dropouts == {("masked-input", 303), ("unmask", 404)}
+    # accepted: the banks whose updates are in the sum (404 masked, then left: still in it)
+    assert strategy.round_reports[1].accepted == survivors
 
 
 def test_too_many_dropouts_skip_the_round_with_the_reason(as_server):
