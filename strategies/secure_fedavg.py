@@ -48,6 +48,7 @@ from flower_ext.secagg.mod import (
     DP_STD_KEY,
     MASKED_KEY,
     RECORD_KEY,
+    STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SHARE_KEYS,
     STAGE_TRAIN,
@@ -578,6 +579,32 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 )
         return good
 
+    def _consistency(
+        self, server_round: int, params: SecAggParams, survivors: list[int]
+    ) -> dict[str, list[str]]:
+        """Collect the survivors' signatures of the survivor list (Bonawitz et al.'s check)."""
+        listed = {"survivors": [str(n) for n in survivors]}
+        got = self._exchange(server_round, STAGE_CONSISTENCY, {n: listed for n in survivors})
+        signed = {}
+        for node, msg in got.items():
+            sig = msg.content.config_records[RECORD_KEY].get("sig")
+            if isinstance(sig, str) and len(sig) == 128:
+                signed[node] = sig
+        self.audit.record(
+            "secagg_step", round=server_round, stage=STAGE_CONSISTENCY, survivors=survivors,
+            signed=sorted(signed),
+        )  # fmt: skip
+        if len(signed) < params.threshold:
+            raise TooFewSurvivors(
+                f"only {len(signed)} banks signed the survivor list, fewer than the threshold "
+                f"t={params.threshold}: the banks will not unmask"
+            )
+        nodes = sorted(signed)
+        return {
+            "consistency-nodes": [str(n) for n in nodes],
+            "consistency-sigs": [signed[n] for n in nodes],
+        }
+
     def _run_protocol(
         self, server_round: int, params: SecAggParams, banks: dict[int, _Bank]
     ) -> tuple[np.ndarray, list[int], dict[str, float | int]]:
@@ -658,6 +685,8 @@ class SecureFedAvg(UpdateAggregationStrategy):
             dropped=dropped, clipped=clipped,
         )  # fmt: skip
         body = {"survivors": [str(n) for n in survivors], "dropped": [str(n) for n in dropped]}
+        if all(banks[n].signer for n in srv.u2):  # signed keys: the consistency check first
+            body.update(self._consistency(server_round, params, survivors))
         got = self._exchange(server_round, STAGE_UNMASK, {n: body for n in survivors})
         answers = {}
         for node, msg in got.items():

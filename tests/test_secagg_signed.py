@@ -45,8 +45,62 @@ def test_a_fully_signed_roster_is_accepted_and_the_round_completes():
     for i, b in banks.items():
         server.add_masked(i, b.masked_input(vectors[i])[0])
     survivors, dropped = server.unmask_request()
-    total = server.unmask({i: banks[i].unmask_shares(survivors, dropped) for i in survivors})
+    # the consistency check: each survivor signs the list; t signatures go to every bank
+    signed = {i: banks[i].sign_survivors(survivors, signers[i].sign) for i in survivors}
+    answers = {i: banks[i].unmask_shares(survivors, dropped, signed) for i in survivors}
+    total = server.unmask(answers)
     assert total.dtype == np.uint32
+
+
+def _masked_round(ids, drop=()):
+    """Banks that shared keys (signed) and masked; ``drop`` never sent a masked input."""
+    signers = {i: Signer.generate() for i in ids}
+    trusted = frozenset(s.public_hex for s in signers.values())
+    banks = _banks(ids, trusted)
+    roster, sigs = _signed_roster(banks, signers)
+    server = ServerRound(1, PARAMS)
+    for i in ids:
+        server.advertised(i, *roster[i])
+    sent = {i: (b.share_keys(roster, sigs), b.self_seed_digest()) for i, b in banks.items()}
+    for i, cts in server.route_shares(sent).items():
+        banks[i].receive_shares(cts)
+    for i, b in banks.items():
+        if i not in drop:
+            server.add_masked(i, b.masked_input(np.full(4, 0.01))[0])
+    return banks, signers, server
+
+
+def test_a_bank_signs_one_survivor_list_per_round():
+    banks, signers, _ = _masked_round([1, 2, 3, 4])
+    banks[1].sign_survivors([1, 2, 3], signers[1].sign)
+    assert banks[1].sign_survivors([3, 2, 1], signers[1].sign)  # the same list again: fine
+    with pytest.raises(SecAggError, match="already signed the survivor list"):
+        banks[1].sign_survivors([1, 2, 4], signers[1].sign)
+
+
+def test_unmask_needs_t_signatures_of_the_list_the_bank_signed():
+    """A server showing bank 1 the list [1, 2, 3] (4 dropped: 1 reveals 4's mask key) and
+    bank 2 the list [1, 2, 3, 4] (2 reveals 4's self-mask seed) would unmask bank 4."""
+    banks, signers, _ = _masked_round([1, 2, 3, 4, 5])
+    assert PARAMS.threshold == 2  # bank 1's own signature and one more are needed
+    view_a, view_b = [1, 2, 3], [1, 2, 3, 4]
+    sig_1 = banks[1].sign_survivors(view_a, signers[1].sign)
+    sig_2 = banks[2].sign_survivors(view_b, signers[2].sign)
+    # bank 1 gets its own signature and bank 2's, but bank 2 signed the other list
+    with pytest.raises(SecAggError, match="only 1 valid signatures"):
+        banks[1].unmask_shares(view_a, [4, 5], {1: sig_1, 2: sig_2})
+    # a signature by a key outside the roster does not count either
+    mallory = Signer.generate()
+    forged = mallory.sign(advert_message(RUN, 1, 3, b"x", b"y"))
+    with pytest.raises(SecAggError, match="only 1 valid signatures"):
+        banks[1].unmask_shares(view_a, [4, 5], {1: sig_1, 3: forged})
+    # the list in the request must be the one this bank signed
+    with pytest.raises(SecAggError, match="not the one this bank signed"):
+        banks[1].unmask_shares(view_b, [5], {1: sig_1, 2: sig_2})
+    # with t valid signatures of its own list it answers
+    sig_3 = banks[3].sign_survivors(view_a, signers[3].sign)
+    seeds, keys = banks[1].unmask_shares(view_a, [4, 5], {1: sig_1, 3: sig_3})
+    assert sorted(seeds) == view_a and sorted(keys) == [4, 5]
 
 
 @pytest.mark.parametrize(
@@ -114,8 +168,12 @@ def _signed_federation(tmp_path, tamper=None):
 
 def test_signed_banks_run_a_normal_round(as_server, tmp_path):
     audit = AuditTrail()
-    new, metrics = _signed_federation(tmp_path).run_round(SecureFedAvg(threshold=3, audit=audit))
+    fed = _signed_federation(tmp_path)
+    new, metrics = fed.run_round(SecureFedAvg(threshold=3, audit=audit))
     _check_close(new, _plain_mean(_global(), NODES), metrics["secagg-max-error"] + 1e-6)
+    assert fed.stages_seen.count("consistency") == 4  # signed keys: the consistency check
+    check = [e for e in audit.events if e.get("stage") == "consistency"]
+    assert check[0]["signed"] == NODES
     advertise = [e for e in audit.events if e.get("stage") == "advertise"]
     assert advertise[0]["signed"] == 4
 

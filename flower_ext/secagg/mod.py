@@ -22,10 +22,15 @@ Stages (the ``stage`` key of the server's ``secagg`` record; all are train messa
     ``dp-clip-norm`` and ``dp-noise-std``) it masks ``q(clip(update) + noise)``
     instead, every bank with the same weight, and reports no clip count
     (:mod:`flower_ext.secagg.dp`).
+``consistency`` (only when every bank signed its keys)
+    Gets the survivor list; replies with its identity key's signature of it, once
+    per round (a second, different list is refused).
 ``unmask``
-    Gets the survivors and the dropped; replies with its shares of the
-    survivors' self-mask seeds and of the dropped banks' mask keys (never both for
-    one bank, never twice). The round's secrets are then deleted from the state.
+    Gets the survivors and the dropped (with signed keys also the survivors'
+    signatures of that list: ``t`` must verify, and it must be the list this bank
+    signed); replies with its shares of the survivors' self-mask seeds and of the
+    dropped banks' mask keys (never both for one bank, never twice). The round's
+    secrets are then deleted from the state.
 
 A refusal (a step out of order, a tampered share, a request that would unmask one
 bank) comes back as an error reply with the reason; the bank's update never
@@ -69,6 +74,7 @@ STAGE_TRAIN = "train"
 STAGE_SHARE_KEYS = "share-keys"
 STAGE_MASKED_INPUT = "masked-input"
 STAGE_UNMASK = "unmask"
+STAGE_CONSISTENCY = "consistency"  # only with signed keys (module docstring)
 
 #: Node-config keys of signed keys (module docstring).
 IDENTITY_KEY = "secagg-identity-key"
@@ -110,6 +116,9 @@ def save_session(session: BankSession, extra: dict, context: Context) -> None:
             "seed-shares": [session.seed_shares[n] for n in sorted(session.seed_shares)],
             "key-shares": [session.key_shares[n] for n in sorted(session.seed_shares)],
             "unmasked": bool(session.unmasked),
+            "roster-signers": [session.signers.get(n, "") for n in nodes],
+            "signed-survivors": _ids(list(session.signed_survivors or ())),
+            "has-signed": session.signed_survivors is not None,
             **extra,
         }
     )
@@ -138,6 +147,10 @@ def load_session(context: Context) -> tuple[BankSession, ConfigRecord]:
     for n, b, k in zip(holders, record["seed-shares"], record["key-shares"], strict=True):
         session.seed_shares[n], session.key_shares[n] = b, k
     session.unmasked = bool(record.get("unmasked", False))
+    signers = record.get("roster-signers", [])
+    session.signers = {n: str(k) for n, k in zip(roster, signers, strict=False) if k}  # type: ignore[arg-type]
+    if record.get("has-signed"):
+        session.signed_survivors = tuple(_from_ids(record.get("signed-survivors", [])))
     return session, record
 
 
@@ -321,11 +334,31 @@ def _masked_input(msg: Message, context: Context, config: ConfigRecord) -> Messa
     )
 
 
+def _consistency(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    session, record = load_session(context)
+    _check_round(session, config)
+    signer = identity(context)
+    if signer is None:
+        raise SecAggError(f"the consistency check needs node config {IDENTITY_KEY}")
+    session.run_id = int(context.run_id)
+    signature = session.sign_survivors(_from_ids(config.get("survivors")), signer.sign)
+    save_session(session, _kept(record), context)
+    return _reply(msg, STAGE_CONSISTENCY, {"sig": signature})
+
+
 def _unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
     session, _ = load_session(context)
     _check_round(session, config)
+    session.run_id, session.trusted = int(context.run_id), trusted_keys(context)
+    consistency = dict(
+        zip(
+            _from_ids(config.get("consistency-nodes", [])),
+            [str(x) for x in config.get("consistency-sigs", [])],  # type: ignore[union-attr]
+            strict=True,
+        )
+    )
     seeds, keys = session.unmask_shares(
-        _from_ids(config.get("survivors")), _from_ids(config.get("dropped", []))
+        _from_ids(config.get("survivors")), _from_ids(config.get("dropped", [])), consistency
     )
     clear_session(context)  # answered once: the round's secrets go
     return _reply(
@@ -370,11 +403,13 @@ def _secagg(
             return _share_keys(msg, context, config)
         if stage == STAGE_MASKED_INPUT:
             return _masked_input(msg, context, config)
+        if stage == STAGE_CONSISTENCY:
+            return _consistency(msg, context, config)
         if stage == STAGE_UNMASK:
             return _unmask(msg, context, config)
         raise SecAggError(f"unknown stage {stage!r}")
     except (SecAggError, KeyError, TypeError, ValueError) as err:
-        if stage in (STAGE_MASKED_INPUT, STAGE_UNMASK):
+        if stage in (STAGE_MASKED_INPUT, STAGE_UNMASK, STAGE_CONSISTENCY):
             clear_session(context)  # never retry a half-done masking step
         return _error(msg, f"stage {stage!r}: {err}")
 

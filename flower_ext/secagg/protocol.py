@@ -29,6 +29,15 @@ signed twice by one key (:func:`roster_signature_problems`): a server that forge
 keys for other banks then gets nothing. Without them the server is trusted not to
 forge keys (semi-honest).
 
+With signed keys the round also has Bonawitz et al.'s consistency check: before
+the unmask, each survivor signs the survivor list ``U3`` it is shown (once per
+round: :meth:`BankSession.sign_survivors`), and a bank answers the unmask request
+only for the list it signed itself and only with ``t`` valid signatures of that
+same list from banks of the roster (:func:`consistency_problems`). A server that
+shows different lists to different banks (to collect one bank's self-mask seed
+from some and its mask key from others) needs ``t`` signatures on each list,
+which honest banks do not give when ``2t > n + colluding banks``.
+
 Quantisation (Flower's, stochastic rounding): each coordinate is clipped to
 ``[-c, c]`` and mapped to an integer in ``[0, R]``, ``R = 2**quantization_bits``.
 A sum of ``k`` banks lies in ``[0, k R]`` and must stay below ``M = 2**modulus_bits``:
@@ -65,6 +74,48 @@ from .primitives import (
 SHARE_PURPOSE = "share-encryption"
 MASK_PURPOSE = "pair-mask"
 _ADVERT_CONTEXT = b"flower-ext/secagg/v1/advert"
+_SURVIVORS_CONTEXT = b"flower-ext/secagg/v1/survivors"
+
+
+def survivors_message(run_id: int, server_round: int, survivors: list[int]) -> bytes:
+    """The bytes a bank signs in the consistency check: the round's survivor list ``U3``."""
+    nodes = ",".join(str(n) for n in sorted(int(n) for n in survivors))
+    return b"|".join(
+        [_SURVIVORS_CONTEXT, str(int(run_id)).encode(), str(int(server_round)).encode(),
+         nodes.encode()]
+    )  # fmt: skip
+
+
+def consistency_problems(
+    survivors: list[int],
+    signatures: dict[int, str],
+    signers: dict[int, str],
+    threshold: int,
+    run_id: int,
+    server_round: int,
+) -> list[str]:
+    """Why the survivor list is not vouched for (empty: ``t`` survivors signed it).
+
+    ``signatures``: node -> hex signature of :func:`survivors_message`; ``signers``:
+    node -> the identity key that signed its keys in this round's roster. Only
+    survivors' signatures count, each with its own roster key.
+    """
+    from flower_ext.audit.signing import verify_signature
+
+    message = survivors_message(run_id, server_round, survivors)
+    valid = [
+        j
+        for j in sorted(set(int(n) for n in survivors))
+        if signers.get(j)
+        and signatures.get(j)
+        and verify_signature(signers[j], message, signatures[j])
+    ]
+    if len(valid) >= threshold:
+        return []
+    return [
+        f"only {len(valid)} valid signatures of the survivor list {sorted(survivors)} "
+        f"(t={threshold} needed): the server may be showing different lists to different banks"
+    ]
 
 
 def advert_message(
@@ -276,6 +327,10 @@ class BankSession:
     seed_shares: dict[int, bytes] = field(default_factory=dict)  # b_j shares this bank holds
     key_shares: dict[int, bytes] = field(default_factory=dict)  # s_sk_j shares it holds
     unmasked: bool = False
+    #: Roster node -> its identity key (filled when signatures were checked).
+    signers: dict[int, str] = field(default_factory=dict)
+    #: The survivor list this bank signed in the consistency check (once per round).
+    signed_survivors: tuple[int, ...] | None = None
 
     def advertise(self) -> tuple[bytes, bytes]:
         """The public keys ``(c_pk, s_pk)``."""
@@ -306,6 +361,7 @@ class BankSession:
                     "refusing to share keys: " + "; ".join(problems[:5]) + " (a server that "
                     "substitutes keys would receive this bank's shares)"
                 )
+            self.signers = {int(n): str((signatures or {})[n][0]).lower() for n in roster}
         if roster.get(self.node_id) != self.advertise():
             raise SecAggError("the roster does not hold this bank's own public keys")
         publics = [key for pair in roster.values() for key in pair]
@@ -387,18 +443,61 @@ class BankSession:
                 masked -= mask
         return masked & mod, clipped
 
+    def sign_survivors(self, survivors: list[int], sign: Callable[[bytes], str]) -> str:
+        """The consistency check: this bank's signature of ``U3``, given once per round.
+
+        Refuses a list without this bank, with banks outside the roster, shorter than
+        ``t``, or different from one it already signed.
+        """
+        listed = tuple(sorted(int(n) for n in survivors))
+        if self.signed_survivors is not None and self.signed_survivors != listed:
+            raise SecAggError(
+                f"already signed the survivor list {list(self.signed_survivors)} this round; "
+                f"refusing to sign {list(listed)} (the server shows banks different lists)"
+            )
+        if self.node_id not in listed:
+            raise SecAggError("the survivor list does not include this bank")
+        if set(listed) - set(self.roster):
+            raise SecAggError(f"survivors {sorted(set(listed) - set(self.roster))} not in roster")
+        if len(listed) < self.params.threshold:
+            raise TooFewSurvivors(
+                f"{len(listed)} survivors, fewer than the threshold t={self.params.threshold}"
+            )
+        self.signed_survivors = listed
+        return sign(survivors_message(self.run_id, self.server_round, list(listed)))
+
     def unmask_shares(
-        self, survivors: list[int], dropped: list[int]
+        self,
+        survivors: list[int],
+        dropped: list[int],
+        consistency: dict[int, str] | None = None,
     ) -> tuple[dict[int, bytes], dict[int, bytes]]:
         """This bank's shares of ``b_j`` (survivors) and ``s_sk_j`` (dropped); answered once.
 
         Refuses a request that would reveal both secrets of one bank (which would
         unmask its input), names a bank it holds no share of, omits this bank, or
-        keeps fewer than ``t`` survivors.
+        keeps fewer than ``t`` survivors. With signed keys (:attr:`trusted` set) also
+        one for a survivor list other than the one this bank signed, or without ``t``
+        valid signatures of it (``consistency``: node -> signature).
         """
         survivors, dropped = [int(n) for n in survivors], [int(n) for n in dropped]
         if self.unmasked:
             raise SecAggError("this round's unmask request was already answered")
+        if self.trusted is not None:
+            if self.signed_survivors != tuple(sorted(survivors)):
+                raise SecAggError(
+                    "the unmask request's survivor list is not the one this bank signed"
+                )
+            problems = consistency_problems(
+                survivors,
+                consistency or {},
+                self.signers,
+                self.params.threshold,
+                self.run_id,
+                self.server_round,
+            )
+            if problems:
+                raise SecAggError("refusing to unmask: " + problems[0])
         if set(survivors) & set(dropped):
             raise SecAggError(
                 f"nodes {sorted(set(survivors) & set(dropped))} are listed as both surviving and "
