@@ -63,6 +63,29 @@ def round_learning_rate(schedule: str, base: float, server_round: int, num_round
     return float(base * 0.5 ** min((r - 1) // quarter, 3))
 
 
+def epochs_for_min_steps(epochs: int, num_rows: int, batch_size: int, min_steps: int) -> int:
+    """Local epochs that give at least ``min_steps`` optimizer steps (and at least ``epochs``).
+
+    ``ceil(num_rows / batch_size)`` steps make one epoch, so a bank of 70 training rows
+    takes 2 steps per epoch where a bank of 1,275 takes 20: with one epoch per round
+    the small bank barely moves its model, and a federation of small lenders ends far
+    below the model trained on their pooled rows (README, "Training that fits small
+    banks": 0.11 AUC on an emulated split of the UCI table). The small bank instead runs
+    ``ceil(min_steps / steps_per_epoch)`` epochs. Banks already at ``min_steps`` per
+    ``epochs`` are unchanged. ``min_steps = 0`` turns it off. Raises ``ValueError`` on
+    ``epochs < 1``, ``batch_size < 1``, ``num_rows < 0`` or ``min_steps < 0``.
+    """
+    if epochs < 1 or batch_size < 1 or num_rows < 0 or min_steps < 0:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, num_rows >= 0, min_steps >= 0; got "
+            f"{epochs}, {batch_size}, {num_rows}, {min_steps}"
+        )
+    per_epoch = math.ceil(num_rows / batch_size)
+    if per_epoch == 0 or min_steps == 0:
+        return int(epochs)
+    return max(int(epochs), math.ceil(min_steps / per_epoch))
+
+
 def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> DataLoader:
     dataset = TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).float())
     generator = torch.Generator().manual_seed(seed)

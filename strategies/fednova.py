@@ -48,7 +48,10 @@ class FedNova(FedAvg):
     audited in ``client_update.weight_cap_reason`` and ``fednova_normalised``), so a
     bank lying about its steps moves its own weight by at most 10x and cannot blow up
     everyone's step (unbounded, 1e-6 steps bought the whole round and 1e7 scaled the
-    step x22,000). Like FedAvg, FedNova is not a robust rule: a bank can send any update.
+    step x22,000). ``steps_floor`` (keyword, default 0): the fewest momentum-adjusted
+    steps an honest bank takes whatever its rows (the app passes its ``min-local-steps``),
+    so a small bank that ran more epochs to reach it is not clamped. Like FedAvg, FedNova
+    is not a robust rule: a bank can send any update.
 
     Assumes plain local SGD with small ``lr * steps`` (the paper's normaliser for
     momentum SGD is used); with the proximal term, whose normaliser differs, the app
@@ -76,6 +79,7 @@ class FedNova(FedAvg):
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         *,
         steps_band: float = STEPS_BAND,
+        steps_floor: float = 0.0,
         **kwargs: Any,
     ) -> None:
         finite = isinstance(steps_band, (int, float)) and math.isfinite(steps_band)
@@ -83,6 +87,11 @@ class FedNova(FedAvg):
             raise ValueError(f"steps_band must be a finite number >= 1, got {steps_band!r}")
         super().__init__(**fedavg_arguments(locals()), **kwargs)
         self.steps_band = float(steps_band)
+        if not (isinstance(steps_floor, (int, float)) and math.isfinite(steps_floor)) or (
+            steps_floor < 0
+        ):
+            raise ValueError(f"steps_floor must be a finite number >= 0, got {steps_floor!r}")
+        self.steps_floor = float(steps_floor)
         self._clamped: dict[int, float] = {}  # node id -> its claim, where it was held
         self._steps: dict[int, float] = {}  # node id -> a_i, this round
         self._scale = 1.0
@@ -122,7 +131,7 @@ class FedNova(FedAvg):
         if not self._steps:  # outside a train round (no steps read): FedAvg's weights
             return capped, reasons
         claimed = np.array([self._steps[n] for n in node_ids], dtype=np.float64)
-        steps, clamped = bounded_steps(capped, claimed, self.steps_band)
+        steps, clamped = bounded_steps(capped, claimed, self.steps_band, self.steps_floor)
         shares, self._scale = fednova_weights(capped, steps)
         for i, node in enumerate(node_ids):
             if clamped[i]:

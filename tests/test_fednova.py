@@ -9,7 +9,7 @@ import pytest
 from conftest import FakeGrid, arrays_of, reply
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 
-from flower_ext.aggregation.fednova import fednova_weights
+from flower_ext.aggregation.fednova import bounded_steps, fednova_weights
 from flower_ext.audit import AuditTrail
 from flower_ext.scaffold import effective_steps
 from flower_ext.strategies import FedAvg, FedNova
@@ -109,7 +109,7 @@ def test_the_bank_reports_its_momentum_adjusted_steps_when_asked(tmp_path, as_se
 
     from bank_risk.client_app import app as client_app
 
-    config = {**_config(_csv(tmp_path)), "batch-size": 16}
+    config = {**_config(_csv(tmp_path)), "batch-size": 16, "min-local-steps": 0}
     plain = client_app(_message(MessageType.TRAIN, 1, 100), _context(config, partition=0))
     assert LOCAL_STEPS_KEY not in plain.content["metrics"]  # FedAvg's reply is unchanged
     msg = _message(MessageType.TRAIN, 1, 100)
@@ -118,6 +118,42 @@ def test_the_bank_reports_its_momentum_adjusted_steps_when_asked(tmp_path, as_se
     rows = int(metrics["num-examples"])
     steps = -(-rows // 16)  # one epoch of batches of 16
     assert metrics[LOCAL_STEPS_KEY] == pytest.approx(effective_steps(steps, 0.9))
+    # min-local-steps: this small bank runs whole epochs until it has taken at least 4x
+    # its one-epoch steps (run config min-local-steps; default 10).
+    msg = _message(MessageType.TRAIN, 1, 100)
+    msg.content["config"][REPORT_STEPS_KEY] = True
+    more = {**config, "min-local-steps": 4 * steps + 1}
+    metrics = client_app(msg, _context(more, partition=0)).content["metrics"]
+    assert metrics[LOCAL_STEPS_KEY] == pytest.approx(effective_steps(5 * steps, 0.9))
+
+
+def test_the_band_is_floored_at_the_steps_a_small_bank_honestly_takes():
+    """Banks of 1000, 1000 and 50 rows: 100, 100 and (min-local-steps) 40 steps. Without a
+    floor the small bank's 40 is held to 10x the 5 its rows imply, i.e. kept (< 50); with
+    200 honest steps it would be clamped to 50; a floor of 40 keeps it."""
+    weights = np.array([1000.0, 1000.0, 50.0])
+    steps, clamped = bounded_steps(weights, np.array([100.0, 100.0, 200.0]))
+    assert clamped.tolist() == [False, False, True] and steps[2] == pytest.approx(50.0)
+    steps, clamped = bounded_steps(weights, np.array([100.0, 100.0, 200.0]), floor=40.0)
+    assert not clamped.any() and steps[2] == 200.0  # implied max(5, 40) = 40; 10x = 400
+    steps, clamped = bounded_steps(weights, np.array([100.0, 100.0, 1e6]), floor=40.0)
+    assert steps[2] == pytest.approx(400.0)  # a liar is still held
+    with pytest.raises(ValueError, match="floor"):
+        bounded_steps(weights, weights, floor=-1.0)
+    with pytest.raises(ValueError, match="steps_floor"):
+        FedNova(steps_floor=-1.0)
+
+
+def test_the_app_floors_fednovas_band_at_min_local_steps():
+    from bank_risk.settings import BankAppSettings
+    from bank_risk.strategy_factory import build_strategy
+
+    settings = BankAppSettings.from_config({"num-banks": 3, "fednova": True})
+    strategy = build_strategy(settings, AuditTrail(), num_nodes=3)
+    assert isinstance(strategy, FedNova)
+    assert strategy.steps_floor == pytest.approx(effective_steps(10, 0.9))
+    off = BankAppSettings.from_config({"num-banks": 3, "fednova": True, "min-local-steps": 0})
+    assert build_strategy(off, AuditTrail(), num_nodes=3).steps_floor == 0.0
 
 
 @pytest.mark.parametrize(

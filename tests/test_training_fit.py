@@ -287,3 +287,27 @@ def test_a_banks_verdict_word_follows_its_interval_not_its_claim():
     assert per_bank_row(backwards, settings)["verdict"] is None
     nan = {**lying, "gain-ci-low": float("nan")}
     assert per_bank_row(nan, settings)["verdict"] is None
+
+
+def test_min_local_steps_gives_small_banks_more_epochs_by_hand():
+    from flower_ext.training import epochs_for_min_steps
+
+    assert epochs_for_min_steps(1, 70, 64, 10) == 5  # 2 steps an epoch -> 5 epochs
+    assert epochs_for_min_steps(1, 1275, 64, 10) == 1  # 20 steps an epoch already
+    assert epochs_for_min_steps(3, 70, 64, 10) == 5 and epochs_for_min_steps(7, 70, 64, 10) == 7
+    assert epochs_for_min_steps(1, 640, 64, 10) == 1 and epochs_for_min_steps(1, 576, 64, 10) == 2
+    assert epochs_for_min_steps(1, 70, 64, 0) == 1  # off
+    assert epochs_for_min_steps(2, 0, 64, 10) == 2  # no rows: nothing to step on
+    with pytest.raises(ValueError, match="min_steps >= 0"):
+        epochs_for_min_steps(1, 70, 64, -1)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "ten", True])
+def test_min_local_steps_must_be_a_whole_number(bad):
+    from bank_risk.settings import BankAppSettings, SettingsError
+
+    with pytest.raises(SettingsError, match="min-local-steps must be a whole number >= 0"):
+        BankAppSettings.from_config({"min-local-steps": bad})
+    ok = BankAppSettings.from_config({"min-local-steps": 20.0})
+    assert ok.min_local_steps == 20 and ok.local_epochs_for(70) == 10
+    assert BankAppSettings.from_config({}).min_local_steps == 10

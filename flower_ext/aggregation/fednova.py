@@ -27,7 +27,10 @@ STEPS_BAND = 10.0
 
 
 def bounded_steps(
-    weights: NDArray[np.floating], steps: NDArray[np.floating], band: float = STEPS_BAND
+    weights: NDArray[np.floating],
+    steps: NDArray[np.floating],
+    band: float = STEPS_BAND,
+    floor: float = 0.0,
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """``(steps', clamped)``: each bank's claimed steps held within ``band`` x of
     ``median_j(a_j / n_j) * n_i``, the steps its (validated, pinned) row count ``n_i`` implies
@@ -38,17 +41,24 @@ def bounded_steps(
     bank's rows are pinned at setup; its steps per row cannot differ much from the
     others' when all train the same epochs with the same batch size, so a claim outside
     the band is a lie or a misconfiguration, and is clamped (a liar moves its weight by at
-    most ``band``). Raises ``ValueError`` on ``band < 1`` or shapes that differ.
+    most ``band``). ``floor``: the fewest steps an honest bank takes whatever its rows (the
+    app's ``min-local-steps``, in the same momentum-adjusted units): the implied steps are
+    ``max(median_j(a_j / n_j) * n_i, floor)``, so a small bank that honestly ran more epochs
+    is not clamped. Raises ``ValueError`` on ``band < 1``, ``floor < 0`` or shapes that differ.
     """
     n = np.asarray(weights, dtype=np.float64)
     a = np.asarray(steps, dtype=np.float64)
-    if band < 1 or n.shape != a.shape:
-        raise ValueError(f"band must be >= 1 and shapes equal, got {band}, {n.shape}, {a.shape}")
+    if band < 1 or n.shape != a.shape or not floor >= 0:
+        raise ValueError(
+            f"band must be >= 1, floor >= 0 and shapes equal, got {band}, {floor}, "
+            f"{n.shape}, {a.shape}"
+        )
     positive = n > 0
     if not positive.any():
         return a.copy(), np.zeros(a.shape, dtype=bool)
     per_row = float(np.median(a[positive] / n[positive]))
-    low, high = per_row * n / band, per_row * n * band
+    implied = np.maximum(per_row * n, floor)
+    low, high = implied / band, implied * band
     out = np.where(positive, np.clip(a, low, high), a)
     return out, out != a
 

@@ -267,13 +267,15 @@ def train(msg: Message, context: Context) -> Message:
             return budget_refusal(msg, err)
         dp_metrics = spent.as_metrics()
     elif control is not None:  # corrected local steps; the bank's c_i stays in context.state
+        train_cfg = replace(train_cfg, epochs=settings.local_epochs_for(len(labels)))
         try:
             loss, control_delta, steps = scaffold_train(
                 model, bank.x_train, labels, train_cfg, control, context.state
             )
         except ScaffoldError as err:
             return scaffold_refusal(msg, str(err))
-    else:
+    else:  # a small bank runs more epochs, to min-local-steps (not under DP-SGD: above)
+        train_cfg = replace(train_cfg, epochs=settings.local_epochs_for(len(labels)))
         loss, steps = train_local_steps(model, bank.x_train, labels, train_cfg)
     step_metrics: dict[str, float] = {}
     if config.get(REPORT_STEPS_KEY) and privacy is None:  # FedNova's normalising factor a_i

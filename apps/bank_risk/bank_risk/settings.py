@@ -6,6 +6,7 @@ module gives them types and turns a bad value into one clear message.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,12 @@ from flower_ext.metrics import sketch_rows_per_bin
 from flower_ext.model import MODEL_KINDS, parse_hidden_units
 from flower_ext.personalise import PersonalisationConfig
 from flower_ext.privacy import DPSGDConfig, UpdateDPConfig, privacy_config_from_run_config
-from flower_ext.training import LR_SCHEDULES, TrainConfig, round_learning_rate
+from flower_ext.training import (
+    LR_SCHEDULES,
+    TrainConfig,
+    epochs_for_min_steps,
+    round_learning_rate,
+)
 
 
 class SettingsError(ValueError):
@@ -59,6 +65,8 @@ def _whole(cfg: Mapping[str, object], key: str, default: int) -> int:
 
 #: What an injected fault does to a bank's train handler (test federations only).
 FAULT_KINDS = ("none", "raise", "sleep", "nan")
+#: Default of run config ``min-local-steps`` (``flower_ext.training.epochs_for_min_steps``).
+MIN_LOCAL_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,9 @@ class BankAppSettings:
         """Run-config mistakes a newcomer makes that would otherwise show up late or never."""
         problems = []
         raw = self.raw
+        if self.min_local_steps < 0:
+            raw_steps = raw.get("min-local-steps")
+            problems.append(f"min-local-steps must be a whole number >= 0, got {raw_steps!r}")
         for key in ("num-banks", "rows-per-bank", "local-epochs", "batch-size", "min-banks"):
             value = raw.get(key)
             if isinstance(value, float) and not value.is_integer():
@@ -308,6 +319,24 @@ class BankAppSettings:
         """The local learning rate of a round under ``lr-schedule`` (the server sends it)."""
         return round_learning_rate(
             self.lr_schedule, self.learning_rate, server_round, self.num_rounds
+        )
+
+    @property
+    def min_local_steps(self) -> int:
+        """Run config ``min-local-steps``: every bank takes at least this many local steps
+        a round (more epochs for a small bank; not under DP-SGD, whose noise is calibrated
+        to ``local-epochs``). -1 when the value is not a whole number >= 0 (``check`` says so)."""
+        value = self.raw.get("min-local-steps", MIN_LOCAL_STEPS)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return -1
+        if not (math.isfinite(value) and float(value).is_integer() and value >= 0):
+            return -1
+        return int(value)
+
+    def local_epochs_for(self, num_rows: int) -> int:
+        """The local epochs a bank of ``num_rows`` training rows runs each round."""
+        return epochs_for_min_steps(
+            self.local_epochs, num_rows, self.batch_size, max(self.min_local_steps, 0)
         )
 
     def train_config(

@@ -50,6 +50,7 @@ from flower_ext.audit import AuditTrail
 from flower_ext.mods.he import TOPK_RATIO_KEY
 from flower_ext.privacy import privacy_train_metrics_aggr_fn
 from flower_ext.privacy.accounting import DELTA_BOUNDS, EPSILON_BOUNDS
+from flower_ext.scaffold import effective_steps
 from flower_ext.secagg.dp import DistributedDP, DistributedDPError
 from flower_ext.strategies import (
     Bulyan,
@@ -67,6 +68,7 @@ from flower_ext.strategies import (
     TrimmedMean,
     UpdateAggregationStrategy,
 )
+from flower_ext.training import TrainConfig
 
 from .encryption import build_encrypted_strategy, he_enabled
 from .settings import BankAppSettings, SettingsError, secagg_dp_enabled, secagg_enabled
@@ -210,7 +212,10 @@ def build_strategy(
         if settings.scaffold:  # N: every bank of the run, sampled or not
             strategy = Scaffold(**common, num_clients=settings.data.num_banks)
         elif settings.fednova:
-            strategy = FedNova(**common)
+            # A small bank honestly takes min-local-steps (momentum-adjusted) however few
+            # its rows: FedNova's band must not clamp it.
+            floor = effective_steps(max(settings.min_local_steps, 0), TrainConfig().momentum)
+            strategy = FedNova(**common, steps_floor=floor)
         else:
             strategy = BUILDERS[name](rs, common)
     except ValueError as err:
