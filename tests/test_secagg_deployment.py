@@ -1,7 +1,8 @@
 """Secure aggregation on Flower's deployment runtime: TLS SuperLink, 4 authenticated SuperNodes.
 
 The bank app with ``secagg = true`` and signed keys (each SuperNode has an Ed25519
-identity and the four banks' public keys in its node config). One bank is killed
+identity and the four banks' public keys in its node config), hence also the
+consistency check. One bank is killed
 (SIGKILL) as soon as the keys are shared, so it vanishes while the others mask:
 the SuperLink answers for it once its heartbeats stop, the server rebuilds its
 mask key from the survivors' shares, and the round completes with the other three
@@ -75,6 +76,9 @@ def test_secagg_over_tls_survives_a_bank_killed_mid_protocol(deployment, tmp_pat
     events = audit_events(run_dir)
     advertised = [e for e in events if e["event"] == "secagg_step" and e["stage"] == "advertise"]
     assert advertised[0]["signed"] == 4  # every bank signed its keys; all checked them
+    check = [e for e in events if e["event"] == "secagg_step" and e["stage"] == "consistency"]
+    assert len(check) == 1 and ids["bank-3"] not in check[0]["signed"]
+    assert len(check[0]["signed"]) == 3  # the survivors signed the survivor list
     dropouts = [e for e in events if e["event"] == "secagg_dropout"]
     assert [e["node_id"] for e in dropouts] == [ids["bank-3"]]
     assert dropouts[0]["stage"] in ("masked-input", "unmask")
