@@ -242,3 +242,41 @@ def test_the_bank_mod_keeps_frozen_arrays_exact_under_dp(as_server, monkeypatch)
     # "b" is frozen: its global value (zeros) comes back up to the quantisation error only
     assert np.max(np.abs(new["b"].numpy())) < 1e-5
     assert np.max(np.abs(new["w"].numpy() - _global()["w"].numpy())) > 1e-3
+
+
+def test_the_banks_floor_refuses_weaker_settings():
+    from flower_ext.secagg.mod import DP_CLIP_KEY, DP_STD_KEY, floor_problems
+
+    # sigma 2, C 0.5, t 4: per-bank std 0.5; the bank recovers sigma = 0.5 * 2 / 0.5 = 2
+    config = {"threshold": 4, DP_CLIP_KEY: 0.5, DP_STD_KEY: per_bank_noise_std(2.0, 0.5, 4)}
+    assert floor_problems(config, {"secagg-dp-min-noise-multiplier": 2.0}) == []
+    assert floor_problems(config, {"secagg-min-threshold": 4}) == []
+    (low,) = floor_problems(config, {"secagg-dp-min-noise-multiplier": 2.5})
+    assert "noise multiplier of the sum is 2, below" in low
+    (few,) = floor_problems(config, {"secagg-min-threshold": 5})
+    assert "threshold t=4 is below" in few
+    (none,) = floor_problems({"threshold": 4}, {"secagg-dp-min-noise-multiplier": 1.0})
+    assert "requires distributed DP" in none
+
+
+def test_a_bank_below_its_floor_does_not_train(as_server):
+    from flwr.app import Context, RecordDict
+
+    fed = Federation(NODES)
+    trained = []
+    original = fed._train
+    fed._train = lambda msg, ctx: trained.append(ctx.node_id) or original(msg, ctx)
+    for n in NODES:  # every bank demands sigma >= 3; the server offers 2
+        fed.contexts[n] = Context(
+            run_id=1,
+            node_id=n,
+            node_config={"secagg-dp-min-noise-multiplier": 3.0},
+            state=RecordDict(),
+            run_config={},
+        )
+    audit = AuditTrail()
+    dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)
+    new, metrics = fed.run_round(SecureFedAvg(threshold=2, dp=dp, audit=audit))
+    assert new is None and metrics["secagg-failed"] == 1 and trained == []
+    rejected = [e["reason"] for e in audit.events if e["event"] == "reply_rejected"]
+    assert len(rejected) == 4 and all("secagg-dp-min-noise-multiplier=3" in r for r in rejected)

@@ -49,6 +49,16 @@ Signed keys (node config, both optional):
     roster in which any bank's keys are unsigned, signed by another key, or two
     entries are signed by one key: a server that forges other banks' keys gets no
     share of this bank's secrets.
+
+The bank's own floor (node config, optional; the server's settings cannot lower it):
+
+``secagg-min-threshold``
+    The smallest ``t`` this bank takes part with.
+``secagg-dp-min-noise-multiplier``
+    Distributed DP required, with the noise of the sum over the clip norm (``sigma``,
+    computed from the ``t``, ``C`` and per-bank std the server sends) at least this.
+
+A train message below the floor is refused before any training (error reply).
 """
 
 from __future__ import annotations
@@ -79,6 +89,36 @@ STAGE_CONSISTENCY = "consistency"  # only with signed keys (module docstring)
 #: Node-config keys of signed keys (module docstring).
 IDENTITY_KEY = "secagg-identity-key"
 TRUSTED_KEYS = "secagg-trusted-keys"
+#: Node-config keys of the bank's floor (module docstring).
+MIN_THRESHOLD_KEY = "secagg-min-threshold"
+MIN_SIGMA_KEY = "secagg-dp-min-noise-multiplier"
+
+
+def floor_problems(config: ConfigRecord | dict, node_config: dict) -> list[str]:
+    """Why the server's round settings are below this bank's floor (empty: fine).
+
+    ``sigma = std * sqrt(t) / C`` is the noise of the sum over the clip norm with ``t``
+    honest banks (:func:`flower_ext.secagg.dp.per_bank_noise_std` inverted).
+    """
+    problems = []
+    t = int(config.get("threshold", 0))  # type: ignore[arg-type]
+    least_t = node_config.get(MIN_THRESHOLD_KEY)
+    if least_t not in (None, "", 0) and t < int(least_t):  # type: ignore[arg-type]
+        problems.append(f"threshold t={t} is below this bank's {MIN_THRESHOLD_KEY}={least_t}")
+    least_sigma = float(node_config.get(MIN_SIGMA_KEY, 0.0) or 0.0)  # type: ignore[arg-type]
+    if least_sigma > 0:
+        if DP_STD_KEY not in config or DP_CLIP_KEY not in config:
+            problems.append(f"this bank requires distributed DP ({MIN_SIGMA_KEY}={least_sigma:g})")
+        else:
+            std, clip = float(config[DP_STD_KEY]), float(config[DP_CLIP_KEY])  # type: ignore
+            sigma = std * max(t, 1) ** 0.5 / clip if clip > 0 else 0.0
+            if sigma < least_sigma * (1 - 1e-9):
+                problems.append(
+                    f"the noise multiplier of the sum is {sigma:.4g}, below this bank's "
+                    f"{MIN_SIGMA_KEY}={least_sigma:g}"
+                )
+    return problems
+
 
 #: Distributed-DP keys of the ``train`` record (absent: no DP): L2 clip and noise std.
 DP_CLIP_KEY = "dp-clip-norm"
@@ -195,6 +235,9 @@ def _train(
     frozen: tuple[str, ...] = (),
 ) -> Message:
     params = SecAggParams.from_dict(dict(config))
+    below = floor_problems(config, dict(context.node_config))
+    if below:  # before any training: nothing is computed from the rows
+        raise SecAggError("refused by this bank's node config: " + "; ".join(below))
     weight_key = str(config.get("weight-key", "num-examples"))
     arrays_key = str(config.get("arrays-key", "arrays"))
     clear_session(context)  # a new round starts from nothing
