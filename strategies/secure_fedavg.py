@@ -24,6 +24,11 @@ and the audit (``secagg_dp``) give the epsilon so far against the server with th
 survivors honest (``secagg-dp-epsilon``), with only ``t`` honest banks per round
 (``secagg-dp-epsilon-nominal``, the stated guarantee) and with ``k = 0 .. n - t``
 banks dropped or colluding (``secagg-dp-epsilon-if-missing``, a list indexed by k).
+
+Signed keys (banks with node config ``secagg-identity-key`` / ``secagg-trusted-keys``,
+see :mod:`flower_ext.secagg.mod`): the server forwards each bank's signature with the
+roster, and when every bank signed it runs the consistency check (each survivor signs
+the survivor list; ``t`` signatures go with the unmask request) before the unmask.
 """
 
 from __future__ import annotations
