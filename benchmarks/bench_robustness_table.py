@@ -125,6 +125,13 @@ def cell_overrides(
     }
 
 
+def _min_after_first(aucs: list[float | None]) -> float | None:
+    """Minimum AUC over rounds 2.. (round 1 starts from the random model and is the
+    steepest, most seed-dependent point of every curve)."""
+    later = [a for a in aucs[1:] if a is not None]
+    return min(later) if later else None
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = metrics.get("rounds", [])
@@ -134,6 +141,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "status": metrics.get("status"),
         "final_auc": metrics.get("final", {}).get("auc"),
         "min_auc": min(seen) if seen else None,
+        "min_auc_after_round_1": _min_after_first(aucs),
         "auc_by_round": aucs,
         "robust_rejected_by_round": [r.get("train", {}).get("robust-rejected") for r in rounds],
     }
@@ -282,7 +290,11 @@ def summarise(
     # Clean FedAvg per seed: its final AUC and its own minimum over rounds (early rounds
     # are low for everyone, so a cell's minimum is compared with clean FedAvg's minimum).
     clean = {
-        c["seed"]: {"final": c["final_auc"], "min": c["min_auc"]}
+        c["seed"]: {
+            "final": c["final_auc"],
+            "min": c["min_auc"],
+            "min_after_1": c.get("min_auc_after_round_1", _min_after_first(c["auc_by_round"])),
+        }
         for c in cells
         if c["rule"] == "fedavg" and c["attack"] == "none" and c.get("final_auc") is not None
     }
@@ -308,6 +320,7 @@ def summarise(
                 "gap_min": None,
                 "gap_honest_only_final": None,
                 "gap_honest_only_min": None,
+                "gap_min_after_1": None,
             },
         )
         if c.get("final_auc") is None:
@@ -321,6 +334,10 @@ def summarise(
             for name, ref in refs.items():
                 if ref is not None and auc is not None and ref[what] is not None:
                     _worst(row, f"{name}_{what}", auc - ref[what])
+        later = c.get("min_auc_after_round_1", _min_after_first(c["auc_by_round"]))
+        ref = clean.get(c["seed"])
+        if later is not None and ref is not None and ref["min_after_1"] is not None:
+            _worst(row, "gap_min_after_1", later - ref["min_after_1"])
     best: dict[str, Any] = {}
     for key in sorted({k for row in table.values() for k in row}):
         scored = [
@@ -332,10 +349,16 @@ def summarise(
             gap, rule = max(scored)
             cell = table[rule][key]
             to_honest = [cell["gap_honest_only_final"], cell["gap_honest_only_min"]]
+            after_1 = [
+                min(row[key]["gap_final"], row[key]["gap_min_after_1"])
+                for row in table.values()
+                if key in row and row[key]["gap_min_after_1"] is not None
+            ]
             best[key] = {
                 "rule": rule,
                 "worst_gap_final_or_min": gap,
                 "worst_gap_to_honest_only": None if None in to_honest else min(to_honest),
+                "best_worst_gap_final_or_min_after_round_1": max(after_1) if after_1 else None,
             }
     return {
         "benchmark": "robustness_table",
@@ -382,8 +405,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| attack | f | "
         + " | ".join(f"{r} final / min" for r in rules)
-        + " | best rule: worse gap to clean FedAvg | its gap to honest-only FedAvg |",
-        "|---|---|" + "---|" * len(rules) + "---|---|",
+        + " | best rule: worse gap to clean FedAvg | its gap to honest-only FedAvg"
+        + " | best worse gap, minimum over rounds 2.. |",
+        "|---|---|" + "---|" * len(rules) + "---|---|---|",
     ]
     for key in keys:
         attack, _, f = key.partition(", f=")
@@ -396,10 +420,11 @@ def markdown(result: dict[str, Any]) -> str:
                 " **misses the goal**" if miss else ""
             )
         honest = _gap(best["worst_gap_to_honest_only"]) if best else "-"
+        later = _gap(best.get("best_worst_gap_final_or_min_after_round_1")) if best else "-"
         lines.append(
             f"| {attack} | {f} | "
             + " | ".join(_pair(table[r].get(key)) for r in rules)
-            + f" | {verdict} | {honest} |"
+            + f" | {verdict} | {honest} | {later} |"
         )
     clean = result["clean_fedavg_auc_by_seed"]
     honest_only = result.get("honest_only_fedavg_auc", {})
