@@ -16,6 +16,15 @@ bank app on Flower's simulation twice on the same banks:
 and prints JSON: final and best-round federated AUC, the centralized ceiling, rows.
 
     python benchmarks/bench_real_data.py [--rounds 10] [--model logreg] [--out FILE]
+
+``--small-lenders`` instead emulates a loan book split across small lenders (issue 18's
+lender split had 19-24 test rows per lender): per split seed, 8 lenders of 80-130 rows
+drawn without replacement from the table, one file each (``csv-source = "per-bank"``), the
+app's default training (20 rounds, 1 local epoch, batch 64) with ``min-local-steps`` at its
+default (10) and at 0 (off, one epoch a round), on the in-process Grid:
+
+    python benchmarks/bench_real_data.py --small-lenders [--split-seeds 0,1,2] \
+        [--models mlp,logreg] [--out FILE]
 """
 
 from __future__ import annotations
@@ -89,10 +98,65 @@ def summary(run_dir: Path) -> dict:
         "best_round_auc": best.get("auc"),
         "best_round_validation_auc": best.get("validation_auc"),
         "centralized_auc": metrics.get("centralized_auc"),
+        # paired DeLong difference to the ceiling on the same pooled test rows (server's)
+        "federated_vs_centralized": {
+            k: (metrics.get("ceiling") or {}).get("federated_vs_ceiling", {}).get(k)
+            for k in ("diff", "low", "high", "p_value", "verdict")
+        },
         "auc_by_round": curve,
         "features": len(metrics.get("model", {}).get("features", [])),
         "run_dir": str(run_dir),
     }
+
+
+def write_small_lenders(table: pd.DataFrame, folder: Path, seed: int) -> dict[str, int]:
+    """8 lender files of 80-130 rows each, drawn without replacement (seeded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(table))
+    rows, start = {}, 0
+    for lender in range(8):
+        size = int(rng.integers(80, 131))
+        part = table.iloc[order[start : start + size]]
+        part.to_csv(folder / f"lender-{lender}.csv", index=False)
+        rows[f"lender-{lender}"] = size
+        start += size
+    return rows
+
+
+def small_lenders(args: argparse.Namespace, table: pd.DataFrame, work: Path) -> dict:
+    """Federated vs centralized on emulated small lenders, min-local-steps 10 vs 0."""
+    from bank_risk.simulate import run_bank_inprocess
+
+    out: dict = {"what": "8 lenders of 80-130 rows from the UCI table, app defaults", "runs": []}
+    for seed in [int(x) for x in args.split_seeds.split(",") if x.strip()]:
+        folder = work / f"lenders-{seed}"
+        rows = write_small_lenders(table, folder, seed)
+        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+            for min_steps in (10, 0):
+                overrides = {
+                    "dataset": "csv",
+                    "csv-source": "per-bank",
+                    "csv-dir": str(folder),
+                    "num-banks": 8,
+                    "model": model,
+                    "min-local-steps": min_steps,
+                    "local-only-baseline": False,
+                    "output-dir": str(work / "runs"),
+                    "run-name": f"lenders-{seed}-{model}-{min_steps}",
+                }
+                result = summary(run_bank_inprocess(overrides))
+                result.update(split_seed=seed, model=model, min_local_steps=min_steps)
+                result["rows_per_lender"] = rows
+                out["runs"].append(result)
+                paired = result["federated_vs_centralized"]
+                print(
+                    f"split {seed} {model} min-local-steps {min_steps}: federated minus "
+                    f"centralized {paired['diff']} [{paired['low']}, {paired['high']}]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return out
 
 
 def main() -> None:
@@ -101,6 +165,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--model", default="logreg")
     parser.add_argument("--out", default="")
+    parser.add_argument("--small-lenders", action="store_true")
+    parser.add_argument("--split-seeds", default="0,1,2")
+    parser.add_argument("--models", default="mlp,logreg")
     args = parser.parse_args()
     source = Path(args.csv)
     if not source.is_file():
@@ -111,6 +178,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-real-data-"))
     table = pd.read_csv(source)
+    if args.small_lenders:
+        text = json.dumps(small_lenders(args, table, work), indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     exports = write_exports(table, work / "exports")
     schema = work / "schema.toml"
     schema.write_text(SCHEMA)
