@@ -89,6 +89,19 @@ METHODS: dict[str, dict[str, Any]] = {
     # the bank's validation rows (Mansour et al. 2020's model interpolation)
     "fedavg+mix": {"personalisation": "mix"},
     "fedavg+finetune+mix": {"personalisation": "finetune+mix"},
+    # the same with up to 20 fine-tuning epochs (patience 3) instead of 5 (patience 2)
+    "fedavg+finetune20+mix": {
+        "personalisation": "finetune+mix",
+        "personalisation-epochs": 20,
+        "personalisation-patience": 3,
+    },
+    # FedNova + FedAdam's global model (the best on `hard`), fine-tuned and mixed
+    "fednova+adam+finetune+mix": {
+        "fednova": True,
+        "server-optimizer": "adam",
+        "server-learning-rate": 0.1,
+        "personalisation": "finetune+mix",
+    },
     "fednova+adam+personalised": {
         "fednova": True,
         "server-optimizer": "adam",
@@ -285,6 +298,48 @@ def tables(rows: list[dict[str, Any]], scenarios: list[str], methods: list[str])
     return "\n".join(out)
 
 
+def personalised_table(rows: list[dict[str, Any]], scenarios: list[str], methods: list[str]) -> str:
+    """The personalisation count alone: rows = (method, rows per bank), columns = scenarios,
+    cell = banks where the personalised model beats both the global and the local-only
+    model with a significant gain (both paired 95% DeLong lower bounds > 0) / as point
+    estimates / of the banks, the median test rows per bank in brackets; "" without
+    personalised rows."""
+    pers = [r for r in rows if r.get("personalised")]
+    if not pers:
+        return ""
+    shown = [s for s in scenarios if any(r["scenario"] == s for r in pers)]
+    out = [
+        "banks where the personalised model beats both the global and the local-only model: "
+        "significant (both paired 95% DeLong lower bounds > 0) / point estimate / banks "
+        "[median test rows per bank]\n",
+        "| method | rows-per-bank | " + " | ".join(shown) + " |",
+        "| --- | --- |" + " --- |" * len(shown),
+    ]
+    sizes = sorted({r.get("rows_per_bank", 2000) for r in pers})
+    for method, size in itertools.product(methods, sizes):
+        cells = []
+        for s in shown:
+            runs = [
+                r
+                for r in pers
+                if r["scenario"] == s and r["method"] == method
+                and r.get("rows_per_bank", 2000) == size
+            ]  # fmt: skip
+            cells.append(" ; ".join(count_cell(r) for r in runs) if runs else "-")
+        if any(c != "-" for c in cells):
+            out.append(f"| {method} | {size} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def count_cell(row: dict[str, Any]) -> str:
+    """``sig / pt / banks [median test rows]`` of one run."""
+    p = row["personalised"]
+    tests = [b.get("test_rows") for b in (p.get("per_bank") or {}).values()]
+    tests = [t for t in tests if t]
+    median = f" [{statistics.median(tests):.0f}]" if tests else ""
+    return f"{p['banks_beating_both']} / {point_wins(row)} / {p['banks']}{median}"
+
+
 def merge_saved(saved: list[dict[str, Any]]) -> dict[str, Any]:
     """Several saved results as one: their rows in order, scenarios and methods in order
     of first appearance (``--table-from a.json,b.json``)."""
@@ -370,6 +425,7 @@ def main() -> None:
     if args.table_from:  # re-render finished runs' tables (and curves) without running
         saved = merge_saved([json.loads(Path(f).read_text()) for f in args.table_from.split(",")])
         print(tables(saved["rows"], saved["scenarios"], saved["methods"]))
+        print(personalised_table(saved["rows"], saved["scenarios"], saved["methods"]))
         if args.plot:
             plot(saved["rows"], saved["scenarios"], args.plot)
         return
@@ -457,6 +513,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(text)
     print(tables(rows, scenarios, methods), file=sys.stderr)
+    print(personalised_table(rows, scenarios, methods), file=sys.stderr)
     if args.plot:
         plot(rows, scenarios, args.plot)
         print(f"[bench] curves: {args.plot}", file=sys.stderr)

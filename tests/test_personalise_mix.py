@@ -347,3 +347,51 @@ def test_a_mix_run_finishes_and_reports_each_banks_weight(tmp_path):
             assert row["personalised_auc"] == pytest.approx(row["local_only_auc"], abs=1e-6)
     lines = personalisation_lines(block)
     assert len(lines) == 4 and all("mix alpha" in line for line in lines[1:])
+
+
+# ------------------------------------------------------------- the benchmark's table
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_non_iid.py"
+    spec = importlib.util.spec_from_file_location("bench_non_iid", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_the_bench_counts_significant_and_point_wins_per_bank_size():
+    bench = _bench()
+
+    def row(size, sig, pers, fed, gain):
+        banks = {f"b{i}": {"test_rows": 100 * (i + 1)} for i in range(len(pers))}
+        return {
+            "scenario": "hard",
+            "method": "fedavg+mix",
+            "rows_per_bank": size,
+            "per_bank_auc": dict(zip(banks, fed, strict=True)),
+            "per_bank_gain_vs_local": dict(zip(banks, gain, strict=True)),
+            "personalised": {
+                "banks_beating_both": sig,
+                "banks": len(pers),
+                "per_bank_personalised_auc": dict(zip(banks, pers, strict=True)),
+                "per_bank": banks,
+            },
+        }
+
+    # bank 0 above both (local = 0.70 - 0.05), bank 1 above the global only (local 0.80),
+    # bank 2 below the global: 1 point win; test rows 100, 200, 300 (median 200)
+    small = row(2000, 0, [0.75, 0.72, 0.69], [0.70, 0.70, 0.70], [0.05, -0.10, 0.0])
+    large = row(8000, 1, [0.75, 0.72, 0.69], [0.70, 0.70, 0.70], [0.05, 0.05, 0.0])
+    text = bench.personalised_table([small, large], ["hard"], ["fedavg+mix"])
+    assert "| fedavg+mix | 2000 | 0 / 1 / 3 [200] |" in text
+    assert "| fedavg+mix | 8000 | 1 / 2 / 3 [200] |" in text
+    merged = bench.merge_saved(
+        [
+            {"scenarios": {"hard": {}}, "methods": {"a": {}}, "rows": [small]},
+            {"scenarios": {"concept-shift": {}, "hard": {}}, "methods": {"b": {}}, "rows": [large]},
+        ]
+    )
+    assert merged["scenarios"] == ["hard", "concept-shift"] and merged["methods"] == ["a", "b"]
+    assert merged["rows"] == [small, large]
