@@ -117,6 +117,20 @@ def composition_problem(part: object) -> str | None:
     return None
 
 
+def _bad_x25519(public: bytes) -> bool:
+    """Whether an X25519 public key gives no usable shared secret (low-order point)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    try:
+        shared = X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except Exception:
+        return True
+    return shared == bytes(len(shared))
+
+
 def _signature_problem(record: ConfigRecord) -> str:
     """Why an advertisement's optional signature fields are malformed ("" if fine or absent)."""
     signer, sig = record.get("signer"), record.get("sig")
@@ -145,8 +159,9 @@ class SecureFedAvg(UpdateAggregationStrategy):
     fraction_train, ..., evaluate_metrics_aggr_fn
         As in ``flwr.serverapp.strategy.FedAvg``.
     threshold : int | float (default: 2/3)
-        ``t``. An int >= 2 is used as is; a float in (0.5, 1] is a fraction of the
-        banks sampled in the round (``max(2, ceil(f * n))``). Fixed before any bank
+        ``t``. An int >= 2 is used as is and must be above half the banks sampled
+        (``2t > n``: banks refuse less); a float in (0.5, 1] is a fraction of the
+        banks sampled in the round (``max(2, n // 2 + 1, ceil(f * n))``). Fixed before any bank
         replies. The round survives up to ``n - t`` drop-outs after the keys are
         shared; the server with fewer than ``t`` banks learns no single update.
     clipping_range : float | None (default: None)
@@ -161,6 +176,13 @@ class SecureFedAvg(UpdateAggregationStrategy):
         ``2**modulus_bits``; at most ``2**(modulus_bits - quantization_bits)`` banks.
     dp : DistributedDP | None (default: None)
         Distributed DP (see the module docstring and :mod:`flower_ext.secagg.dp`).
+        A round counts in the accounting as soon as ``t`` banks answered its unmask
+        request (the server could then compute the sum), released or not.
+    trusted_keys : iterable of str | None (default: None)
+        The banks' Ed25519 identity keys (hex). When given, the server verifies every
+        advertisement's signature (run id from the Grid) and drops, audited, a bank whose
+        keys are unsigned, signed by an unknown key or a key another bank used, so that
+        one bad signature does not make every honest bank refuse the roster.
     step_timeout : float (default: 600)
         Seconds to wait for the banks in each extra protocol step.
     compose_with : sequence
@@ -207,6 +229,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         server_beta2: float = 0.99,
         server_tau: float = 1e-3,
         dp: DistributedDP | None = None,
+        trusted_keys: Iterable[str] | None = None,
     ) -> None:
         problems = [p for p in map(composition_problem, compose_with) if p]
         if problems:
@@ -242,6 +265,11 @@ class SecureFedAvg(UpdateAggregationStrategy):
         self.threshold = threshold
         self.clipping_range = None if clipping_range is None else float(clipping_range)
         self.dp = dp
+        #: Banks' identity keys (hex); when set, advertisements are verified here and a bank
+        #: with a bad or unknown signature is dropped before the roster is sent.
+        self.trusted_keys = (
+            None if trusted_keys is None else frozenset(str(k).lower() for k in trusted_keys)
+        )
         #: Per released round under DP: (banks given the keys n, threshold t, survivors).
         self.dp_rounds: dict[int, tuple[int, int, int]] = {}
         self.quantization_bits = int(quantization_bits)
@@ -305,9 +333,16 @@ class SecureFedAvg(UpdateAggregationStrategy):
     def params_for(self, num_banks: int) -> SecAggParams:
         """The round's public parameters for ``num_banks`` sampled banks."""
         if isinstance(self.threshold, float):
-            t = max(2, math.ceil(self.threshold * num_banks - 1e-9))
+            # 2t > n always: the fraction's rounding slack must never give t = n / 2.
+            t = max(2, num_banks // 2 + 1, math.ceil(self.threshold * num_banks - 1e-9))
         else:
             t = int(self.threshold)
+            if 2 * t <= num_banks:
+                raise ValueError(
+                    f"SecureFedAvg threshold t={t} is not above half of the {num_banks} banks "
+                    "sampled: two disjoint groups of t banks could each help unmask one bank "
+                    "(both its secrets); raise threshold above n/2 or use a fraction"
+                )
         if t > num_banks:
             raise ValueError(
                 f"SecureFedAvg threshold t={t} exceeds the {num_banks} banks sampled: "
@@ -415,13 +450,23 @@ class SecureFedAvg(UpdateAggregationStrategy):
             }
         try:
             mean, survivors, extra = self._run_protocol(server_round, params, banks)
-        except SecAggError as err:
-            self.audit.record("secagg_failed", round=server_round, reason=str(err))
+        except (SecAggError, ValueError, TypeError, KeyError) as err:
+            self.audit.record("secagg_failed", round=server_round, reason=str(err)[:500])
             self.skip_round(
                 server_round, report, len(banks), reason=f"secure aggregation failed: {err}"
             )
             metrics = self._summary_metrics(report, [], None)
             metrics["secagg-failed"] = 1
+            if self.dp is not None and server_round in self.dp_rounds:
+                # t banks answered the unmask: the server could compute the sum, so the
+                # round is in the accounting although it was not released.
+                figures = self.dp_figures()
+                for key, value in figures.items():
+                    metrics[key] = value  # type: ignore[assignment]
+                self.audit.record(
+                    "secagg_dp", round=server_round, released=False,
+                    **{k.replace("-", "_"): v for k, v in figures.items()},
+                )  # fmt: skip
             report.train_metrics = dict(metrics)
             return None, metrics
         new_arrays = self.server_step(mean.astype(self._layout.compute_dtype))  # type: ignore
@@ -486,6 +531,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         )
         banks: dict[int, _Bank] = {}
         keys_seen: set[bytes] = set()
+        signers_seen: set[str] = set()
         for msg, node in bound:
             reason, label = "", ""
             if msg.has_error():
@@ -507,6 +553,15 @@ class SecureFedAvg(UpdateAggregationStrategy):
                     reason = "public key reused (another bank's, or twice)"
                 elif _signature_problem(rec):
                     reason = _signature_problem(rec)
+                elif _bad_x25519(rec["c-pk"]) or _bad_x25519(rec["s-pk"]):  # type: ignore
+                    reason = (
+                        "a public key is not a usable X25519 key (a low-order point: every "
+                        "key agreement with it fails or gives an all-zero secret)"
+                    )
+                elif self.trusted_keys is not None and self._advert_problem(
+                    server_round, node, rec, signers_seen
+                ):
+                    reason = self._advert_problem(server_round, node, rec, signers_seen)
                 elif metrics is None:
                     reason = "no 'metrics' record"
                 else:
@@ -517,6 +572,8 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 rejected.append(Rejection(node, reason, label))
                 continue
             keys_seen |= {rec["c-pk"], rec["s-pk"]}  # type: ignore[index]
+            if rec.get("signer"):  # type: ignore[union-attr]
+                signers_seen.add(str(rec["signer"]).lower())  # type: ignore[index]
             banks[node] = _Bank(
                 node,
                 label,
@@ -528,6 +585,44 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 str(rec.get("sig", "")),
             )
         return banks, rejected
+
+    def _advert_problem(
+        self, server_round: int, node: int, rec: ConfigRecord, signers_seen: set[str]
+    ) -> str:
+        """Why a bank's signed advertisement fails the server-side check ("" if fine)."""
+        from flower_ext.audit.signing import verify_signature
+        from flower_ext.secagg.protocol import advert_message
+
+        signer, sig = str(rec.get("signer", "") or "").lower(), rec.get("sig")
+        if not signer or not sig:
+            return "the public keys are not signed (trusted_keys is set)"
+        if signer not in self.trusted_keys:  # type: ignore[operator]
+            return f"the keys are signed by an unknown key {signer[:16]}..."
+        if signer in signers_seen:
+            return "the keys are signed by a key another bank already used"
+        run_id = self._run_id()
+        message = advert_message(run_id, server_round, node, rec["c-pk"], rec["s-pk"])  # type: ignore
+        if not verify_signature(signer, message, sig):
+            return "the signature of the public keys does not verify"
+        return ""
+
+    def _run_id(self) -> int:
+        try:
+            return int(self._grid.run.run_id)  # type: ignore[union-attr]
+        except Exception:
+            return int(getattr(self, "run_id", 0) or 0)
+
+    def _drop(self, server_round: int, stage: str, node: int, reason: str) -> None:
+        """Audit one bank dropped by the server for a bad reply (the round goes on)."""
+        self.audit.record(
+            "secagg_dropout",
+            round=server_round,
+            stage=stage,
+            node_id=node,
+            label=self.labels.get(node, ""),
+            reason=reason[:300],
+        )
+        log(WARNING, "Round %s: secagg %s: node %s dropped: %s", server_round, stage, node, reason)
 
     def _exchange(
         self, server_round: int, stage: str, payloads: dict[int, dict[str, Any]]
@@ -641,21 +736,21 @@ class SecureFedAvg(UpdateAggregationStrategy):
         got = self._exchange(server_round, STAGE_SHARE_KEYS, {n: body for n in nodes})
         sent = {}
         for node, msg in got.items():
-            rec = msg.content.config_records[RECORD_KEY]
-            try:
-                dsts = [int(d) for d in rec["dst"]]  # type: ignore[union-attr]
-                if sorted(dsts) != [n for n in nodes if n != node]:
+            try:  # any malformed field drops that bank only
+                rec = msg.content.config_records[RECORD_KEY]
+                dsts, cts = rec["dst"], rec["ct"]
+                if not isinstance(dsts, list) or not isinstance(cts, list):
+                    raise ValueError("dst / ct are not lists")
+                dsts = [int(d) for d in dsts]
+                if sorted(dsts) != [n for n in nodes if n != node] or len(cts) != len(dsts):
                     raise ValueError("not one share for every other bank")
-                sent[node] = (dict(zip(dsts, rec["ct"], strict=True)), rec["seed-digest"])
-            except (KeyError, TypeError, ValueError) as err:
-                self.audit.record(
-                    "secagg_dropout",
-                    round=server_round,
-                    stage=STAGE_SHARE_KEYS,
-                    node_id=node,
-                    reason=f"malformed shares: {err}",
-                )
+                sent[node] = (dict(zip(dsts, cts, strict=True)), rec["seed-digest"])
+            except Exception as err:
+                self._drop(server_round, STAGE_SHARE_KEYS, node, f"malformed shares: {err}"[:200])
         routed = srv.route_shares(sent)  # type: ignore[arg-type]
+        for node, reason in srv.rejected.items():
+            self._drop(server_round, STAGE_SHARE_KEYS, node, f"rejected shares: {reason}")
+        reported = set(srv.rejected)
         self.audit.record(
             "secagg_step", round=server_round, stage=STAGE_SHARE_KEYS, banks=srv.u2,
         )  # fmt: skip
@@ -666,24 +761,40 @@ class SecureFedAvg(UpdateAggregationStrategy):
         got = self._exchange(server_round, STAGE_MASKED_INPUT, payloads)
         clipped = 0
         dim = self._layout.dim  # type: ignore[union-attr]
+        bad_senders: dict[int, list[int]] = {}
         for node, msg in got.items():
-            arrays = msg.content.array_records.get(RECORD_KEY + ".masked")
-            try:
+            try:  # every field is checked before the vector goes into the sum
+                rec = msg.content.config_records[RECORD_KEY]
+                arrays = msg.content.array_records.get(RECORD_KEY + ".masked")
                 if arrays is None or MASKED_KEY not in arrays:
                     raise SecAggError("no masked array")
                 vec = arrays[MASKED_KEY].numpy()
                 if vec.shape != (dim,):
                     raise SecAggError(f"masked array has shape {vec.shape}, expected ({dim},)")
+                count = rec.get("clipped", 0)
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    raise SecAggError(f"clipped is not a count: {str(count)[:40]!r}")
+                bad = [int(x) for x in rec.get("bad-src", [])]  # type: ignore[union-attr]
+                if set(bad) - set(srv.u2):
+                    raise SecAggError("bad-src names banks outside U2")
                 srv.add_masked(node, vec)
-                clipped += int(msg.content.config_records[RECORD_KEY].get("clipped", 0))  # type: ignore
-            except (SecAggError, TypeError, ValueError) as err:
-                self.audit.record(
-                    "secagg_dropout",
-                    round=server_round,
-                    stage=STAGE_MASKED_INPUT,
-                    node_id=node,
-                    reason=f"rejected masked input: {err}",
-                )
+            except Exception as err:
+                self._drop(server_round, STAGE_MASKED_INPUT, node, f"rejected masked input: {err}")
+                continue
+            clipped += count
+            for src in bad:
+                bad_senders.setdefault(src, []).append(node)
+        if bad_senders:  # senders whose shares did not decrypt: out of every bank's view
+            srv.exclude(
+                {
+                    src: f"its shares did not decrypt at nodes {sorted(by)}"
+                    for src, by in bad_senders.items()
+                }
+            )
+        for node, reason in srv.rejected.items():
+            if node not in reported:
+                self._drop(server_round, STAGE_MASKED_INPUT, node, reason)
+                reported.add(node)
         survivors, dropped = srv.unmask_request()
         self.audit.record(
             "secagg_step", round=server_round, stage=STAGE_MASKED_INPUT, survivors=survivors,
@@ -695,32 +806,40 @@ class SecureFedAvg(UpdateAggregationStrategy):
         got = self._exchange(server_round, STAGE_UNMASK, {n: body for n in survivors})
         answers = {}
         for node, msg in got.items():
-            rec = msg.content.config_records[RECORD_KEY]
             try:
+                rec = msg.content.config_records[RECORD_KEY]
                 seeds = dict(
-                    zip(
-                        [int(x) for x in rec["seed-nodes"]],
-                        rec["seed-shares"],  # type: ignore
-                        strict=True,
-                    )
+                    zip([int(x) for x in rec["seed-nodes"]], rec["seed-shares"], strict=True)  # type: ignore
                 )
                 keys = dict(
-                    zip(
-                        [int(x) for x in rec["key-nodes"]],
-                        rec["key-shares"],  # type: ignore
-                        strict=True,
-                    )
+                    zip([int(x) for x in rec["key-nodes"]], rec["key-shares"], strict=True)  # type: ignore
                 )
                 answers[node] = (seeds, keys)
-            except (KeyError, TypeError, ValueError) as err:
+            except Exception as err:
+                self._drop(server_round, STAGE_UNMASK, node, f"malformed shares: {err}"[:200])
+        answers = srv.valid_answers(answers)
+        for node, reason in srv.rejected.items():
+            if node not in reported:
+                self._drop(server_round, STAGE_UNMASK, node, f"rejected unmask answer: {reason}")
+                reported.add(node)
+        if self.dp is not None and len(answers) >= params.threshold:
+            # From here the server holds what it needs to compute the noisy sum: the round
+            # counts in the DP accounting whether or not it is released.
+            self.dp_rounds[server_round] = (len(banks), params.threshold, len(survivors))
+        try:
+            total = srv.unmask(answers)  # type: ignore[arg-type]
+        finally:
+            for node, reason in srv.bad_shares.items():
+                self._drop(
+                    server_round, STAGE_UNMASK, node,
+                    f"bad unmask share: {reason} (not used; its masked input is in the sum)",
+                )  # fmt: skip
+            for node, reason in srv.bad_digests.items():
                 self.audit.record(
-                    "secagg_dropout",
-                    round=server_round,
-                    stage=STAGE_UNMASK,
-                    node_id=node,
-                    reason=f"malformed shares: {err}",
-                )
-        total = srv.unmask(answers)  # type: ignore[arg-type]
+                    "secagg_bad_reply", round=server_round, stage=STAGE_SHARE_KEYS, node_id=node,
+                    reason=reason + " (its update stays in the sum: a bank can always spoil its "
+                    "own input)",
+                )  # fmt: skip
         if dropped:
             self.audit.record(
                 "secagg_recovered", round=server_round, dropped=dropped,

@@ -140,6 +140,7 @@ def _settings(**overrides):
         ({"secagg": False, "secagg-dp": True}, ["secagg-dp = true needs secagg = true"]),
         ({"secagg-threshold": 0.4}, ["secagg-threshold", "0.4"]),
         ({"secagg-threshold": 9}, ["secagg-threshold = 9 exceeds the 4 banks"]),
+        ({"secagg-threshold": 2}, ["secagg-threshold = 2 is not above half of the 4 banks"]),
         (
             {"secagg-dp": True, "secagg-clipping-range": 0.01},
             ["secagg-clipping-range=0.01 is too small"],

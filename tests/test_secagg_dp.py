@@ -175,19 +175,19 @@ def test_dp_round_is_the_equal_weight_mean_of_clipped_updates(as_server):
 
 
 def test_dp_noise_in_the_mean_has_the_promised_std(as_server):
-    # sigma 2, C 0.05, t 2, 4 honest survivors: noise in the sum std 2*0.05*sqrt(4/2),
+    # sigma 2, C 0.05, t 3, 4 honest survivors: noise in the sum std 2*0.05*sqrt(4/3),
     # in the mean / 4: 0.0354; 30 coordinates, so a loose statistical check.
     dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)
-    strategy = SecureFedAvg(threshold=2, dp=dp)
+    strategy = SecureFedAvg(threshold=3, dp=dp)
     new, metrics = Federation(NODES).run_round(strategy)
     want = _clipped_mean(NODES, 0.05)
     keys = list(want)
     noise = _flat(new, keys) - np.concatenate([want[k].reshape(-1) for k in keys])
-    expected = 2.0 * 0.05 * math.sqrt(4 / 2) / 4
+    expected = 2.0 * 0.05 * math.sqrt(4 / 3) / 4
     assert 0.6 * expected < np.std(noise) < 1.5 * expected
     # and a dropped bank makes the achieved epsilon worse, the nominal stays
     drop = Federation(NODES, drop={"masked-input": [303]})
-    _, dropped = drop.run_round(SecureFedAvg(threshold=2, dp=dp))
+    _, dropped = drop.run_round(SecureFedAvg(threshold=3, dp=dp))
     assert dropped["secagg-dp-epsilon"] > metrics["secagg-dp-epsilon"]
     assert dropped["secagg-dp-epsilon-nominal"] == pytest.approx(
         metrics["secagg-dp-epsilon-nominal"]
@@ -211,12 +211,12 @@ def test_epsilon_composes_over_rounds_and_survives_a_resume(as_server):
 
 
 def test_a_clipping_range_the_noise_would_leave_is_refused(as_server):
-    dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)  # s = 0.0707 at t = 2
-    strategy = SecureFedAvg(threshold=2, dp=dp, clipping_range=0.1)
+    dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)  # s = 0.0577 at t = 3
+    strategy = SecureFedAvg(threshold=3, dp=dp, clipping_range=0.1)
     with pytest.raises(ValueError, match=r"clipping_range=0\.1 is too small"):
         strategy.configure_train(1, _global(), ConfigRecord(), Federation(NODES))
-    auto = SecureFedAvg(threshold=2, dp=dp)
-    assert auto.params_for(4).clipping_range == pytest.approx(0.05 + 8 * 0.1 / math.sqrt(2))
+    auto = SecureFedAvg(threshold=3, dp=dp)
+    assert auto.params_for(4).clipping_range == pytest.approx(0.05 + 8 * 0.1 / math.sqrt(3))
     with pytest.raises(ValueError, match="DistributedDP"):
         SecureFedAvg(dp={"noise_multiplier": 1.0})  # type: ignore[arg-type]
 
@@ -238,7 +238,7 @@ def test_the_bank_mod_keeps_frozen_arrays_exact_under_dp(as_server, monkeypatch)
 
     monkeypatch.setattr(flower_tests, "secagg_mod", SecAggMod(dp_frozen_keys=("b",)))
     dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)  # loud noise elsewhere
-    new, _ = Federation(NODES).run_round(SecureFedAvg(threshold=2, dp=dp))
+    new, _ = Federation(NODES).run_round(SecureFedAvg(threshold=3, dp=dp))
     # "b" is frozen: its global value (zeros) comes back up to the quantisation error only
     assert np.max(np.abs(new["b"].numpy())) < 1e-5
     assert np.max(np.abs(new["w"].numpy() - _global()["w"].numpy())) > 1e-3
@@ -276,7 +276,7 @@ def test_a_bank_below_its_floor_does_not_train(as_server):
         )
     audit = AuditTrail()
     dp = DistributedDP(noise_multiplier=2.0, clip_norm=0.05)
-    new, metrics = fed.run_round(SecureFedAvg(threshold=2, dp=dp, audit=audit))
+    new, metrics = fed.run_round(SecureFedAvg(threshold=3, dp=dp, audit=audit))
     assert new is None and metrics["secagg-failed"] == 1 and trained == []
     rejected = [e["reason"] for e in audit.events if e["event"] == "reply_rejected"]
     assert len(rejected) == 4 and all("secagg-dp-min-noise-multiplier=3" in r for r in rejected)

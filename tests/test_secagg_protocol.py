@@ -111,12 +111,22 @@ def test_more_dropouts_than_n_minus_t_fail_clearly():
         run_round(vectors, params, drop_before_masking=(5,), drop_before_unmask=(3, 4))
 
 
-def test_masked_vector_is_indistinguishable_from_uniform():
-    """One bank's masked input: its residues pass a chi-square test for uniformity.
+def _chi2_top_and_low(values: np.ndarray) -> tuple[float, float]:
+    expected = values.size / 256
+    out = []
+    for part in (values >> 24, values & 0xFF):
+        counts = np.bincount(part.astype(np.int64), minlength=256)
+        out.append(float(((counts - expected) ** 2 / expected).sum()))
+    return out[0], out[1]
 
-    The input is all zeros (the most structured vector), so any leak would show.
-    Chi-square over 256 bins of the top byte, d = 65536 values: the 99.9% critical
-    value at 255 degrees of freedom is about 330.
+
+def test_masked_vector_stays_uniform_after_the_server_removes_its_self_mask():
+    """What the server can test: one masked input *minus its self mask*, which the server
+    rebuilds for every survivor from t shares, is still uniform (chi-square over 256 bins,
+    99.9% critical value about 330 at 255 degrees of freedom): the pairwise masks hide
+    the input. The same test flags a vector masked without pairwise masks (the attack of
+    a server that forwards a bank no shares), so it can fail; and masked_input refuses
+    to produce such a vector at all.
     """
     params = SecAggParams(threshold=2)
     banks = {n: BankSession(n, ROUND, params) for n in (1, 2, 3)}
@@ -128,17 +138,24 @@ def test_masked_vector_is_indistinguishable_from_uniform():
     )
     for n, cts in routed.items():
         banks[n].receive_shares(cts)
-    dim = 65536
+    dim = 65536  # all-zero input: the most structured vector
     masked, _ = banks[1].masked_input(np.zeros(dim))
-    counts = np.bincount((masked >> 24).astype(np.int64), minlength=256)
-    expected = dim / 256
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 330.0
-    # The low byte too (quantisation puts structure there if anywhere).
-    counts = np.bincount((masked & 0xFF).astype(np.int64), minlength=256)
-    assert float(((counts - expected) ** 2 / expected).sum()) < 330.0
-    # Zero input quantises to R/2 everywhere: unmasked it would be one value.
-    assert len(np.unique(masked)) > dim * 0.99
+    self_mask = prg_mask(banks[1].self_seed, dim, params.modulus_bits)
+    opened = (masked - self_mask) & np.uint32(params.modulus - 1)
+    assert max(_chi2_top_and_low(masked)) < 330.0
+    assert max(_chi2_top_and_low(opened)) < 330.0  # pairwise masks still hide it
+    assert len(np.unique(opened)) > dim * 0.99
+    # control: the same statistics on q(x) + PRG(b) minus PRG(b) (no pairwise mask)
+    quantised, _ = quantize_vector(np.zeros(dim), params)
+    no_pairwise = (quantised + self_mask - self_mask) & np.uint32(params.modulus - 1)
+    assert min(_chi2_top_and_low(no_pairwise)) > 330.0
+    assert len(np.unique(no_pairwise)) < dim * 0.01
+    lone = BankSession(9, ROUND, SecAggParams(threshold=2))
+    lone.share_keys({9: lone.advertise(), 8: BankSession(8, ROUND, params).advertise(),
+                     7: BankSession(7, ROUND, params).advertise()})  # fmt: skip
+    lone.receive_shares({})
+    with pytest.raises(TooFewSurvivors):
+        lone.masked_input(np.zeros(dim))
 
 
 def test_prg_is_deterministic_and_seed_dependent():
@@ -148,8 +165,30 @@ def test_prg_is_deterministic_and_seed_dependent():
     assert prg_mask(b"\1" * 32, 1000, modulus_bits=16).max() < 2**16
 
 
+def _share_at(points: list[tuple[int, bytes]], secret_chunk: bytes, x: int) -> bytes:
+    """The value at ``x`` of the degree-(t-1) polynomial over GF(2^128) through ``points``
+    and ``(0, secret_chunk)`` (Lagrange; addition is XOR, so no signs)."""
+    from Crypto.Protocol.SecretSharing import _Element
+
+    nodes = [(_Element(0), _Element(secret_chunk))] + [
+        (_Element(i), _Element(v)) for i, v in points
+    ]
+    total = _Element(0)
+    for j, (xj, yj) in enumerate(nodes):
+        term = yj
+        for m, (xm, _) in enumerate(nodes):
+            if m != j:
+                term = term * (_Element(x) + xm) * (xj + xm).inverse()
+        total = total + term
+    return total.encode()
+
+
 def test_coalition_below_threshold_cannot_rebuild_a_mask():
-    """The server plus t-1 banks hold t-1 shares of a bank's seed and mask key: not enough."""
+    """The server plus t-1 banks hold t-1 shares of a bank's seed and mask key: those
+    shares are consistent with *every* candidate secret (for each candidate there is a
+    complete sharing that agrees with them), so they carry no information about it."""
+    from Crypto.Util.Padding import pad
+
     params = SecAggParams(threshold=3)
     nodes = [1, 2, 3, 4, 5]
     banks = {n: BankSession(n, ROUND, params) for n in nodes}
@@ -164,12 +203,19 @@ def test_coalition_below_threshold_cannot_rebuild_a_mask():
     victim, coalition = banks[1], [banks[2], banks[3]]  # t - 1 = 2 colluders
     seed_shares = [b.seed_shares[1] for b in coalition]
     key_shares = [b.key_shares[1] for b in coalition]
+    import os
+
     for shares, secret in ((seed_shares, victim.self_seed), (key_shares, victim.s_keys.private)):
-        try:
-            rebuilt = combine_shares(shares)
-        except ValueError:
-            continue  # the padding did not even check out
-        assert rebuilt != secret
+        for candidate in (secret, os.urandom(32), bytes(32)):
+            padded = pad(candidate, 16)
+            index = 4  # a share at a point the coalition does not hold
+            fake = bytearray(index.to_bytes(4, "little"))
+            for k, start in enumerate(range(4, len(shares[0]), 16)):
+                points = [(int.from_bytes(s[:4], "little"), s[start : start + 16]) for s in shares]
+                fake += _share_at(points, padded[16 * k : 16 * k + 16], index)
+            # the coalition's shares plus one more point open to the candidate: t-1 shares
+            # fit every secret equally well
+            assert combine_shares([*shares, bytes(fake)]) == candidate
     # With t shares it works (the threshold is exactly t).
     assert combine_shares([*seed_shares, banks[4].seed_shares[1]]) == victim.self_seed
     # The server's own rebuild refuses outright below t.
@@ -207,8 +253,9 @@ def test_tampered_share_and_wrong_roster_are_refused():
     banks[2].share_keys(roster)
     bad = bytearray(cts[2])
     bad[-5] ^= 1
-    with pytest.raises(SecAggError, match="does not decrypt"):
-        banks[2].receive_shares({1: bytes(bad)})
+    # a share that does not decrypt is reported (the server drops its sender), not used
+    assert banks[2].receive_shares({1: bytes(bad)}) == [1]
+    assert banks[2].neighbours == []
     with pytest.raises(SecAggError, match="own public keys"):
         banks[3].share_keys({1: roster[1], 2: roster[2]})
 

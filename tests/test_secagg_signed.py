@@ -18,8 +18,8 @@ PARAMS = SecAggParams(threshold=2)
 RUN = 77
 
 
-def _banks(ids, trusted):
-    return {i: BankSession(i, 1, PARAMS, run_id=RUN, trusted=trusted) for i in ids}
+def _banks(ids, trusted, params=PARAMS):
+    return {i: BankSession(i, 1, params, run_id=RUN, trusted=trusted) for i in ids}
 
 
 def _signed_roster(banks, signers):
@@ -52,13 +52,14 @@ def test_a_fully_signed_roster_is_accepted_and_the_round_completes():
     assert total.dtype == np.uint32
 
 
-def _masked_round(ids, drop=()):
+def _masked_round(ids, drop=(), params=None):
     """Banks that shared keys (signed) and masked; ``drop`` never sent a masked input."""
+    params = params or SecAggParams(threshold=len(ids) // 2 + 1)
     signers = {i: Signer.generate() for i in ids}
     trusted = frozenset(s.public_hex for s in signers.values())
-    banks = _banks(ids, trusted)
+    banks = _banks(ids, trusted, params)
     roster, sigs = _signed_roster(banks, signers)
-    server = ServerRound(1, PARAMS)
+    server = ServerRound(1, params)
     for i in ids:
         server.advertised(i, *roster[i])
     sent = {i: (b.share_keys(roster, sigs), b.self_seed_digest()) for i, b in banks.items()}
@@ -82,7 +83,7 @@ def test_unmask_needs_t_signatures_of_the_list_the_bank_signed():
     """A server showing bank 1 the list [1, 2, 3] (4 dropped: 1 reveals 4's mask key) and
     bank 2 the list [1, 2, 3, 4] (2 reveals 4's self-mask seed) would unmask bank 4."""
     banks, signers, _ = _masked_round([1, 2, 3, 4, 5])
-    assert PARAMS.threshold == 2  # bank 1's own signature and one more are needed
+    assert banks[1].params.threshold == 3  # bank 1's own signature and two more are needed
     view_a, view_b = [1, 2, 3], [1, 2, 3, 4]
     sig_1 = banks[1].sign_survivors(view_a, signers[1].sign)
     sig_2 = banks[2].sign_survivors(view_b, signers[2].sign)
@@ -97,10 +98,19 @@ def test_unmask_needs_t_signatures_of_the_list_the_bank_signed():
     # the list in the request must be the one this bank signed
     with pytest.raises(SecAggError, match="not the one this bank signed"):
         banks[1].unmask_shares(view_b, [5], {1: sig_1, 2: sig_2})
-    # with t valid signatures of its own list it answers
+    # two valid signatures of its list are still fewer than t = 3: with 2t > n the
+    # server cannot gather t signatures for each of two different lists
     sig_3 = banks[3].sign_survivors(view_a, signers[3].sign)
-    seeds, keys = banks[1].unmask_shares(view_a, [4, 5], {1: sig_1, 3: sig_3})
-    assert sorted(seeds) == view_a and sorted(keys) == [4, 5]
+    with pytest.raises(SecAggError, match="only 2 valid signatures"):
+        banks[1].unmask_shares(view_a, [4, 5], {1: sig_1, 2: sig_2, 3: sig_3})
+
+
+def test_unmask_answers_with_t_signatures_of_its_own_list():
+    banks, signers, _ = _masked_round([1, 2, 3, 4, 5])
+    view = [1, 2, 3]
+    sigs = {i: banks[i].sign_survivors(view, signers[i].sign) for i in view}
+    seeds, keys = banks[1].unmask_shares(view, [4, 5], sigs)
+    assert sorted(seeds) == view and sorted(keys) == [4, 5]
 
 
 @pytest.mark.parametrize(
@@ -204,7 +214,7 @@ def test_a_bad_identity_key_path_is_a_clear_error(as_server, tmp_path):
             run_config={},
         )
     audit = AuditTrail()
-    strategy = SecureFedAvg(threshold=2, audit=audit)
+    strategy = SecureFedAvg(threshold=3, audit=audit)
     messages = list(strategy.configure_train(1, _global(), ConfigRecord(), fed))
     replies = fed.send_and_receive(messages)
     assert all(r.has_error() and "secagg-identity-key" in r.error.reason for r in replies)

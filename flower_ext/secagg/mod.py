@@ -92,6 +92,10 @@ TRUSTED_KEYS = "secagg-trusted-keys"
 #: Node-config keys of the bank's floor (module docstring).
 MIN_THRESHOLD_KEY = "secagg-min-threshold"
 MIN_SIGMA_KEY = "secagg-dp-min-noise-multiplier"
+DP_REQUIRED_KEY = "secagg-dp-required"
+#: Node config: a folder where the bank keeps the rounds it trained (survives restarts).
+STATE_DIR_KEY = "secagg-state-dir"
+TRAINED_KEY = "secagg.trained"  # ConfigRecord in context.state: run id -> last round trained
 
 
 def floor_problems(config: ConfigRecord | dict, node_config: dict) -> list[str]:
@@ -106,6 +110,13 @@ def floor_problems(config: ConfigRecord | dict, node_config: dict) -> list[str]:
     if least_t not in (None, "", 0) and t < int(least_t):  # type: ignore[arg-type]
         problems.append(f"threshold t={t} is below this bank's {MIN_THRESHOLD_KEY}={least_t}")
     least_sigma = float(node_config.get(MIN_SIGMA_KEY, 0.0) or 0.0)  # type: ignore[arg-type]
+    if _as_bool(node_config.get(DP_REQUIRED_KEY, False)) and (
+        DP_STD_KEY not in config or DP_CLIP_KEY not in config
+    ):
+        problems.append(
+            f"this bank requires distributed DP ({DP_REQUIRED_KEY}=true) and the train message "
+            "carries no dp-clip-norm / dp-noise-std"
+        )
     if least_sigma > 0:
         if DP_STD_KEY not in config or DP_CLIP_KEY not in config:
             problems.append(f"this bank requires distributed DP ({MIN_SIGMA_KEY}={least_sigma:g})")
@@ -118,6 +129,85 @@ def floor_problems(config: ConfigRecord | dict, node_config: dict) -> list[str]:
                     f"{MIN_SIGMA_KEY}={least_sigma:g}"
                 )
     return problems
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+# --------------------------------------------------------------------------- replays
+def _trained_file(context: Context):
+    import pathlib
+
+    folder = str(context.node_config.get(STATE_DIR_KEY, "") or "").strip()
+    if not folder:
+        return None
+    return pathlib.Path(folder) / f"secagg-trained-{int(context.node_id)}.json"
+
+
+def _last_trained(context: Context) -> int | None:
+    """The last server round this bank trained under secagg in this run (None: none)."""
+    import json
+
+    run = str(int(context.run_id))
+    rounds = []
+    record = context.state.config_records.get(TRAINED_KEY)
+    if record is not None and run in record:
+        rounds.append(int(record[run]))  # type: ignore[arg-type]
+    path = _trained_file(context)
+    if path is not None and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise SecAggError(
+                f"node config {STATE_DIR_KEY}: unreadable {path.name}: {err}"
+            ) from None
+        if run in saved:
+            rounds.append(int(saved[run]))
+    return max(rounds) if rounds else None
+
+
+def _mark_trained(context: Context, server_round: int) -> None:
+    """Remember (run id, round) before any training (context.state; and the state dir)."""
+    import json
+    import os
+
+    run = str(int(context.run_id))
+    record = context.state.config_records.get(TRAINED_KEY) or ConfigRecord()
+    record[run] = int(server_round)
+    context.state[TRAINED_KEY] = record
+    path = _trained_file(context)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            saved[run] = int(server_round)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved))
+            os.replace(tmp, path)
+        except (OSError, ValueError) as err:
+            raise SecAggError(
+                f"node config {STATE_DIR_KEY}: cannot record the round: {err}"
+            ) from None
+
+
+def replay_problem(context: Context, server_round: int) -> str:
+    """Why a train message for ``server_round`` is a replay ("" if it is a new round).
+
+    A server that runs one round twice, with and without one bank, and subtracts the two
+    sums gets that bank's update: a bank trains each round of a run at most once, in
+    increasing order.
+    """
+    last = _last_trained(context)
+    if last is not None and int(server_round) <= last:
+        return (
+            f"round {server_round} of run {int(context.run_id)} is not after round {last}, "
+            "which this bank already trained under secure aggregation (a replayed round "
+            "would let the server subtract two sums)"
+        )
+    return ""
 
 
 #: Distributed-DP keys of the ``train`` record (absent: no DP): L2 clip and noise std.
@@ -238,6 +328,10 @@ def _train(
     below = floor_problems(config, dict(context.node_config))
     if below:  # before any training: nothing is computed from the rows
         raise SecAggError("refused by this bank's node config: " + "; ".join(below))
+    replay = replay_problem(context, int(config["round"]))  # type: ignore[arg-type]
+    if replay:
+        raise SecAggError("refused: " + replay)
+    _mark_trained(context, int(config["round"]))  # type: ignore[arg-type]
     weight_key = str(config.get("weight-key", "num-examples"))
     arrays_key = str(config.get("arrays-key", "arrays"))
     clear_session(context)  # a new round starts from nothing
@@ -350,7 +444,10 @@ def _masked_input(msg: Message, context: Context, config: ConfigRecord) -> Messa
     if update_record is None:
         raise SecAggError("no update kept for this round")
     srcs = _from_ids(config.get("src"))
-    session.receive_shares(dict(zip(srcs, config["ct"], strict=True)))  # type: ignore[arg-type]
+    if len(set(srcs)) != len(srcs):
+        raise SecAggError("the masked-input message repeats a sender")
+    bad = session.receive_shares(dict(zip(srcs, config["ct"], strict=True)))  # type: ignore
+    # Refused unless shares came from t-1 other banks (BankSession.masked_input).
     update = update_record["update"].numpy()
     if DP_STD_KEY in record:  # distributed DP: equal weights, clip + this bank's noise share
         from flower_ext.privacy.mechanisms import secure_numpy_generator
@@ -367,6 +464,7 @@ def _masked_input(msg: Message, context: Context, config: ConfigRecord) -> Messa
         scale = float(record["weight"]) / float(record["weight-total"])  # type: ignore[arg-type]
         masked, clipped = session.masked_input(update * scale)
         report = {"clipped": int(clipped), "dim": int(masked.size)}
+    report["bad-src"] = _ids(bad)  # senders whose shares did not decrypt: not masked with
     save_session(session, _kept(record), context)
     del context.state.array_records[STATE_UPDATE_KEY]  # the plaintext is no longer needed
     return _reply(

@@ -48,6 +48,7 @@ and coordinate the rounding error is below one quantum ``2c / R``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,15 +75,46 @@ from .primitives import (
 SHARE_PURPOSE = "share-encryption"
 MASK_PURPOSE = "pair-mask"
 _ADVERT_CONTEXT = b"flower-ext/secagg/v1/advert"
-_SURVIVORS_CONTEXT = b"flower-ext/secagg/v1/survivors"
+_SURVIVORS_CONTEXT = b"flower-ext/secagg/v2/survivors"
+KEY_BYTES = 32
+#: Largest share ciphertext the server routes (an honest one is about 250 bytes).
+MAX_CIPHERTEXT_BYTES = 4096
+#: Most ``t``-subsets of unmask answers tried to get past bad shares.
+MAX_SUBSETS = 256
 
 
-def survivors_message(run_id: int, server_round: int, survivors: list[int]) -> bytes:
-    """The bytes a bank signs in the consistency check: the round's survivor list ``U3``."""
-    nodes = ",".join(str(n) for n in sorted(int(n) for n in survivors))
+def roster_digest(roster: dict[int, tuple[bytes, bytes]]) -> str:
+    """SHA-256 (hex) of the roster ``U1``: every node id with its two public keys, sorted."""
+    h = hashlib.sha256()
+    for node in sorted(int(n) for n in roster):
+        c_pk, s_pk = roster[node]
+        h.update(
+            b"%d:" % node + bytes(c_pk).hex().encode() + b":" + bytes(s_pk).hex().encode() + b";"
+        )
+    return h.hexdigest()
+
+
+def survivors_message(
+    run_id: int,
+    server_round: int,
+    survivors: list[int],
+    threshold: int = 0,
+    roster_hash: str = "",
+    u2: list[int] | tuple[int, ...] = (),
+) -> bytes:
+    """The bytes a bank signs in the consistency check.
+
+    ``(t, hash(U1), U3, U2)``: the threshold, the roster, the survivor list and the set of
+    banks whose shares the signer received. Two banks' signatures are of the same bytes
+    only if they saw the same threshold, roster, survivors and ``U2``.
+    """
+
+    def ids(values) -> bytes:
+        return ",".join(str(n) for n in sorted(int(n) for n in values)).encode()
+
     return b"|".join(
         [_SURVIVORS_CONTEXT, str(int(run_id)).encode(), str(int(server_round)).encode(),
-         nodes.encode()]
+         b"t=%d" % int(threshold), str(roster_hash).encode(), ids(survivors), b"u2=" + ids(u2)]
     )  # fmt: skip
 
 
@@ -93,22 +125,25 @@ def consistency_problems(
     threshold: int,
     run_id: int,
     server_round: int,
+    roster_hash: str = "",
+    u2: list[int] | tuple[int, ...] = (),
 ) -> list[str]:
     """Why the survivor list is not vouched for (empty: ``t`` survivors signed it).
 
     ``signatures``: node -> hex signature of :func:`survivors_message`; ``signers``:
     node -> the identity key that signed its keys in this round's roster. Only
-    survivors' signatures count, each with its own roster key.
+    survivors' signatures count, each with its own roster key, and only over the
+    same ``(t, roster, survivors, U2)`` as the checking bank's own.
     """
     from flower_ext.audit.signing import verify_signature
 
-    message = survivors_message(run_id, server_round, survivors)
+    message = survivors_message(run_id, server_round, survivors, threshold, roster_hash, u2)
     valid = [
         j
         for j in sorted(set(int(n) for n in survivors))
         if signers.get(j)
         and signatures.get(j)
-        and verify_signature(signers[j], message, signatures[j])
+        and _verifies(verify_signature, signers[j], message, signatures[j])
     ]
     if len(valid) >= threshold:
         return []
@@ -116,6 +151,13 @@ def consistency_problems(
         f"only {len(valid)} valid signatures of the survivor list {sorted(survivors)} "
         f"(t={threshold} needed): the server may be showing different lists to different banks"
     ]
+
+
+def _verifies(verify, key: str, message: bytes, signature: object) -> bool:
+    try:
+        return bool(verify(key, message, str(signature)))
+    except Exception:  # a malformed signature is simply not a valid one
+        return False
 
 
 def advert_message(
@@ -229,6 +271,19 @@ class SecAggParams:
     def max_banks(self) -> int:
         """The most banks whose quantised sum cannot wrap around the modulus."""
         return (self.modulus - 1) // self.levels
+
+    def check_majority(self, num_banks: int) -> None:
+        """``SecAggError`` unless ``2t > num_banks``: no two disjoint groups of ``t`` banks.
+
+        With ``2t <= n`` a server can show two survivor lists, each signed by ``t``
+        banks, and collect one bank's self-mask seed from one group and its mask key
+        from the other (both secrets: its input in clear).
+        """
+        if 2 * int(self.threshold) <= int(num_banks):
+            raise SecAggError(
+                f"threshold t={self.threshold} is not above half of the {num_banks} banks: two "
+                "disjoint groups of t banks could each help unmask (refused; need 2t > n)"
+            )
 
     def check_banks(self, num_banks: int) -> None:
         """``SecAggError`` unless ``t <= num_banks <= max_banks``."""
@@ -368,6 +423,7 @@ class BankSession:
         if len(set(publics)) != len(publics):
             raise SecAggError("the roster repeats a public key")
         self.params.check_banks(len(roster))
+        self.params.check_majority(len(roster))
         self.roster = roster
         n, t = len(roster), int(self.params.threshold)
         seed_shares = create_shares(self.self_seed, t, n)
@@ -393,37 +449,65 @@ class BankSession:
         """SHA-256 of ``b_i``: lets the server check the seed it rebuilds (reveals nothing)."""
         return hashlib.sha256(self.self_seed).digest()
 
-    def receive_shares(self, ciphertexts: dict[int, bytes]) -> None:
-        """Decrypt and keep the shares other banks sent this bank (their senders form U2)."""
+    def receive_shares(self, ciphertexts: dict[int, bytes]) -> list[int]:
+        """Decrypt and keep the shares other banks sent this bank (their senders form U2).
+
+        Returns the senders whose share does not decrypt or names another pair: they are
+        left out of this bank's ``U2`` (it does not mask with them), and the bank reports
+        them so that the server can drop them from every bank's view.
+        """
+        bad = []
         for src, ciphertext in ciphertexts.items():
             src = int(src)
             if src not in self.roster or src == self.node_id:
                 raise SecAggError(f"a share from node {src}, not another bank in the roster")
-            key = agree(
-                self.c_keys.private,
-                self.roster[src][0],
-                SHARE_PURPOSE,
-                self.server_round,
-                (self.node_id, src),
-            )
+            if src in self.seed_shares:
+                raise SecAggError(f"two shares from node {src}")
             try:
+                key = agree(
+                    self.c_keys.private,
+                    self.roster[src][0],
+                    SHARE_PURPOSE,
+                    self.server_round,
+                    (self.node_id, src),
+                )
                 plaintext = decrypt_share(key, bytes(ciphertext))
-            except InvalidToken:
-                raise SecAggError(f"the share from node {src} does not decrypt") from None
-            got_src, got_dst, b_share, sk_share = share_keys_plaintext_separate(plaintext)
+                got_src, got_dst, b_share, sk_share = share_keys_plaintext_separate(plaintext)
+            except (InvalidToken, ValueError, TypeError, IndexError):
+                bad.append(src)
+                continue
             if (got_src, got_dst) != (src, self.node_id):
-                raise SecAggError(f"the share from node {src} names {got_src}->{got_dst}")
+                bad.append(src)
+                continue
             self.seed_shares[src], self.key_shares[src] = b_share, sk_share
+        return sorted(bad)
 
     @property
     def neighbours(self) -> list[int]:
         """The banks this bank masks with: those whose shares it received (U2 minus itself)."""
         return sorted(n for n in self.seed_shares if n != self.node_id)
 
+    @property
+    def u2(self) -> tuple[int, ...]:
+        """``U2`` as this bank saw it: itself and the banks whose shares it holds."""
+        return tuple(sorted(self.seed_shares))
+
     def masked_input(self, vector: np.ndarray) -> tuple[np.ndarray, int]:
-        """``(y_i as uint32, coordinates clipped)``: the only thing about ``x_i`` that leaves."""
+        """``(y_i as uint32, coordinates clipped)``: the only thing about ``x_i`` that leaves.
+
+        Refused unless this bank holds shares from at least ``t - 1`` other banks
+        (``|U2| >= t``, Bonawitz et al. Round 2): a server that forwards a bank fewer
+        shares would get a vector masked with few or no pairwise masks, which the
+        other banks' shares of its self-mask seed alone would then open.
+        """
         if not self.roster:
             raise SecAggError("masked_input before share_keys")
+        if len(self.u2) < int(self.params.threshold):
+            raise TooFewSurvivors(
+                f"shares received from {len(self.u2) - 1} other banks; at least t-1="
+                f"{int(self.params.threshold) - 1} are needed before this bank masks its input "
+                "(fewer pairwise masks would let the self-mask shares alone open it)"
+            )
         quantised, clipped = quantize_vector(vector, self.params)
         dim, mod = quantised.size, _modmask(self.params)
         masked = quantised + prg_mask(self.self_seed, dim, self.params.modulus_bits)
@@ -463,8 +547,22 @@ class BankSession:
             raise TooFewSurvivors(
                 f"{len(listed)} survivors, fewer than the threshold t={self.params.threshold}"
             )
+        if set(listed) - set(self.u2):
+            raise SecAggError(
+                f"survivors {sorted(set(listed) - set(self.u2))} sent this bank no share"
+            )
         self.signed_survivors = listed
-        return sign(survivors_message(self.run_id, self.server_round, list(listed)))
+        return sign(self._survivors_message(list(listed)))
+
+    def _survivors_message(self, survivors: list[int]) -> bytes:
+        return survivors_message(
+            self.run_id,
+            self.server_round,
+            survivors,
+            int(self.params.threshold),
+            roster_digest(self.roster),
+            self.u2,
+        )
 
     def unmask_shares(
         self,
@@ -495,6 +593,8 @@ class BankSession:
                 self.params.threshold,
                 self.run_id,
                 self.server_round,
+                roster_digest(self.roster),
+                self.u2,
             )
             if problems:
                 raise SecAggError("refusing to unmask: " + problems[0])
@@ -505,6 +605,11 @@ class BankSession:
             )
         if self.node_id not in survivors:
             raise SecAggError("the unmask request does not list this bank as a survivor")
+        if set(survivors) | set(dropped) != set(self.u2):
+            raise SecAggError(
+                f"survivors + dropped {sorted(set(survivors) | set(dropped))} is not the set of "
+                f"banks whose shares this bank received {list(self.u2)}: refusing to unmask"
+            )
         unknown = sorted((set(survivors) | set(dropped)) - set(self.seed_shares))
         if unknown:
             raise SecAggError(f"no shares held for nodes {unknown}")
@@ -535,9 +640,19 @@ class ServerRound:
     seed_digests: dict[int, bytes] = field(default_factory=dict)
     u2: list[int] = field(default_factory=list)
     masked: dict[int, np.ndarray] = field(default_factory=dict)  # U3
+    #: Unmask answerers found to have sent a wrong share (node -> reason).
+    bad_shares: dict[int, str] = field(default_factory=dict)
+    #: Survivors whose seed digest did not match the seed all their shares agree on.
+    bad_digests: dict[int, str] = field(default_factory=dict)
+
+    #: Banks dropped by the server for a bad reply (node -> reason), in protocol order.
+    rejected: dict[int, str] = field(default_factory=dict)
 
     def advertised(self, node_id: int, c_public: bytes, s_public: bytes) -> None:
         self.roster[int(node_id)] = (bytes(c_public), bytes(s_public))
+
+    def _reject(self, node: int, reason: str) -> None:
+        self.rejected.setdefault(int(node), reason)
 
     def route_shares(
         self, sent: dict[int, tuple[dict[int, bytes], bytes]]
@@ -545,20 +660,40 @@ class ServerRound:
         """``{src: ({dst: ct}, sha256(b_src))}`` -> ``{dst: {src: ct}}`` over U2 = senders.
 
         A sender must address every other member of the roster (the shares of a
-        bank that skipped someone could not be rebuilt safely).
+        bank that skipped someone could not be rebuilt safely), with ``bytes``
+        ciphertexts of at most :data:`MAX_CIPHERTEXT_BYTES` and a 32-byte digest; a
+        sender that does not is left out of U2 (:attr:`rejected` says why).
         """
-        self.params.check_banks(len(sent))
-        routed: dict[int, dict[int, bytes]] = {int(n): {} for n in sent}
-        for src, (ciphertexts, digest) in sent.items():
-            expected = set(self.roster) - {int(src)}
-            if set(int(d) for d in ciphertexts) != expected:
-                raise SecAggError(f"node {src} did not send one share to every other bank")
-            self.seed_digests[int(src)] = bytes(digest)
+        good: dict[int, tuple[dict[int, bytes], bytes]] = {}
+        for src, entry in sent.items():
+            try:
+                src = int(src)
+                ciphertexts, digest = entry
+                problem = _shares_problem(src, ciphertexts, digest, set(self.roster))
+            except Exception as err:
+                problem = f"malformed share-keys reply: {type(err).__name__}"
+            if problem:
+                self._reject(src, problem)
+                continue
+            good[src] = ({int(d): ct for d, ct in ciphertexts.items()}, digest)
+        self.params.check_banks(len(good))
+        routed: dict[int, dict[int, bytes]] = {int(n): {} for n in good}
+        for src, (ciphertexts, digest) in good.items():
+            self.seed_digests[src] = bytes(digest)
             for dst, ct in ciphertexts.items():
-                if int(dst) in routed:
-                    routed[int(dst)][int(src)] = bytes(ct)
+                if dst in routed:
+                    routed[dst][src] = bytes(ct)
         self.u2 = sorted(routed)
         return routed
+
+    def exclude(self, nodes: dict[int, str]) -> None:
+        """Drop ``nodes`` (node -> reason) from U2 before the masked input is summed."""
+        for node, reason in nodes.items():
+            node = int(node)
+            if node in self.u2:
+                self.u2.remove(node)
+                self._reject(node, reason)
+            self.masked.pop(node, None)
 
     def add_masked(self, node_id: int, masked: np.ndarray) -> None:
         node_id = int(node_id)
@@ -573,7 +708,7 @@ class ServerRound:
 
     def unmask_request(self) -> tuple[list[int], list[int]]:
         """``(survivors U3, dropped U2 \\ U3)``; ``TooFewSurvivors`` below ``t``."""
-        survivors = sorted(self.masked)
+        survivors = sorted(n for n in self.masked if n in self.u2)
         if len(survivors) < self.params.threshold:
             raise TooFewSurvivors(
                 f"only {len(survivors)} of {len(self.u2)} banks sent masked updates, fewer than "
@@ -582,10 +717,43 @@ class ServerRound:
             )
         return survivors, sorted(set(self.u2) - set(survivors))
 
-    def unmask(self, answers: dict[int, tuple[dict[int, bytes], dict[int, bytes]]]) -> np.ndarray:
-        """``sum_{i in U3} q(x_i) mod 2^m`` (uint32) from ``t`` or more banks' shares."""
+    def valid_answers(self, answers: dict) -> dict[int, tuple[dict[int, bytes], dict[int, bytes]]]:
+        """The well-formed unmask answers of survivors; the others go to :attr:`rejected`.
+
+        Well-formed: a share of every survivor's seed and of every dropped bank's key,
+        each ``bytes`` of ``4 + 16 k`` bytes (the share format of :func:`create_shares`).
+        """
         survivors, dropped = self.unmask_request()
-        answers = {int(k): v for k, v in answers.items() if int(k) in survivors}
+        out = {}
+        for node, answer in answers.items():
+            try:
+                node = int(node)
+                if node not in survivors:
+                    continue
+                seeds, keys = answer
+                seeds = {int(k): v for k, v in seeds.items()}
+                keys = {int(k): v for k, v in keys.items()}
+                problem = ""
+                if set(seeds) != set(survivors) or set(keys) != set(dropped):
+                    problem = "the unmask answer does not cover exactly the survivors and dropped"
+                elif not all(_is_share(v) for v in [*seeds.values(), *keys.values()]):
+                    problem = "an unmask share is not bytes of 4 + 16k bytes"
+            except Exception as err:
+                problem = f"malformed unmask answer: {type(err).__name__}"
+            if problem:
+                self._reject(node, problem)
+                continue
+            out[node] = (seeds, keys)
+        return out
+
+    def unmask(self, answers: dict[int, tuple[dict[int, bytes], dict[int, bytes]]]) -> np.ndarray:
+        """``sum_{i in U3} q(x_i) mod 2^m`` (uint32) from ``t`` or more banks' shares.
+
+        With more than ``t`` answers a bad share is found (another ``t``-subset rebuilds
+        a secret that checks out) and its sender named in :attr:`bad_shares`.
+        """
+        survivors, dropped = self.unmask_request()
+        answers = self.valid_answers(answers)
         if len(answers) < self.params.threshold:
             raise TooFewSurvivors(
                 f"only {len(answers)} banks answered the unmask request, fewer than the "
@@ -594,19 +762,27 @@ class ServerRound:
         dim = next(iter(self.masked.values())).size
         mod = _modmask(self.params)
         total = np.zeros(dim, dtype=np.uint32)
-        for vec in self.masked.values():
-            total += vec
         for j in survivors:
-            seed = _rebuild(j, [a[0].get(j) for a in answers.values()], self.params, "self seed")
-            if hashlib.sha256(seed).digest() != self.seed_digests.get(j):
-                raise SecAggError(f"the self-mask seed rebuilt for node {j} is wrong (bad shares)")
+            total += self.masked[j]
+        for j in survivors:
+            digest = self.seed_digests.get(j)
+            seed = self._rebuild_checked(
+                j,
+                {k: a[0][j] for k, a in answers.items()},
+                lambda secret, digest=digest: hashlib.sha256(secret).digest() == digest,
+                "self seed",
+            )
             total -= prg_mask(seed, dim, self.params.modulus_bits)
         for j in dropped:
-            s_private = _rebuild(
-                j, [a[1].get(j) for a in answers.values()], self.params, "mask key"
+            public = self.roster[j][1]
+            s_private = self._rebuild_checked(
+                j,
+                {k: a[1][j] for k, a in answers.items()},
+                lambda secret, public=public: (
+                    len(secret) == KEY_BYTES and KeyPair(secret).public == public
+                ),
+                "mask key",
             )
-            if KeyPair(s_private).public != self.roster[j][1]:
-                raise SecAggError(f"the mask key rebuilt for node {j} is wrong (bad shares)")
             for i in survivors:
                 # Survivor i added +PRG(s_ij) if j > i and -PRG(s_ij) if j < i: take it back.
                 mask = _pair_mask(
@@ -618,15 +794,91 @@ class ServerRound:
                     total += mask
         return total & mod
 
+    def _rebuild_checked(
+        self, node: int, shares: dict[int, bytes], check: Callable[[bytes], bool], what: str
+    ) -> bytes:
+        """A secret of ``node`` that passes ``check`` from some ``t`` of ``shares``.
 
-def _rebuild(node: int, shares: list[bytes | None], params: SecAggParams, what: str) -> bytes:
-    got = [s for s in shares if s]
-    if len(got) < params.threshold:
-        raise TooFewSurvivors(
-            f"{len(got)} shares of node {node}'s {what}, fewer than the threshold "
-            f"t={params.threshold}"
+        Tries the first ``t`` holders, then other ``t``-subsets (at most
+        :data:`MAX_SUBSETS`); holders whose share disagrees with the secret found are
+        recorded in :attr:`bad_shares`.
+        """
+        t = int(self.params.threshold)
+        holders = sorted(shares)
+        if len(holders) < t:
+            raise TooFewSurvivors(
+                f"{len(holders)} shares of node {node}'s {what}, fewer than the threshold t={t}"
+            )
+        for tries, subset in enumerate(itertools.combinations(holders, t)):
+            if tries >= MAX_SUBSETS:
+                break
+            try:
+                secret = combine_shares([shares[k] for k in subset])
+                good = check(secret)
+            except Exception:
+                continue
+            if not good:
+                continue
+            base = [shares[k] for k in subset[: t - 1]]
+            for k in holders:
+                if k in subset:
+                    continue
+                try:
+                    agrees = combine_shares([*base, shares[k]]) == secret
+                except Exception:
+                    agrees = False
+                if not agrees:
+                    self.bad_shares.setdefault(k, f"its share of node {node}'s {what} is wrong")
+            return secret
+        if len(holders) > t and what == "self seed":
+            # Every answer agrees on one secret but it misses the digest node j sent: the
+            # shares are sound and node j lied about its digest (it can only spoil its own
+            # input, which any bank can). The seed it shared is the one to remove.
+            try:
+                secret = combine_shares([shares[k] for k in holders[:t]])
+                base = [shares[k] for k in holders[: t - 1]]
+                agree_all = all(
+                    combine_shares([*base, shares[k]]) == secret for k in holders[t - 1 :]
+                )
+            except Exception:
+                agree_all = False
+            if agree_all:
+                self.bad_digests[node] = "its seed-digest does not match the seed its shares give"
+                return secret
+        if len(holders) > t:
+            raise SecAggError(
+                f"no {t} of the {len(holders)} shares of node {node}'s {what} rebuild a value "
+                f"that matches its public commitment: node {node} sent a wrong "
+                f"{'seed digest' if what == 'self seed' else 'key'}, or more than "
+                f"{len(holders) - t} shares are bad"
+            )
+        raise SecAggError(
+            f"the {what} rebuilt for node {node} does not match its public commitment (a bad "
+            f"share, or node {node} sent a wrong digest; with only t={t} answers the two "
+            "cannot be told apart)"
         )
-    try:
-        return combine_shares(got[: params.threshold])
-    except ValueError as err:
-        raise SecAggError(f"node {node}'s {what} could not be rebuilt: {err}") from None
+
+
+def _is_share(value: object) -> bool:
+    return (
+        isinstance(value, bytes)
+        and len(value) >= 20
+        and (len(value) - 4) % 16 == 0
+        and len(value) <= 4 + 16 * 8
+    )
+
+
+def _shares_problem(src: int, ciphertexts: object, digest: object, roster: set[int]) -> str:
+    """Why one bank's share-keys reply is unusable ("" if fine)."""
+    if src not in roster:
+        return "not in the roster"
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        return "seed-digest is not 32 bytes"
+    if not isinstance(ciphertexts, dict):
+        return "shares are not a mapping"
+    if set(int(d) for d in ciphertexts) != roster - {src}:
+        return "not one share for every other bank"
+    for ct in ciphertexts.values():
+        if not isinstance(ct, bytes) or not 0 < len(ct) <= MAX_CIPHERTEXT_BYTES:
+            return f"a share ciphertext is not bytes of 1..{MAX_CIPHERTEXT_BYTES} bytes"
+    return ""

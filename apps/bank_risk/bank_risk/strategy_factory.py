@@ -400,6 +400,12 @@ def secagg_threshold(raw: Mapping[str, object], num_nodes: int) -> int | float:
                 f"secagg-threshold = {int(value)} exceeds the {num_nodes} banks a round needs "
                 "(num-banks / min-banks): lower it, or give a fraction such as 0.67"
             )
+        if 2 * value <= num_nodes:  # the banks refuse it too (2t > n)
+            raise SettingsError(
+                f"secagg-threshold = {int(value)} is not above half of the {num_nodes} banks: "
+                "two disjoint groups of t banks could each help unmask one bank; raise it, or "
+                "give a fraction such as 0.67"
+            )
         return int(value)
     raise SettingsError(
         f"secagg-threshold must be 0 (= 2/3), a fraction in (0.5, 1] or a whole count >= 2, "
