@@ -30,7 +30,8 @@ alternative (clip, then pre-scale by ``n_i / N``) has sensitivity
 noise on every smaller bank; it is not offered. The accountant (Opacus RDP or PRV)
 sees the multiplier ``sigma sqrt(h / t) / 2`` per round (``h`` honest survivors)
 at sample rate 1: the server chooses the banks, so no amplification by sampling
-is claimed. Rounds that release nothing (abandoned) cost nothing.
+is claimed. A round abandoned before ``t`` banks answered its unmask request costs
+nothing; one abandoned after that is counted (the server could compute its sum).
 
 **Quantisation, clamping and the modulus.** The noise is added in floating point
 *before* the fixed-point encoding of :mod:`flower_ext.secagg.protocol`:

@@ -58,7 +58,23 @@ The bank's own floor (node config, optional; the server's settings cannot lower 
     Distributed DP required, with the noise of the sum over the clip norm (``sigma``,
     computed from the ``t``, ``C`` and per-bank std the server sends) at least this.
 
+``secagg-dp-required``
+    true: a train message without distributed DP (``dp-clip-norm``, ``dp-noise-std``)
+    is refused.
+``secagg-state-dir``
+    A folder where the bank records the last round it trained per run
+    (``secagg-trained-<node>.json``), so that the replay guard below survives a
+    SuperNode restart. Without it the record is in ``context.state`` only.
+
 A train message below the floor is refused before any training (error reply).
+
+Replays: a bank trains each server round of a run at most once, in increasing order
+(a second train message for a round it trained, or an earlier one, is refused): a
+server that ran one round twice, with and without one bank, could subtract the sums.
+
+``masked-input`` is refused unless shares from at least ``t - 1`` other banks came
+with it; shares that do not decrypt are left out and reported (``bad-src``), and the
+server drops their senders.
 """
 
 from __future__ import annotations

@@ -18,37 +18,49 @@ Shamir-shared mask keys that Bell et al. (SecAgg+, CCS 2020) keep. One round:
    self mask and every pairwise mask a dropped bank left, and gets exactly
    ``sum_{i in U3} q(x_i) mod 2^m``.
 
+Round 2 as in Bonawitz et al.: a bank sends its masked input only if it received
+shares from at least ``t - 1`` other banks (``|U2| >= t``), so a server cannot get a
+vector masked with few or no pairwise masks. Banks also refuse ``2t <= n`` for their
+own roster (two disjoint groups of ``t`` could each help unmask), and a bank answers
+the unmask request only if ``survivors + dropped`` is exactly its own ``U2``.
+
 Differences from the papers, on purpose: the mask graph is complete (SecAgg; the
-SecAgg+ sparse ``k``-regular graph only pays off at hundreds of clients), and there
-is no consistency-check round with signatures (that defends against a server that
-sends different ``U3`` to different banks). Signed keys are optional: a bank with a
-long-term Ed25519 identity signs its two public keys with the run, round and its
-node id (:func:`advert_message`), and a bank given the set of trusted identities
-refuses a roster in which any entry is unsigned, signed by an unknown key, or
-signed twice by one key (:func:`roster_signature_problems`): a server that forges
-keys for other banks then gets nothing. Without them the server is trusted not to
-forge keys (semi-honest).
+SecAgg+ sparse ``k``-regular graph only pays off at hundreds of clients). Signed keys
+are optional: a bank with a long-term Ed25519 identity signs its two public keys with
+the run, round and its node id (:func:`advert_message`), and a bank given the set of
+trusted identities refuses a roster in which any entry is unsigned, signed by an
+unknown key, or signed twice by one key (:func:`roster_signature_problems`): a server
+that forges keys for other banks then gets nothing. Without them the server is trusted
+not to forge keys (semi-honest).
 
 With signed keys the round also has Bonawitz et al.'s consistency check: before
-the unmask, each survivor signs the survivor list ``U3`` it is shown (once per
-round: :meth:`BankSession.sign_survivors`), and a bank answers the unmask request
-only for the list it signed itself and only with ``t`` valid signatures of that
-same list from banks of the roster (:func:`consistency_problems`). A server that
-shows different lists to different banks (to collect one bank's self-mask seed
-from some and its mask key from others) needs ``t`` signatures on each list,
-which honest banks do not give when ``2t > n + colluding banks``.
+the unmask, each survivor signs ``(t, hash(U1), U3, U2)`` (:func:`survivors_message`;
+once per round: :meth:`BankSession.sign_survivors`), and a bank answers the unmask
+request only for the list it signed itself and only with ``t`` valid signatures of
+the same bytes, computed with its own ``t``, roster and ``U2``, from banks of the
+roster (:func:`consistency_problems`). A server that shows different lists to
+different banks needs ``t`` signatures on each, from disjoint banks: impossible with
+``2t > n`` unless banks collude with it.
+
+Malformed or hostile bank replies (wrong types or sizes, shares that do not decrypt,
+wrong unmask shares) drop that bank with a reason (:attr:`ServerRound.rejected`,
+:attr:`ServerRound.bad_shares`); with more than ``t`` unmask answers a bad share is
+found by trying other ``t``-subsets.
 
 Quantisation (Flower's, stochastic rounding): each coordinate is clipped to
 ``[-c, c]`` and mapped to an integer in ``[0, R]``, ``R = 2**quantization_bits``.
 A sum of ``k`` banks lies in ``[0, k R]`` and must stay below ``M = 2**modulus_bits``:
 at most ``(M - 1) // R`` banks (1023 with the defaults 22 and 32 bits). Per bank
-and coordinate the rounding error is below one quantum ``2c / R``.
+and coordinate the rounding error is below one quantum ``2c / R`` (so ``k`` quanta in
+the sum, ``k q / W`` in a mean divided by the survivors' weight share ``W``). The
+rounding draws come from a PCG64 generator seeded with 128 bits of :mod:`secrets`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,7 +81,6 @@ from .primitives import (
     encrypt_share,
     new_seed,
     prg_mask,
-    quantize,
 )
 
 SHARE_PURPOSE = "share-encryption"
@@ -322,8 +333,14 @@ def quantize_vector(vector: np.ndarray, params: SecAggParams) -> tuple[np.ndarra
     if not np.all(np.isfinite(values)):
         raise SecAggError("the vector to aggregate has NaN or Inf values")
     clipped = int(np.count_nonzero(np.abs(values) > params.clipping_range))
-    (quantised,) = quantize([values], float(params.clipping_range), params.levels)
-    return quantised.astype(np.uint32), clipped
+    # Flower's quantize formula, with the stochastic rounding drawn from a fresh generator
+    # seeded from the OS CSPRNG (Flower's uses numpy's global generator).
+    c = float(params.clipping_range)
+    scaled = (np.clip(values, -c, c) + c) * (params.levels / (2 * c))
+    rounded = np.ceil(scaled)
+    uniform = np.random.Generator(np.random.PCG64(secrets.randbits(128))).random(scaled.size)
+    rounded[uniform < rounded - scaled] -= 1
+    return rounded.astype(np.uint32), clipped
 
 
 def dequantize_sum(total: np.ndarray, num_banks: int, params: SecAggParams) -> np.ndarray:
