@@ -761,7 +761,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         got = self._exchange(server_round, STAGE_MASKED_INPUT, payloads)
         clipped = 0
         dim = self._layout.dim  # type: ignore[union-attr]
-        bad_senders: dict[int, list[int]] = {}
+        bad_senders: dict[int, list[int]] = {}  # reporting bank -> senders it reported
         for node, msg in got.items():
             try:  # every field is checked before the vector goes into the sum
                 rec = msg.content.config_records[RECORD_KEY]
@@ -782,15 +782,11 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 self._drop(server_round, STAGE_MASKED_INPUT, node, f"rejected masked input: {err}")
                 continue
             clipped += count
-            for src in bad:
-                bad_senders.setdefault(src, []).append(node)
-        if bad_senders:  # senders whose shares did not decrypt: out of every bank's view
-            srv.exclude(
-                {
-                    src: f"its shares did not decrypt at nodes {sorted(by)}"
-                    for src, by in bad_senders.items()
-                }
-            )
+            if bad:
+                bad_senders[node] = bad
+        for node, reason in srv.settle_views(bad_senders).items():
+            self._drop(server_round, STAGE_MASKED_INPUT, node, reason)
+            reported.add(node)
         for node, reason in srv.rejected.items():
             if node not in reported:
                 self._drop(server_round, STAGE_MASKED_INPUT, node, reason)

@@ -276,6 +276,26 @@ def test_one_hostile_bank_is_dropped_with_a_reason_and_the_round_goes_on(as_serv
     _check_close(new, _plain_mean(_global(), summed), metrics["secagg-max-error"] + 1e-6)
 
 
+def test_shares_bad_at_some_recipients_only_keep_the_largest_consistent_group(as_server):
+    """303's share for 101 only is garbage: 101 did not mask with 303, the others did. The
+    largest group with one view of U2 (202, 303, 404) is summed, 101 counts as dropped, and
+    the sum is exact (no leftover pairwise mask)."""
+
+    def tamper(stage, out):
+        if stage == "share-keys":
+            rec = out.content["secagg"]
+            cts = list(rec["ct"])
+            cts[[int(d) for d in rec["dst"]].index(101)] = b"garbage"
+            rec["ct"] = cts
+        return out
+
+    new, metrics, audit = _one_bad_bank(tamper)
+    assert new is not None and metrics["secagg-survivors"] == 3
+    (drop,) = _events(audit, "secagg_dropout")
+    assert drop["node_id"] == 101 and "view of U2 differs" in drop["reason"]
+    _check_close(new, _plain_mean(_global(), [202, 303, 404]), metrics["secagg-max-error"] + 1e-6)
+
+
 def test_a_bank_audited_as_dropped_is_not_in_the_sum(as_server):
     """audit_says_dropped_but_summed.py."""
     new, metrics, _ = _one_bad_bank(_set("masked-input", "clipped", "lots"))

@@ -712,6 +712,47 @@ class ServerRound:
                 self._reject(node, reason)
             self.masked.pop(node, None)
 
+    def settle_views(self, reported: dict[int, list[int]]) -> dict[int, str]:
+        """Make every summed bank's view of U2 the same; returns who was set aside and why.
+
+        ``reported``: bank -> the senders whose shares did not decrypt at it (it did not
+        mask with them). Each bank that sent a masked input saw ``U2`` minus what it
+        reported; the largest group of banks with one view ``V`` is kept: ``U2 := V``,
+        banks outside ``V`` leave U2, and banks in ``V`` with another view lose their
+        masked input (they count as dropped, their pairwise masks are removed from their
+        mask keys). Every kept bank then has survivors + dropped = its own ``U2``.
+        """
+        views: dict[frozenset[int], list[int]] = {}
+        for node in sorted(self.masked):
+            view = frozenset(self.u2) - set(int(x) for x in reported.get(node, ()))
+            views.setdefault(view, []).append(node)
+        if len(views) <= 1 and not any(reported.values()):
+            return {}
+        view, group = max(views.items(), key=lambda item: (len(item[1]), -len(item[0])))
+        out: dict[int, str] = {}
+        accused: dict[int, list[int]] = {}
+        for node, srcs in reported.items():
+            for src in srcs:
+                accused.setdefault(int(src), []).append(int(node))
+        for node in sorted(set(self.u2) - view):
+            out[node] = (
+                f"its shares did not decrypt at nodes {sorted(accused.get(node, []))}"
+                if node in accused
+                else "left out of the banks' common view of U2"
+            )
+        for node in sorted(set(self.masked) - set(group)):
+            if node not in out:
+                out[node] = (
+                    "its view of U2 differs from that of the largest group of banks "
+                    f"{group} (shares it could or could not decrypt): its masked input is "
+                    "set aside and it counts as dropped"
+                )
+        for node, reason in out.items():
+            self.masked.pop(node, None)
+            self._reject(node, reason)
+        self.u2 = sorted(view)
+        return out
+
     def add_masked(self, node_id: int, masked: np.ndarray) -> None:
         node_id = int(node_id)
         if node_id not in self.u2:
