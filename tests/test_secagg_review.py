@@ -368,6 +368,24 @@ def test_a_bank_that_requires_dp_refuses_a_train_message_without_it(as_server):
     assert fed.run_round(SecureFedAvg(threshold=3, dp=dp), server_round=2)[0] is not None
 
 
+def test_a_train_message_without_dp_is_refused_when_the_run_config_asks_for_it(as_server):
+    """dp_no_bank_floor.py as written: the bank's run config says secagg-dp = true."""
+    fed = Federation(NODES)
+    for n in NODES:
+        fed.contexts[n] = Context(
+            run_id=4242,
+            node_id=n,
+            node_config={},
+            state=RecordDict(),
+            run_config={"secagg": True, "secagg-dp": True, "secagg-dp-clip-norm": 0.01},
+        )
+    audit = AuditTrail()
+    new, _ = fed.run_round(SecureFedAvg(threshold=3, audit=audit))
+    assert new is None
+    rejected = [e["reason"] for e in _events(audit, "reply_rejected")]
+    assert len(rejected) == 4 and all("secagg-dp = true" in r for r in rejected)
+
+
 # ------------------------------------------------------------------ 9. the error bound
 def test_the_error_bound_is_k_quanta_over_the_survivors_weight_share():
     """error_bound_with_dropout.py: a dropped large bank divides by W < 1."""

@@ -60,7 +60,7 @@ The bank's own floor (node config, optional; the server's settings cannot lower 
 
 ``secagg-dp-required``
     true: a train message without distributed DP (``dp-clip-norm``, ``dp-noise-std``)
-    is refused.
+    is refused (so is one when the run config itself says ``secagg-dp = true``).
 ``secagg-state-dir``
     A folder where the bank records the last round it trained per run
     (``secagg-trained-<node>.json``), so that the replay guard below survives a
@@ -342,6 +342,10 @@ def _train(
 ) -> Message:
     params = SecAggParams.from_dict(dict(config))
     below = floor_problems(config, dict(context.node_config))
+    if _as_bool(context.run_config.get("secagg-dp", False)) and not (
+        DP_STD_KEY in config and DP_CLIP_KEY in config
+    ):  # the run's own config asks for distributed DP: a message without it is refused
+        below.append("the run config says secagg-dp = true but the train message has no DP")
     if below:  # before any training: nothing is computed from the rows
         raise SecAggError("refused by this bank's node config: " + "; ".join(below))
     replay = replay_problem(context, int(config["round"]))  # type: ignore[arg-type]
