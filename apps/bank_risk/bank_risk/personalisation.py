@@ -395,7 +395,7 @@ def _check_mix(row: Mapping[str, Any]) -> None:
     ends = {0.0: "local-only"} | ({1.0: "global"} if row.get("mode") == "mix" else {})
     for weight, model in ends.items():
         auc_p, auc_m = row.get("auc-personalised"), row.get(f"auc-{model}")
-        if auc_p is None or auc_m is None or alpha != weight:
+        if auc_p is None or auc_m is None or abs(alpha - weight) > 1e-9:
             continue
         if abs(auc_p - auc_m) > ENDPOINT_AUC_TOLERANCE:
             raise ValueError(
