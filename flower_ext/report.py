@@ -505,6 +505,46 @@ def personalisation_section(metrics: dict[str, Any]) -> str:
     return '<section id="personalisation">' + "".join(parts) + "</section>"
 
 
+def secure_aggregation_section(metrics: dict[str, Any]) -> str:
+    """Under ``secagg = true``: what the server learned (only each round's sum), the
+    threshold, drop-outs and failed rounds, and the distributed-DP epsilons, including
+    what remains if k banks drop out or collude; "" for other runs."""
+    block = metrics.get("secure_aggregation") or {}
+    if not block:
+        return ""
+
+    def _esc(value: Any) -> str:  # metrics.json is a file an operator can edit
+        return html.escape(_fmt(value))
+
+    rows = [
+        ["what the server saw", html.escape(str(block.get("server_saw") or "-"))],
+        ["threshold t", html.escape(str(block.get("threshold")))],
+        ["rounds aggregated / failed",
+         f"{_esc(block.get('rounds_aggregated'))} / {_esc(block.get('rounds_failed'))}"],
+        ["banks dropped mid-protocol (all rounds)", _esc(block.get("dropouts"))],
+    ]  # fmt: skip
+    dp = block.get("distributed_dp") or {}
+    if dp:
+        missing = dp.get("secagg-dp-epsilon-if-missing") or []
+        rows += [
+            ["distributed DP: epsilon against the server (all survivors honest)",
+             _esc(dp.get("secagg-dp-epsilon"))],
+            ["distributed DP: epsilon with only t honest banks a round",
+             _esc(dp.get("secagg-dp-epsilon-nominal"))],
+            ["distributed DP: epsilon if k = 0, 1, ... banks drop out or collude",
+             " / ".join(_esc(e) for e in missing) or "-"],
+            ["delta / noise multiplier / clip norm / rounds released",
+             f"{_esc(dp.get('secagg-dp-delta'))} / {_esc(dp.get('secagg-dp-noise-multiplier'))}"
+             f" / {_esc(dp.get('secagg-dp-clip-norm'))} / {_esc(dp.get('secagg-dp-rounds'))}"],
+        ]  # fmt: skip
+    else:
+        rows.append(["distributed DP", "off: the sum itself is not noised"])
+    return (
+        '<section id="secure-aggregation"><h2>Secure aggregation: the server saw only the '
+        "sum</h2>" + _raw_table(rows, ["", "value"]) + "</section>"
+    )
+
+
 def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
 
@@ -525,6 +565,7 @@ _FEATURE_KEYS = {
     "he-": lambda c: bool(c.get("he")),
     "topk-": lambda c: float(c.get("topk-ratio") or 0) > 0,
     "fault-": lambda c: c.get("fault-kind", "none") != "none",
+    "secagg-": lambda c: bool(c.get("secagg")),
 }
 
 
@@ -605,6 +646,7 @@ def build_report(run_dir: str | Path) -> Report:
         )
     sections.append(verdict_section(metrics))
     sections.append(personalisation_section(metrics))
+    sections.append(secure_aggregation_section(metrics))
     sections.append("<!-- slot: what the audit verified (issue 15) -->")
     # What was verified, item by item; a warning instead of green when anything was not.
     # The report itself is not checked here: it is being written (verify checks it later).

@@ -74,6 +74,11 @@ def test_secagg_run_gives_the_plaintext_fedavg_model(runs):
     assert summary["rounds_aggregated"] == 2 and summary["dropouts"] == 0
     assert summary["distributed_dp"] is None
     assert "secure_aggregation" not in plain
+    # the report says what the server learned; a plaintext run's report has no such section
+    page = (run_dir / "report.html").read_text()
+    assert "Secure aggregation: the server saw only the sum" in page
+    assert "the sum of the survivors&#x27;" in page and "off: the sum itself is not noised" in page
+    assert "Secure aggregation" not in (runs["plain"][0] / "report.html").read_text()
 
 
 def test_secagg_run_verifies_against_the_banks_receipts(runs):
@@ -105,6 +110,9 @@ def test_distributed_dp_run_reports_the_epsilon(runs):
     assert "train-loss" not in last  # a statistic of the rows outside the guarantee
     final = dp["secure_aggregation"]["distributed_dp"]
     assert final["secagg-dp-epsilon-nominal"] == last["secagg-dp-epsilon-nominal"]
+    page = (run_dir / "report.html").read_text()
+    assert "epsilon if k = 0, 1, ... banks drop out or collude" in page
+    assert f"{final['secagg-dp-epsilon-nominal']:.4f}" in page
     events = [e for e in _events(run_dir) if e["event"] == "secagg_dp"]
     assert [e["round"] for e in events] == [1, 2]
     assert events[-1]["secagg_dp_epsilon_nominal"] == pytest.approx(
