@@ -508,7 +508,7 @@ def personalisation_section(metrics: dict[str, Any]) -> str:
 def secure_aggregation_section(metrics: dict[str, Any]) -> str:
     """Under ``secagg = true``: what the server learned (only each round's sum), the
     threshold, drop-outs and failed rounds, and the distributed-DP epsilons, including
-    what remains if k banks drop out or collude; "" for other runs."""
+    what remains if k of the surviving banks collude; "" for other runs."""
     block = metrics.get("secure_aggregation") or {}
     if not block:
         return ""
@@ -531,7 +531,7 @@ def secure_aggregation_section(metrics: dict[str, Any]) -> str:
              _esc(dp.get("secagg-dp-epsilon"))],
             ["distributed DP: epsilon with only t honest banks a round",
              _esc(dp.get("secagg-dp-epsilon-nominal"))],
-            ["distributed DP: epsilon if k = 0, 1, ... banks drop out or collude",
+            ["distributed DP: epsilon if k = 0, 1, ... surviving banks collude",
              " / ".join(_esc(e) for e in missing) or "-"],
             ["delta / noise multiplier / clip norm / rounds released",
              f"{_esc(dp.get('secagg-dp-delta'))} / {_esc(dp.get('secagg-dp-noise-multiplier'))}"

@@ -22,8 +22,9 @@ the *same* weight for every bank (sensitivity ``2C`` whatever the counts); the
 server divides the unmasked sum by the number of survivors. Each round's metrics
 and the audit (``secagg_dp``) give the epsilon so far against the server with the
 survivors honest (``secagg-dp-epsilon``), with only ``t`` honest banks per round
-(``secagg-dp-epsilon-nominal``, the stated guarantee) and with ``k = 0 .. n - t``
-banks dropped or colluding (``secagg-dp-epsilon-if-missing``, a list indexed by k).
+(``secagg-dp-epsilon-nominal``, the stated guarantee) and with ``k = 0 .. s - t``
+of each round's ``s`` survivors colluding (``secagg-dp-epsilon-if-missing``, a list
+indexed by k; drop-outs already counted).
 
 Signed keys (banks with node config ``secagg-identity-key`` / ``secagg-trusted-keys``,
 see :mod:`flower_ext.secagg.mod`): the server forwards each bank's signature with the
@@ -319,7 +320,9 @@ class SecureFedAvg(UpdateAggregationStrategy):
         if self.dp is None or not self.dp_rounds:
             return {}
         rounds = [self.dp_rounds[r] for r in sorted(self.dp_rounds)]
-        table = self.dp.if_missing([(n, t) for n, t, _ in rounds])
+        # From the banks that actually survived each round (k of them colluding with the
+        # server), not the banks sampled: drop-outs already lowered the honest noise.
+        table = self.dp.if_missing([(k, t) for _, t, k in rounds])
         return {
             "secagg-dp-epsilon": self.dp.epsilon([(k, t) for _, t, k in rounds]),
             "secagg-dp-epsilon-nominal": self.dp.epsilon([(t, t) for _, t, _ in rounds]),
@@ -513,8 +516,8 @@ class SecureFedAvg(UpdateAggregationStrategy):
                 **{k.replace("-", "_"): v for k, v in figures.items()},
                 guarantee=(
                     "central (epsilon, delta)-DP of the released sums against the server, "
-                    "replace-one-bank; epsilon_if_missing[k]: k banks per round dropped or "
-                    "colluding"
+                    "replace-one-bank; epsilon_if_missing[k]: k of each round's surviving "
+                    "banks colluding with the server (drop-outs already counted)"
                 ),
             )
         report.train_metrics = dict(metrics)

@@ -111,7 +111,7 @@ def test_distributed_dp_run_reports_the_epsilon(runs):
     final = dp["secure_aggregation"]["distributed_dp"]
     assert final["secagg-dp-epsilon-nominal"] == last["secagg-dp-epsilon-nominal"]
     page = (run_dir / "report.html").read_text()
-    assert "epsilon if k = 0, 1, ... banks drop out or collude" in page
+    assert "epsilon if k = 0, 1, ... surviving banks collude" in page
     assert f"{final['secagg-dp-epsilon-nominal']:.4f}" in page
     events = [e for e in _events(run_dir) if e["event"] == "secagg_dp"]
     assert [e["round"] for e in events] == [1, 2]

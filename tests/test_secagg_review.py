@@ -16,7 +16,7 @@ from flwr.app import Context, RecordDict
 
 from flower_ext.audit import AuditTrail
 from flower_ext.audit.signing import Signer
-from flower_ext.secagg import BankSession, SecAggParams, ServerRound
+from flower_ext.secagg import BankSession, SecAggParams, ServerRound, dequantize_sum
 from flower_ext.secagg.dp import DistributedDP
 from flower_ext.secagg.mod import RECORD_KEY
 from flower_ext.secagg.protocol import SecAggError, TooFewSurvivors
@@ -135,10 +135,62 @@ def test_banks_refuse_a_threshold_at_or_below_half_of_their_roster():
         banks[1].share_keys(roster, sigs)
     assert not banks[1].seed_shares
     banks, _, roster, sigs = _signed_banks([1, 2, 3, 4], 2)  # 2t = n: refused too
-    with pytest.raises(SecAggError, match="need 2t > n"):
+    with pytest.raises(SecAggError, match="not above half of the 4 banks trusted"):
         banks[1].share_keys(roster, sigs)
+    unsigned = BankSession(1, R, SecAggParams(threshold=2), run_id=RUN)  # no trusted list
+    others = {i: BankSession(i, R, SecAggParams(threshold=2), run_id=RUN) for i in (2, 3, 4)}
+    plain = {1: unsigned.advertise(), **{i: b.advertise() for i, b in others.items()}}
+    with pytest.raises(SecAggError, match="need 2t > n"):
+        unsigned.share_keys(plain)
     banks, _, roster, sigs = _signed_banks([1, 2, 3, 4], 3)
     assert len(banks[1].share_keys(roster, sigs)) == 3
+
+
+def test_a_bank_shares_its_secrets_with_one_roster_only():
+    """Second review, attack_reshare_split_roster.py: a second share-keys request in one
+    round gave fresh shares of the same two secrets to another (partial) roster."""
+    banks, _, roster, sigs = _signed_banks([1, 2, 3, 4], 3)
+    assert len(banks[1].share_keys(roster, sigs)) == 3
+    first = dict(banks[1].seed_shares)
+    with pytest.raises(SecAggError, match="second share-keys request"):
+        banks[1].share_keys(roster, sigs)
+    assert banks[1].seed_shares == first  # nothing new was dealt
+
+
+def test_a_partial_roster_cannot_bring_t_below_half_of_the_trusted_banks():
+    """Second review: with 7 trusted banks and t = 3, two signed partial rosters of 4 each
+    meet 2t > |roster|, yet together they give t shares of both secrets of one bank."""
+    banks, _, roster, sigs = _signed_banks(list(range(1, 8)), 3)
+    part = [1, 2, 3, 4]
+    with pytest.raises(SecAggError, match="not above half of the 7 banks trusted"):
+        banks[1].share_keys({i: roster[i] for i in part}, {i: sigs[i] for i in part})
+    assert not banks[1].seed_shares
+    banks, _, roster, sigs = _signed_banks(list(range(1, 8)), 4)  # 2t > 7: fine
+    part = [1, 2, 3, 4, 5, 6, 7]
+    assert len(banks[1].share_keys(roster, sigs)) == 6
+
+
+def test_a_train_message_renumbering_the_round_is_refused(as_server):
+    """Second review, replay_guard_bypass_server_round.py: the app seeds training by the
+    train config's server-round; the same training under two protocol rounds would let a
+    server subtract two sums."""
+
+    class Renumbering(Federation):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            for msg in messages:
+                if msg.content.config_records[RECORD_KEY]["stage"] == "train":
+                    msg.content["config"]["server-round"] = 1
+            return super().send_and_receive(messages, timeout=timeout)
+
+    audit = AuditTrail()
+    new, _ = Renumbering(NODES).run_round(SecureFedAvg(threshold=3, audit=audit), server_round=2)
+    assert new is None
+    reasons = [e["reason"] for e in _events(audit, "reply_rejected")]
+    assert len(reasons) == 4
+    assert all("server-round 1 is not the secure-aggregation round 2" in r for r in reasons)
+    new, _ = Federation(NODES).run_round(SecureFedAvg(threshold=3), server_round=2)
+    assert new is not None  # the same round numbered consistently is fine
 
 
 def test_securefedavg_never_picks_a_threshold_at_or_below_half():
@@ -414,3 +466,53 @@ def test_the_error_bound_is_k_quanta_over_the_survivors_weight_share():
     err = float(np.max(np.abs(mean - plain)))
     assert err > len(surv) * params.quantum  # the old README bound k*2c/2^bits fails
     assert err <= len(surv) * params.quantum / w  # k*q/W holds
+
+
+@pytest.mark.parametrize(("n", "t", "bad"), [(12, 8, 1), (20, 14, 3), (10, 7, 10)])
+def test_one_wrong_unmask_share_is_passed_over_and_named_at_any_id(n, t, bad):
+    """Second review, one_bad_share_kills_round.py: with C(m-1, t-1) > 256 subsets, every
+    subset tried held the lowest ids, so one wrong share there failed the round."""
+    nodes, params, server_round = list(range(1, n + 1)), SecAggParams(threshold=t), 3
+    banks = {i: BankSession(i, server_round, params) for i in nodes}
+    srv = ServerRound(server_round, params)
+    for i, b in banks.items():
+        srv.advertised(i, *b.advertise())
+    sent = {i: (b.share_keys(dict(srv.roster)), b.self_seed_digest()) for i, b in banks.items()}
+    for i, cts in srv.route_shares(sent).items():
+        banks[i].receive_shares(cts)
+    rng = np.random.default_rng(0)
+    inputs = {i: rng.normal(0, 0.1, 50) for i in nodes}
+    for i, b in banks.items():
+        srv.add_masked(i, b.masked_input(inputs[i])[0])
+    survivors, dropped = srv.unmask_request()
+    answers = {i: banks[i].unmask_shares(survivors, dropped) for i in survivors}
+    victim = 7
+    share = bytearray(answers[bad][0][victim])
+    share[-1] ^= 1  # one flipped bit in one share
+    answers[bad][0][victim] = bytes(share)
+    total = srv.unmask(answers)  # the round goes on
+    if bad in sorted(answers)[:t]:  # it spoilt the first t-subset: found and named
+        assert srv.bad_shares == {bad: f"its share of node {victim}'s self seed is wrong"}
+    else:  # outside a first subset that checks out: harmless, not looked for
+        assert srv.bad_shares == {}
+    got = dequantize_sum(total, len(survivors), params)  # the sum is right either way
+    step = 2 * params.clipping_range / params.levels
+    assert np.max(np.abs(got - sum(inputs[i] for i in survivors))) <= n * step
+
+
+def test_the_if_missing_table_starts_from_the_banks_that_survived():
+    """Second review, dp_if_missing_ignores_dropouts.py: with 3 of 10 banks dropped every
+    round the table's row k = 1 said 2.606 where one colluding survivor gives 3.271."""
+    dp = DistributedDP(noise_multiplier=6.68, clip_norm=0.5)
+    strategy = SecureFedAvg(threshold=7, dp=dp)
+    strategy.dp_rounds = {r: (10, 7, 7) for r in range(1, 6)}  # (sampled, t, survivors)
+    figures = strategy.dp_figures()
+    table = figures["secagg-dp-epsilon-if-missing"]
+    assert len(table) == 1  # 7 survivors, t = 7: no survivor can be missing
+    assert table[0] == pytest.approx(figures["secagg-dp-epsilon"])
+    strategy.dp_rounds = {r: (10, 7, 9) for r in range(1, 6)}
+    figures = strategy.dp_figures()
+    table = figures["secagg-dp-epsilon-if-missing"]
+    assert len(table) == 3 and table[0] == pytest.approx(figures["secagg-dp-epsilon"])
+    assert table[1] == pytest.approx(dp.epsilon([(8, 7)] * 5))  # one of 9 survivors colludes
+    assert table[2] == pytest.approx(figures["secagg-dp-epsilon-nominal"])

@@ -349,6 +349,18 @@ def _train(
     if below:  # before any training: nothing is computed from the rows
         raise SecAggError("refused by this bank's node config: " + "; ".join(below))
     replay = replay_problem(context, int(config["round"]))  # type: ignore[arg-type]
+    flower_config = msg.content.config_records.get("config")
+    # The bank's training may be seeded by the train config's round: a server that numbers
+    # the protocol round differently could replay one training under two protocol rounds.
+    if (
+        flower_config is not None
+        and "server-round" in flower_config
+        and str(flower_config["server-round"]) != str(int(config["round"]))  # type: ignore[arg-type]
+    ):
+        replay = (
+            f"the train config's server-round {flower_config['server-round']!r} is not "
+            f"the secure-aggregation round {int(config['round'])}"  # type: ignore[arg-type]
+        )
     if replay:
         raise SecAggError("refused: " + replay)
     _mark_trained(context, int(config["round"]))  # type: ignore[arg-type]

@@ -61,7 +61,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -423,8 +423,23 @@ class BankSession:
         distinct trusted key (``signatures``: node -> (signer hex, signature hex)), or
         nothing is shared (:class:`SecAggError` naming the entries).
         """
+        if self.roster:
+            # Fresh shares of the same two secrets to a second roster would let a server
+            # collect t shares of b_i from one group and t of s_sk_i from another.
+            raise SecAggError(
+                "refusing a second share-keys request in this round: this bank already "
+                "shared its secrets with one roster"
+            )
         roster = {int(k): (bytes(v[0]), bytes(v[1])) for k, v in roster.items()}
         if self.trusted is not None:
+            if 2 * int(self.params.threshold) <= len(self.trusted):
+                # A partial roster shown to this bank could meet 2t > |roster| while two
+                # disjoint partial rosters of the federation each reach t.
+                raise SecAggError(
+                    f"threshold t={int(self.params.threshold)} is not above half of the "
+                    f"{len(self.trusted)} banks trusted by this bank: two partial rosters of t "
+                    "banks each could each help unmask one bank"
+                )
             problems = roster_signature_problems(
                 roster, signatures or {}, self.trusted, self.run_id, self.server_round
             )
@@ -643,6 +658,20 @@ class BankSession:
 
 
 # --------------------------------------------------------------------------- server side
+def _candidate_subsets(holders: list[int], t: int) -> Iterator[tuple[int, ...]]:
+    """``t``-subsets of ``holders`` to rebuild a secret from, most useful first: the first
+    ``t``; then, for each holder, the first ``t`` of the others (one bad share anywhere is
+    passed over within ``len(holders) + 1`` tries, whatever the ids); then every other
+    combination, in order. No subset twice."""
+    seen: set[tuple[int, ...]] = set()
+    leave_one_out = (tuple(h for h in holders if h != k)[:t] for k in holders)
+    for subset in itertools.chain([tuple(holders[:t])], leave_one_out,
+                                  itertools.combinations(holders, t)):  # fmt: skip
+        if len(subset) == t and subset not in seen:
+            seen.add(subset)
+            yield subset
+
+
 @dataclass
 class ServerRound:
     """The server's state for one round: it routes ciphertexts and removes masks.
@@ -869,7 +898,7 @@ class ServerRound:
             raise TooFewSurvivors(
                 f"{len(holders)} shares of node {node}'s {what}, fewer than the threshold t={t}"
             )
-        for tries, subset in enumerate(itertools.combinations(holders, t)):
+        for tries, subset in enumerate(_candidate_subsets(holders, t)):
             if tries >= MAX_SUBSETS:
                 break
             try:
