@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from flower_ext.aggregation import AggregationResult, krum_min_clients, multi_krum
-from flower_ext.aggregation.robust import SELECTED_AGGREGATES
+from flower_ext.aggregation.robust import check_selected_aggregate
 
 from .base import fedavg_arguments
 from .robust import MetricsAggregationFn, RobustStrategy
@@ -84,11 +84,7 @@ class MultiKrum(RobustStrategy):
                 f"{num_nodes_to_select!r}"
             )
         self.num_nodes_to_select = None if num_nodes_to_select is None else int(num_nodes_to_select)
-        if selected_aggregate not in SELECTED_AGGREGATES:
-            raise ValueError(
-                f"selected_aggregate must be one of {', '.join(SELECTED_AGGREGATES)}, "
-                f"got {selected_aggregate!r}"
-            )
+        check_selected_aggregate(selected_aggregate)
         self.selected_aggregate = selected_aggregate
 
     def rule_min_clients(self) -> int:

@@ -664,22 +664,7 @@ class SecureFedAvg(UpdateAggregationStrategy):
         for node in messages:
             if node not in good:
                 reason = reasons.get(node, "no reply (timed out, or the node left)")
-                self.audit.record(
-                    "secagg_dropout",
-                    round=server_round,
-                    stage=stage,
-                    node_id=node,
-                    label=self.labels.get(node, ""),
-                    reason=reason,
-                )
-                log(
-                    WARNING,
-                    "Round %s: secagg %s: node %s dropped: %s",
-                    server_round,
-                    stage,
-                    node,
-                    reason,
-                )
+                self._drop(server_round, stage, node, reason)
         return good
 
     def _consistency(

@@ -190,13 +190,15 @@ def _bank_context(partition: int = 0, **node) -> Context:
     )
 
 
-def _personalise_message(context: Context) -> Message:
+def _personalise_message(context: Context, epochs: int = 2) -> Message:
+    """The server's personalisation query, with a global model trained ``epochs`` epochs
+    on this bank's rows."""
     _, bank = load_context_bank(context)
     model = build_model(bank.num_features, "logreg", seed=0)
     std = bank.x_train.std(axis=0)
     std[std < 1e-8] = 1.0
     model.set_standardisation(bank.x_train.mean(axis=0), std)
-    train_local(model, bank.x_train, bank.y_train, TrainConfig(epochs=2, seed=0))
+    train_local(model, bank.x_train, bank.y_train, TrainConfig(epochs=epochs, seed=0))
     _as_server()
     return Message(
         content=RecordDict(

@@ -9,9 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import _as_server
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -20,20 +18,19 @@ from flwr.app import (
     RecordDict,
 )
 from sklearn.metrics import roc_auc_score
+from test_personalise import _personalise_message
 
 from bank_risk.client_app import app as client_app
 from bank_risk.client_app import load_context_bank, local_only_metrics
 from bank_risk.personalisation import (
     MIX_KEYS,
     NUMERIC_KEYS,
-    PERSONALISE_QUERY,
     bank_entry,
     local_only_logits,
     personalisation_lines,
     read_reply,
 )
 from bank_risk.settings import BankAppSettings, SettingsError
-from flower_ext.model import build_model
 from flower_ext.personalise import (
     MIX_GRID,
     PersonalisationConfig,
@@ -41,7 +38,6 @@ from flower_ext.personalise import (
     log_loss_of_logits,
     mix_logits,
 )
-from flower_ext.training import TrainConfig, train_local
 
 SOFTPLUS_MINUS_1 = 0.31326168751822286  # log(1 + e^-1)
 SOFTPLUS_MINUS_2 = 0.12692801104297263  # log(1 + e^-2)
@@ -182,25 +178,7 @@ def _bank_context(partition: int = 0, **run) -> Context:
 
 
 def _query(context: Context) -> Message:
-    _, bank = load_context_bank(context)
-    model = build_model(bank.num_features, "logreg", seed=0)
-    std = bank.x_train.std(axis=0)
-    std[std < 1e-8] = 1.0
-    model.set_standardisation(bank.x_train.mean(axis=0), std)
-    train_local(model, bank.x_train, bank.y_train, TrainConfig(epochs=1, seed=0))
-    _as_server()
-    return Message(
-        content=RecordDict(
-            {
-                "arrays": ArrayRecord(model.state_dict()),
-                "config": ConfigRecord(
-                    {"query": PERSONALISE_QUERY, "server-round": 2, "num-server-rounds": 2}
-                ),
-            }
-        ),
-        message_type=MessageType.QUERY,
-        dst_node_id=context.node_id,
-    )
+    return _personalise_message(context, epochs=1)
 
 
 def test_the_local_only_logits_are_the_verdicts_model_on_validation_and_test_rows():

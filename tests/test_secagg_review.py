@@ -43,6 +43,16 @@ def _signed_banks(ids, t):
     return banks, signers, roster, sigs
 
 
+def _federation_with_node_config(node_config):
+    """The test federation, every bank with ``node_config`` (run 1, fresh state)."""
+    fed = Federation(NODES)
+    for n in NODES:
+        fed.contexts[n] = Context(
+            run_id=1, node_id=n, node_config=dict(node_config), state=RecordDict(), run_config={}
+        )
+    return fed
+
+
 def _events(audit, event):
     return [e for e in audit.events if e["event"] == event]
 
@@ -203,12 +213,7 @@ def test_securefedavg_never_picks_a_threshold_at_or_below_half():
 
 
 def test_the_bank_floor_on_t_comes_from_its_node_config_not_the_message(as_server):
-    fed = Federation(NODES)
-    for n in NODES:
-        fed.contexts[n] = Context(
-            run_id=1, node_id=n, node_config={"secagg-min-threshold": 4},
-            state=RecordDict(), run_config={},
-        )  # fmt: skip
+    fed = _federation_with_node_config({"secagg-min-threshold": 4})
     audit = AuditTrail()
     new, _ = fed.run_round(SecureFedAvg(threshold=3, audit=audit))
     assert new is None
@@ -403,12 +408,7 @@ def test_a_dp_round_abandoned_after_t_unmask_answers_is_accounted(as_server):
 # ------------------------------------------------------------------ 8. bank DP floor
 def test_a_bank_that_requires_dp_refuses_a_train_message_without_it(as_server):
     """dp_no_bank_floor.py."""
-    fed = Federation(NODES)
-    for n in NODES:
-        fed.contexts[n] = Context(
-            run_id=1, node_id=n, node_config={"secagg-dp-required": True},
-            state=RecordDict(), run_config={},
-        )  # fmt: skip
+    fed = _federation_with_node_config({"secagg-dp-required": True})
     audit = AuditTrail()
     new, _ = fed.run_round(SecureFedAvg(threshold=3, audit=audit))
     assert new is None

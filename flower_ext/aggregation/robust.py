@@ -462,6 +462,15 @@ def krum(
 SELECTED_AGGREGATES = ("mean", "geometric-median")
 
 
+def check_selected_aggregate(selected_aggregate: str) -> None:
+    """Raise ``ValueError`` unless ``selected_aggregate`` is one of :data:`SELECTED_AGGREGATES`."""
+    if selected_aggregate not in SELECTED_AGGREGATES:
+        raise ValueError(
+            f"selected_aggregate must be one of {', '.join(SELECTED_AGGREGATES)}, "
+            f"got {selected_aggregate!r}"
+        )
+
+
 def multi_krum(
     updates: FloatMatrix,
     weights: FloatVector,
@@ -489,11 +498,7 @@ def multi_krum(
     and distance.
     """
     check_matrix(updates, weights)
-    if selected_aggregate not in SELECTED_AGGREGATES:
-        raise ValueError(
-            f"selected_aggregate must be one of {', '.join(SELECTED_AGGREGATES)}, "
-            f"got {selected_aggregate!r}"
-        )
+    check_selected_aggregate(selected_aggregate)
     if num_selected is None:
         num_selected = updates.shape[0] - _as_count(num_malicious, "num_malicious")
     selection = krum(updates, weights, num_malicious, num_selected)

@@ -232,6 +232,13 @@ def build_strategy(
     return strategy
 
 
+def _robust_rule_refused(settings: BankAppSettings, why: str) -> list[str]:
+    """``["aggregation = '<rule>' (<why>: use 'fedavg')"]`` when the run's rule is not
+    FedAvg, else ``[]``: the refusal a FedAvg-only feature starts its list with."""
+    name = settings.aggregation.strip().lower()
+    return [] if name == "fedavg" else [f"aggregation = '{name}' ({why}: use 'fedavg')"]
+
+
 def scaffold_problem(settings: BankAppSettings) -> str:
     """Why ``scaffold = true`` cannot run with these settings ("" when it can, or is off).
 
@@ -242,13 +249,9 @@ def scaffold_problem(settings: BankAppSettings) -> str:
     """
     if not settings.scaffold:
         return ""
-    refused = []
-    name = settings.aggregation.strip().lower()
-    if name != "fedavg":
-        refused.append(
-            f"aggregation = '{name}' (a robust rule; an attacker's control delta would still "
-            "move c for every bank: use 'fedavg')"
-        )
+    refused = _robust_rule_refused(
+        settings, "a robust rule; an attacker's control delta would still move c for every bank"
+    )
     if settings.privacy() is not None:
         refused.append(
             f"dp = '{settings.raw.get('dp')}' (each bank's control delta reveals as much as its "
@@ -314,10 +317,7 @@ def fednova_problem(settings: BankAppSettings) -> str:
     correction of local training (one at a time)."""
     if not settings.fednova:
         return ""
-    refused = []
-    name = settings.aggregation.strip().lower()
-    if name != "fedavg":
-        refused.append(f"aggregation = '{name}' (FedNova reweights FedAvg: use 'fedavg')")
+    refused = _robust_rule_refused(settings, "FedNova reweights FedAvg")
     if settings.privacy() is not None:
         refused.append(f"dp = '{settings.raw.get('dp')}' (the banks do not report steps under DP)")
     if he_enabled(settings.raw):
@@ -464,13 +464,10 @@ def secagg_problem(settings: BankAppSettings) -> str:
         if _flag_on(raw, "secagg-dp"):
             return "secagg-dp = true needs secagg = true (the noise shares only add up in the sum)"
         return ""
-    refused = []
-    name = settings.aggregation.strip().lower()
-    if name != "fedavg":
-        refused.append(
-            f"aggregation = '{name}' (a robust rule needs every bank's plaintext update; the "
-            "server sees only their sum: use 'fedavg')"
-        )
+    refused = _robust_rule_refused(
+        settings,
+        "a robust rule needs every bank's plaintext update; the server sees only their sum",
+    )
     if he_enabled(raw):
         refused.append("he = true (encrypting the masked updates as well is unnecessary)")
     ratio = raw.get(TOPK_RATIO_KEY, 0.0)
