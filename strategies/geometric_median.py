@@ -38,6 +38,12 @@ class GeometricMedian(RobustStrategy):
     By default capped at 2x the round's median (``max_weight_median_multiple=2.0``;
     ``None`` turns it off) and at ``pinned_weights`` where given; every lowered
     weight is audited (``weight_capped``, ``weight_cap_reason``).
+
+    Measured (README, robustness acceptance table: the bank app, 10 non-IID banks,
+    20 rounds, 2 seeds, 3 local epochs): holds attacks crafted inside the honest spread
+    (ALIE, Min-Max, Min-Sum, Fang's trimmed-mean, mimic: within 0.009 AUC of clean
+    FedAvg at 3 of 10 malicious) but is pulled by large coordinated updates, the more
+    weight the attackers hold: IPM -0.046 and sign flip -0.022 at 3 of 10.
     """
 
     uses_weights = True
