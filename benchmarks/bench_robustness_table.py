@@ -258,6 +258,17 @@ def main() -> None:
         print(markdown(result), file=sys.stderr)
 
 
+#: ``setup`` keys of a JSON output and the command-line argument each comes from.
+SETUP_ARGS = {
+    "banks": "banks",
+    "rounds": "rounds",
+    "trim_beta": "trim_beta",
+    "knowledge": "knowledge",
+    "runtime": "runtime",
+    "extra": "extra",
+}
+
+
 def table_from(args: argparse.Namespace) -> None:
     """Summarise the cells of earlier JSON outputs (``--table-from``)."""
     merged: dict[tuple, dict[str, Any]] = {}
@@ -270,12 +281,23 @@ def table_from(args: argparse.Namespace) -> None:
     cells = list(merged.values())
     args.seeds = ",".join(str(s) for s in sorted({c["seed"] for c in cells}))
     args.malicious_sets = ";".join(sorted({c["malicious"] for c in cells if c["malicious"]}))
-    # the files' run-config overrides (e.g. local-epochs): one dict when they agree
-    extras = [setup.get("extra", {}) for setup in setups]
-    same = all(extra == extras[0] for extra in extras)
-    args.extra = json.dumps(extras[0] if same else {"differs_by_file": extras})
+    # The files' setup, not this command's defaults: one value where they agree, all of
+    # them (by file) where they differ, so a merge of unlike runs says so.
+    differs: dict[str, list[Any]] = {}
+    for key, arg in SETUP_ARGS.items():
+        values = [setup[key] for setup in setups if key in setup]
+        if not values:
+            continue
+        if all(value == values[0] for value in values):
+            setattr(args, arg, json.dumps(values[0]) if key == "extra" else values[0])
+        else:
+            differs[key] = values
+            if key == "extra":
+                args.extra = json.dumps({"differs_by_file": values})
     result = summarise(cells, args, time.perf_counter())
     result["setup"]["merged_from"] = args.table_from
+    if differs:
+        result["setup"]["differs_by_file"] = differs
     result["total_seconds"] = sum(c.get("seconds", 0.0) for c in cells)
     print(json.dumps(result, indent=2))
     if args.out:
@@ -329,9 +351,14 @@ def summarise(
                 "gap_honest_only_final": None,
                 "gap_honest_only_min": None,
                 "gap_min_after_1": None,
+                # seeds without a result (the run failed, or clean FedAvg of that seed
+                # did): the row is then incomplete and never ranked, since its worst
+                # seed may be the missing one
+                "failed_seeds": [],
             },
         )
-        if c.get("final_auc") is None:
+        if c.get("final_auc") is None or clean.get(c["seed"]) is None:
+            row["failed_seeds"].append(c["seed"])
             continue
         refs = {"gap": clean.get(c["seed"]), "gap_honest_only": None}
         if c["malicious"]:
@@ -352,6 +379,7 @@ def summarise(
             (min(row[key]["gap_final"], row[key]["gap_min"]), rule)
             for rule, row in table.items()
             if key in row
+            and not row[key]["failed_seeds"]
             and row[key]["gap_final"] is not None
             and row[key]["gap_min"] is not None
             # clean FedAvg is the reference of the gaps, not a rule to rank against itself
@@ -364,7 +392,9 @@ def summarise(
             after_1 = [
                 min(row[key]["gap_final"], row[key]["gap_min_after_1"])
                 for row in table.values()
-                if key in row and row[key]["gap_min_after_1"] is not None
+                if key in row
+                and not row[key]["failed_seeds"]
+                and row[key]["gap_min_after_1"] is not None
             ]
             worst_gap, worst_rule = min(scored)
             best[key] = {
@@ -402,7 +432,11 @@ def summarise(
 
 
 def _pair(v: dict[str, Any] | None) -> str:
-    if not v or v["final_auc"] is None:
+    if not v:
+        return "-"
+    if v.get("failed_seeds"):
+        return "no result for seed " + ", ".join(str(s) for s in sorted(v["failed_seeds"]))
+    if v["final_auc"] is None:
         return "-"
     return f"{v['final_auc']:.3f} / {v['min_auc']:.3f}"
 

@@ -107,3 +107,34 @@ def test_table_from_merges_files_and_keeps_their_overrides(bench, tmp_path):
     assert merged["setup"]["extra"] == {"local-epochs": 3}
     assert merged["best_per_attack"]["ipm, f=2"]["worst_gap_final_or_min"] == pytest.approx(0.0)
     assert len(merged["cells"]) == len(cells)
+
+
+def test_a_failed_seed_leaves_the_row_unranked_and_says_so(bench):
+    cells = _cells(bench)
+    # "bad" at f = 2 gets a second seed that failed; seed 43 has no clean FedAvg either
+    failed = {**_cell("bad", "ipm", "2,7", 43, [0.5, 0.5]), "final_auc": None, "min_auc": None}
+    cells.append({**failed, "status": "failed", "auc_by_round": []})
+    cells.append(_cell("good", "ipm", "2,7", 43, [0.70, 0.76, 0.78]))
+    result = bench.summarise(cells, _args(), 0.0)
+    assert result["table"]["bad"]["ipm, f=2"]["failed_seeds"] == [43]
+    assert result["table"]["good"]["ipm, f=2"]["failed_seeds"] == [43]  # no clean reference
+    assert "ipm, f=2" not in result["best_per_attack"]  # neither row is complete
+    assert result["best_per_attack"]["ipm, f=3"]["rule"] == "good"
+    assert "no result for seed 43" in bench.markdown(result)
+
+
+def test_table_from_takes_the_setup_from_the_files_and_flags_differences(bench, tmp_path):
+    one, other = tmp_path / "a.json", tmp_path / "b.json"
+    first = bench.summarise(_cells(bench), _args(), 0.0)
+    second = bench.summarise(_cells(bench)[:1], _args(), 0.0)
+    second["setup"]["rounds"] = 10
+    one.write_text(json.dumps(first))
+    other.write_text(json.dumps(second))
+    out = tmp_path / "merged.json"
+    # this command's own defaults (ray, 20 rounds) must not be written as the files' setup
+    defaults = {**vars(_args()), "runtime": "ray", "rounds": 20, "extra": "{}"}
+    bench.table_from(argparse.Namespace(**defaults, table_from=f"{one},{other}", out=out))
+    setup = json.loads(out.read_text())["setup"]
+    assert setup["runtime"] == "inprocess"
+    assert setup["extra"] == {"local-epochs": 3}
+    assert setup["differs_by_file"] == {"rounds": [3, 10]}
