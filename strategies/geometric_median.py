@@ -42,8 +42,8 @@ class GeometricMedian(RobustStrategy):
     Measured (README, robustness acceptance table: the bank app, 10 non-IID banks,
     20 rounds, 2 seeds, 3 local epochs): holds attacks crafted inside the honest spread
     (ALIE, Min-Max, Min-Sum, Fang's trimmed-mean, mimic: within 0.010 AUC of clean
-    FedAvg at 3 of 10 malicious) but is pulled by large coordinated updates, the more
-    weight the attackers hold: IPM -0.046 and sign flip -0.022 at 3 of 10.
+    FedAvg at 3 of 10 malicious) but is pulled by large coordinated updates, which keep
+    their (pinned, capped) weight here: IPM -0.046 and sign flip -0.022 at 3 of 10.
     """
 
     uses_weights = True
