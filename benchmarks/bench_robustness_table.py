@@ -258,15 +258,8 @@ def main() -> None:
         print(markdown(result), file=sys.stderr)
 
 
-#: ``setup`` keys of a JSON output and the command-line argument each comes from.
-SETUP_ARGS = {
-    "banks": "banks",
-    "rounds": "rounds",
-    "trim_beta": "trim_beta",
-    "knowledge": "knowledge",
-    "runtime": "runtime",
-    "extra": "extra",
-}
+#: ``setup`` keys of a JSON output that are this script's arguments of the same name.
+SETUP_KEYS = ("banks", "rounds", "trim_beta", "knowledge", "runtime", "extra")
 
 
 def table_from(args: argparse.Namespace) -> None:
@@ -284,12 +277,12 @@ def table_from(args: argparse.Namespace) -> None:
     # The files' setup, not this command's defaults: one value where they agree, all of
     # them (by file) where they differ, so a merge of unlike runs says so.
     differs: dict[str, list[Any]] = {}
-    for key, arg in SETUP_ARGS.items():
+    for key in SETUP_KEYS:
         values = [setup[key] for setup in setups if key in setup]
         if not values:
             continue
         if all(value == values[0] for value in values):
-            setattr(args, arg, json.dumps(values[0]) if key == "extra" else values[0])
+            setattr(args, key, json.dumps(values[0]) if key == "extra" else values[0])
         else:
             differs[key] = values
             if key == "extra":
