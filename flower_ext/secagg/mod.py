@@ -348,22 +348,23 @@ def _train(
         below.append("the run config says secagg-dp = true but the train message has no DP")
     if below:  # before any training: nothing is computed from the rows
         raise SecAggError("refused by this bank's node config: " + "; ".join(below))
-    replay = replay_problem(context, int(config["round"]))  # type: ignore[arg-type]
+    protocol_round = int(config["round"])  # type: ignore[arg-type]
+    replay = replay_problem(context, protocol_round)
     flower_config = msg.content.config_records.get("config")
     # The bank's training may be seeded by the train config's round: a server that numbers
     # the protocol round differently could replay one training under two protocol rounds.
     if (
         flower_config is not None
         and "server-round" in flower_config
-        and str(flower_config["server-round"]) != str(int(config["round"]))  # type: ignore[arg-type]
+        and str(flower_config["server-round"]) != str(protocol_round)
     ):
         replay = (
             f"the train config's server-round {flower_config['server-round']!r} is not "
-            f"the secure-aggregation round {int(config['round'])}"  # type: ignore[arg-type]
+            f"the secure-aggregation round {protocol_round}"
         )
     if replay:
         raise SecAggError("refused: " + replay)
-    _mark_trained(context, int(config["round"]))  # type: ignore[arg-type]
+    _mark_trained(context, protocol_round)
     weight_key = str(config.get("weight-key", "num-examples"))
     arrays_key = str(config.get("arrays-key", "arrays"))
     clear_session(context)  # a new round starts from nothing
@@ -393,7 +394,7 @@ def _train(
     if not (weight > 0 and np.isfinite(weight)):
         raise SecAggError(f"'{weight_key}' must be positive, got {metrics[weight_key]}")
     update = layout.flatten(local, np.float64) - layout.flatten(incoming, np.float64)
-    session = BankSession(int(context.node_id), int(config["round"]), params)  # type: ignore
+    session = BankSession(int(context.node_id), protocol_round, params)
     dp = {k: float(config[k]) for k in (DP_CLIP_KEY, DP_STD_KEY) if k in config}  # type: ignore
     if len(dp) == 1:
         raise SecAggError(f"distributed DP needs both {DP_CLIP_KEY} and {DP_STD_KEY}")
