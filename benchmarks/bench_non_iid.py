@@ -161,7 +161,12 @@ def personalised(metrics: dict[str, Any]) -> dict[str, Any] | None:
         "mode": block.get("mode"),
         "banks_beating_both": block.get("banks_beating_both"),
         "banks": block.get("banks"),
+        "banks_answered": block.get("banks_answered"),
+        "failed": block.get("failed") or {},
         "names": block.get("banks_beating_both_names"),
+        # synthetic banks: where the generator's true risk itself beats both significantly
+        "banks_reachable": block.get("banks_reachable"),
+        "reachable_names": block.get("banks_reachable_names"),
         "worst_bank_personalised_auc": min(aucs) if aucs else None,
         "per_bank_personalised_auc": {b: r.get("personalised_auc") for b, r in rows.items()},
         "per_bank": {b: bank_figures(r) for b, r in rows.items()},
@@ -170,7 +175,9 @@ def personalised(metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 def bank_figures(row: dict[str, Any]) -> dict[str, Any]:
     """One bank's personalisation figures, as the server checked them: test rows, the
-    three AUCs, both paired 95% intervals, and the mixture weight (``mix`` modes)."""
+    three AUCs, both paired 95% intervals, and the mixture weight (``mix`` modes); on
+    synthetic banks the generator's true-risk AUC and its two intervals too."""
+    bayes = row.get("bayes") or {}
     return {
         "test_rows": row.get("num_test_examples"),
         "global_auc": row.get("global_auc"),
@@ -180,6 +187,10 @@ def bank_figures(row: dict[str, Any]) -> dict[str, Any]:
         "vs_local_only_ci": (row.get("vs_local_only") or {}).get("ci"),
         "beats_both": row.get("beats_both"),
         "mix_alpha": (row.get("mix") or {}).get("alpha"),
+        "bayes_auc": bayes.get("auc"),
+        "bayes_vs_global_ci": (bayes.get("vs_global") or {}).get("ci"),
+        "bayes_vs_local_only_ci": (bayes.get("vs_local_only") or {}).get("ci"),
+        "bayes_beats_both": bayes.get("beats_both"),
     }
 
 
@@ -239,9 +250,26 @@ def cell(runs: list[dict[str, Any]]) -> str:
     pers = [(r, r["personalised"]) for r in runs if r["personalised"]]
     if pers:
         text += " / " + "/".join(
-            f"{p['banks_beating_both']} sig, {point_wins(r)} pt of {p['banks']}" for r, p in pers
+            f"{p['banks_beating_both']} sig, {point_wins(r)} pt"
+            f"{reachable_text(p)}{failed_text(p)} of {p['banks']}"
+            for r, p in pers
         )
     return text
+
+
+def failed_text(pers: dict[str, Any]) -> str:
+    """``", N failed"`` when banks did not answer the personalise query (their reasons are
+    in the JSON's ``failed``): a count of 0 from banks that never answered is no result."""
+    failed = pers.get("failed") or {}
+    return f", {len(failed)} failed" if failed else ""
+
+
+def reachable_text(pers: dict[str, Any]) -> str:
+    """``", N reachable"``: banks where the generator's true risk itself beats both the
+    global and the local-only model significantly (no personalised model can be expected
+    to show a gain the true risk cannot); "" for real data or runs saved before it."""
+    reach = pers.get("banks_reachable")
+    return f", {reach} reachable" if reach is not None else ""
 
 
 def point_wins(row: dict[str, Any]) -> int:
@@ -337,7 +365,8 @@ def count_cell(row: dict[str, Any]) -> str:
     tests = [b.get("test_rows") for b in (p.get("per_bank") or {}).values()]
     tests = [t for t in tests if t]
     median = f" [{statistics.median(tests):.0f}]" if tests else ""
-    return f"{p['banks_beating_both']} / {point_wins(row)} / {p['banks']}{median}"
+    counts = f"{p['banks_beating_both']} / {point_wins(row)} / {p['banks']}"
+    return counts + median + reachable_text(p) + failed_text(p)
 
 
 def merge_saved(saved: list[dict[str, Any]]) -> dict[str, Any]:

@@ -460,6 +460,7 @@ def personalisation_summary(
     personal_logits: NDArray[np.floating],
     local_logits: NDArray[np.floating] | None = None,
     level: float = 0.95,
+    bayes_logits: NDArray[np.floating] | None = None,
 ) -> dict[str, Any]:
     """What a bank sends about its personalised model: scalars and short words only.
 
@@ -468,6 +469,12 @@ def personalisation_summary(
     (``vs-global-*``) and personalised - local-only (``vs-local-*``) with their ``level``
     intervals, p-values and verdicts; calibration (observed default rate, each model's
     mean predicted rate and Brier score). No row-level value, no curve.
+
+    ``bayes_logits`` (synthetic banks only, shape ``(n_test,)``: the generator's true risk,
+    :func:`flower_ext.data.scenarios.bayes_logit`) adds the yardstick of what any
+    personalised model could show: ``auc-bayes`` and the same paired comparisons of that
+    score against the global (``bayes-vs-global-*``) and the local-only model
+    (``bayes-vs-local-*``). Ranking only: it gets no rate and no Brier score.
     """
     y = np.asarray(y_test).astype(np.int64)
     models = {"global": global_logits, "personalised": personal_logits}
@@ -493,6 +500,17 @@ def personalisation_summary(
     out.update(_comparison("vs-global", y, scores["personalised"], scores["global"], level))
     if "local-only" in scores:
         out.update(_comparison("vs-local", y, scores["personalised"], scores["local-only"], level))
+    if bayes_logits is not None:
+        bayes = np.asarray(bayes_logits, dtype=np.float64)
+        if bayes.shape != y.shape or not np.isfinite(bayes).all():
+            raise ValueError(
+                f"bayes_logits must be {y.shape[0]} finite log-odds, one per test row; "
+                f"got shape {bayes.shape}"
+            )
+        out["auc-bayes"] = float(roc_auc_score(y, bayes))
+        out.update(_comparison("bayes-vs-global", y, bayes, scores["global"], level))
+        if "local-only" in scores:
+            out.update(_comparison("bayes-vs-local", y, bayes, scores["local-only"], level))
     return {k: v for k, v in out.items() if not (isinstance(v, float) and not np.isfinite(v))}
 
 

@@ -490,9 +490,9 @@ def personalisation_section(metrics: dict[str, Any]) -> str:
         rows.append(
             [
                 html.escape(name) + (" <b>beats both</b>" if r.get("beats_both") else ""),
-                _fmt(r.get("global_auc")),
-                _fmt(r.get("personalised_auc")),
-                _fmt(r.get("local_only_auc")),
+                html.escape(_fmt(r.get("global_auc"))),
+                html.escape(_fmt(r.get("personalised_auc"))),
+                html.escape(_fmt(r.get("local_only_auc"))),
                 _cmp_cell(r.get("vs_global")),
                 _cmp_cell(r.get("vs_local_only")),
                 f"{_pct(r.get('observed_default_rate'))} / {_pct(rate.get('global'))} / "
@@ -502,6 +502,25 @@ def personalisation_section(metrics: dict[str, Any]) -> str:
         )
     if rows:
         parts.append(_raw_table(rows, head, klass="verdict"))
+    truth = {n: r["bayes"] for n, r in (block.get("per_bank") or {}).items() if r.get("bayes")}
+    if truth:  # synthetic banks: the most any personalised model could show
+        parts.append(
+            "<p>Synthetic banks: the generator's true risk on the same test rows, the "
+            "best ranking any model can expect there. Where it does not beat both models "
+            "significantly itself, no personalised model can be expected to.</p>"
+        )
+        truth_rows = [
+            [
+                html.escape(name) + (" <b>reachable</b>" if t.get("beats_both") else ""),
+                html.escape(_fmt(t.get("auc"))),  # metrics.json is a file an operator can edit
+                _cmp_cell(t.get("vs_global")),
+                _cmp_cell(t.get("vs_local_only")),
+            ]
+            for name, t in truth.items()
+        ]
+        truth_head = ["bank", "true-risk AUC", "true risk - global [95% CI]",
+                      "true risk - local-only [95% CI]"]  # fmt: skip
+        parts.append(_raw_table(truth_rows, truth_head, klass="verdict"))
     return '<section id="personalisation">' + "".join(parts) + "</section>"
 
 

@@ -28,9 +28,11 @@ from bank_risk.personalisation import (
     PERSONALISE_QUERY,
     TEXT_KEYS,
     bank_entry,
+    check_fits_run,
     read_reply,
 )
 from bank_risk.settings import BankAppSettings, SettingsError
+from flower_ext.data.scenarios import bayes_logit
 from flower_ext.model import build_model
 from flower_ext.personalise import (
     PersonalisationConfig,
@@ -226,16 +228,26 @@ def test_the_bank_replies_with_summary_numbers_only(as_server):
     assert set(numbers) <= NUMERIC_KEYS and set(words) <= TEXT_KEYS
     # no list, no vector: one number per key, a few dozen at most
     assert all(isinstance(v, (int, float)) and not isinstance(v, list) for v in numbers.values())
-    assert len(numbers) <= len(NUMERIC_KEYS) <= 30
+    assert len(numbers) <= len(NUMERIC_KEYS) <= 40
     assert all(isinstance(v, str) and len(v) <= 300 for v in words.values())
     for key in ("auc-global", "auc-personalised", "auc-local-only", "vs-global-ci-low"):
         assert key in numbers
+    # a synthetic bank adds its true risk's AUC on the same test rows, nothing per row
+    _, bank = load_context_bank(context)
+    truth = bayes_logit("segments", 0, dict(zip(bank.feature_names, bank.x_test.T, strict=True)))
+    assert numbers["auc-bayes"] == pytest.approx(roc_auc_score(bank.y_test, truth), abs=1e-12)
+    assert numbers["bayes-vs-global-diff"] == pytest.approx(
+        numbers["auc-bayes"] - numbers["auc-global"], abs=1e-12
+    )
     # the server's reading: checked fields, its own verdicts and count
     row = read_reply(reply)
     entry = bank_entry(context.node_id, row)
     low_g, low_l = entry["vs_global"]["ci"][0], entry["vs_local_only"]["ci"][0]
     assert entry["beats_both"] == (low_g > 0 and low_l > 0)
     assert entry["finetune"]["epochs_run"] >= 1 and "intercept_offset" in entry
+    bayes = entry["bayes"]
+    lows = (bayes["vs_global"]["ci"][0], bayes["vs_local_only"]["ci"][0])
+    assert bayes["beats_both"] == (min(lows) > 0)
     json.dumps(entry)  # fit for metrics.json
 
 
@@ -322,6 +334,9 @@ def test_a_personalised_run_finishes_with_the_block_and_a_consistent_count(tmp_p
     ]
     assert block["banks_beating_both"] == len(winners)
     assert block["banks_beating_both_names"] == winners
+    reachable = [b for b, r in block["per_bank"].items() if r["bayes"]["beats_both"]]
+    assert block["banks_reachable"] == len(reachable)
+    assert block["banks_reachable_names"] == reachable
     for name, row in block["per_bank"].items():
         verdict_row = metrics["per_bank"][name]
         # the same final global model and the same local-only model as the verdict's
@@ -333,7 +348,8 @@ def test_a_personalised_run_finishes_with_the_block_and_a_consistent_count(tmp_p
     assert end["personalisation"] == block  # verify compares them too
     result = verify_run(run_dir)
     assert result.ok, result.problem
-    assert "Personalisation" in (run_dir / "report.html").read_text()
+    report = (run_dir / "report.html").read_text()
+    assert "Personalisation" in report and "true-risk AUC" in report
 
 
 # ------------------------------------------------- the server's checks of a bank's summary
@@ -463,3 +479,103 @@ def test_the_server_rejects_a_summary_that_contradicts_itself(as_server, change,
     nums = {k: v for k, v in nums.items() if v is not None}
     with pytest.raises(ValueError, match=match):
         read_reply(_summary_reply(nums, words))
+
+
+# ------------------------------------------ the true-risk yardstick (synthetic banks only)
+def _with_bayes(nums: dict[str, float], auc: float = 0.90, half: float = 0.04) -> dict[str, float]:
+    """``nums`` plus a consistent true-risk block: AUC ``auc``, intervals of half-width
+    ``half`` around its differences from the global and the local-only AUC."""
+    out = dict(nums, **{"auc-bayes": auc})
+    for prefix, other in (("bayes-vs-global", "global"), ("bayes-vs-local", "local-only")):
+        diff = auc - nums[f"auc-{other}"]
+        out.update(
+            {
+                f"{prefix}-diff": diff,
+                f"{prefix}-ci-low": diff - half,
+                f"{prefix}-ci-high": diff + half,
+                f"{prefix}-p-value": 0.01,
+            }
+        )
+    return out
+
+
+def test_the_true_risk_beats_both_only_with_both_lower_bounds_above_zero(as_server):
+    # global 0.70, local-only 0.75: true risk 0.90 +- 0.04 beats both; 0.77 +- 0.04 does not
+    entry = bank_entry(1, read_reply(_summary_reply(_with_bayes(_consistent_numbers()))))
+    assert entry["bayes"]["auc"] == 0.90 and entry["bayes"]["beats_both"]
+    close = bank_entry(1, read_reply(_summary_reply(_with_bayes(_consistent_numbers(), 0.77))))
+    assert close["bayes"]["vs_global"]["ci"][0] > 0 and close["bayes"]["vs_local_only"]["ci"][0] < 0
+    assert not close["bayes"]["beats_both"]
+    assert "bayes" not in bank_entry(1, read_reply(_summary_reply(_consistent_numbers())))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"bayes-vs-global-diff": 0.22}, r"'bayes-vs-global-diff' = 0.22 is not auc-bayes - auc"),
+        ({"auc-bayes": 0.95}, r"'bayes-vs-global-diff' = .* is not auc-bayes - auc-global"),
+        ({"auc-bayes": 1.5}, r"'auc-bayes' = 1.5 is outside \[0, 1\]"),
+        ({"auc-bayes": None}, r"sent without 'auc-bayes' and 'auc-global'"),
+        ({"bayes-vs-local-ci-high": 0.12}, r"'bayes-vs-local-diff' = .* is outside its interval"),
+        ({"bayes-vs-local-ci-low": None}, r"'bayes-vs-local' is incomplete"),
+    ],
+)
+def test_the_server_rejects_a_true_risk_block_that_contradicts_itself(as_server, change, match):
+    nums = _with_bayes(_consistent_numbers())
+    nums.update(change)
+    with pytest.raises(ValueError, match=match):
+        read_reply(_summary_reply({k: v for k, v in nums.items() if v is not None}))
+
+
+def test_true_risk_figures_are_refused_from_a_run_on_real_data(as_server):
+    row = read_reply(_summary_reply(_with_bayes(_consistent_numbers())))
+    check_fits_run(row, "finetune", "synthetic")  # the generator's own banks: fine
+    with pytest.raises(ValueError, match=r"auc-bayes.* from a run whose data is 'csv'"):
+        check_fits_run(row, "finetune", "csv")
+    with pytest.raises(ValueError, match="mode 'finetune', the run's is 'mix'"):
+        check_fits_run(row, "mix", "synthetic")
+    check_fits_run(read_reply(_summary_reply(_consistent_numbers())), "finetune", "csv")
+
+
+def test_a_real_summary_with_the_true_risk_passes_and_a_wrong_length_is_refused(as_server):
+    rng = np.random.default_rng(2)
+    y = (rng.random(500) < 0.2).astype(np.int64)
+    truth = 2.0 * y + rng.normal(0, 1, 500)
+    out = personalisation_summary(
+        y, truth + rng.normal(0, 2, 500), truth + rng.normal(0, 1, 500),
+        truth + rng.normal(0, 1.5, 500), bayes_logits=truth,
+    )  # fmt: skip
+    assert out["auc-bayes"] == pytest.approx(roc_auc_score(y, truth))
+    assert "predicted-rate-bayes" not in out and "brier-bayes" not in out  # ranking only
+    nums = {k: float(v) for k, v in out.items() if k in NUMERIC_KEYS}
+    words = {k: str(v) for k, v in out.items() if k in TEXT_KEYS}
+    entry = bank_entry(1, read_reply(_summary_reply(nums, words)))
+    assert entry["bayes"]["beats_both"] == (
+        out["bayes-vs-global-ci-low"] > 0 and out["bayes-vs-local-ci-low"] > 0
+    )
+    with pytest.raises(ValueError, match="bayes_logits must be 500 finite log-odds"):
+        personalisation_summary(y, truth, truth, truth, bayes_logits=truth[:-1])
+
+
+def test_the_report_shows_the_true_risk_table_escaped_and_only_for_synthetic_banks():
+    from flower_ext.report import personalisation_section
+
+    bank = {
+        "global_auc": 0.7,
+        "personalised_auc": "<script>x</script>",  # metrics.json is editable
+        "local_only_auc": 0.75,
+        "bayes": {
+            "auc": "<b>0.9</b>",
+            "vs_global": {"diff": 0.2, "ci": [0.1, 0.3], "verdict": "gains"},
+            "vs_local_only": {"diff": 0.15, "ci": [0.05, 0.25], "verdict": "gains"},
+            "beats_both": True,
+        },
+    }
+    html_text = personalisation_section(
+        {"personalisation": {"mode": "mix", "per_bank": {"b0": bank}}}
+    )
+    assert "true-risk AUC" in html_text and "b0 <b>reachable</b>" in html_text
+    assert "<script>" not in html_text and "&lt;b&gt;0.9&lt;/b&gt;" in html_text
+    del bank["bayes"]
+    real = personalisation_section({"personalisation": {"mode": "mix", "per_bank": {"b0": bank}}})
+    assert "true-risk AUC" not in real and "reachable" not in real

@@ -373,3 +373,59 @@ def test_the_bench_counts_significant_and_point_wins_per_bank_size():
     )
     assert merged["scenarios"] == ["hard", "concept-shift"] and merged["methods"] == ["a", "b"]
     assert merged["rows"] == [small, large]
+
+
+def test_the_bench_shows_reachable_banks_and_never_reads_failed_banks_as_zero():
+    bench = _bench()
+    base = {
+        "scenario": "hard",
+        "method": "fedavg+mix",
+        "rows_per_bank": 2000,
+        "final_auc": 0.7,
+        "worst_bank_auc": 0.6,
+        "bytes_up_down": 2e6,
+        "rounds_to_target": None,
+        "per_bank_auc": {"b0": 0.70},
+        "per_bank_gain_vs_local": {"b0": 0.05},
+    }
+    pers = {
+        "banks_beating_both": 1,
+        "banks": 3,
+        "per_bank_personalised_auc": {"b0": 0.75},
+        "per_bank": {"b0": {"test_rows": 100}},
+    }
+    saved_before = dict(base, personalised=pers)  # a run saved before the true-risk figures
+    synthetic = dict(base, personalised=dict(pers, banks_reachable=2, failed={}))
+    broken = dict(base, personalised=dict(pers, banks_reachable=0, failed={"b1": "x", "b2": "y"}))
+    assert bench.count_cell(saved_before) == "1 / 1 / 3 [100]"
+    assert bench.count_cell(synthetic) == "1 / 1 / 3 [100], 2 reachable"
+    assert bench.count_cell(broken) == "1 / 1 / 3 [100], 0 reachable, 2 failed"
+    assert bench.cell([synthetic]).endswith("/ 1 sig, 1 pt, 2 reachable of 3")
+    assert bench.cell([broken]).endswith("/ 1 sig, 1 pt, 0 reachable, 2 failed of 3")
+    metrics = {
+        "personalisation": {
+            "mode": "mix",
+            "banks": 2,
+            "banks_answered": 1,
+            "banks_beating_both": 0,
+            "banks_reachable": 1,
+            "failed": {"b1": "reply rejected: x"},
+            "per_bank": {
+                "b0": {
+                    "num_test_examples": 300,
+                    "personalised_auc": 0.8,
+                    "bayes": {
+                        "auc": 0.9,
+                        "vs_global": {"ci": [0.01, 0.2]},
+                        "vs_local_only": {"ci": [0.02, 0.3]},
+                        "beats_both": True,
+                    },
+                }
+            },
+        }
+    }
+    got = bench.personalised(metrics)
+    assert got["banks_reachable"] == 1 and got["failed"] == {"b1": "reply rejected: x"}
+    bank = got["per_bank"]["b0"]
+    assert bank["bayes_auc"] == 0.9 and bank["bayes_beats_both"] is True
+    assert bank["bayes_vs_local_only_ci"] == [0.02, 0.3]

@@ -15,6 +15,7 @@ from flower_ext.data.scenarios import (
     MIN_BANK_ROWS,
     MIN_CLASS_ROWS,
     SCENARIO_NAMES,
+    bayes_logit,
     generate_scenario_bank,
     generate_scenario_federation,
     get_scenario,
@@ -297,3 +298,74 @@ def test_segments_is_unchanged_at_small_rows_per_bank():
                 generate_scenario_bank("segments", bank, 5, rows_per_bank=rows, seed=42),
                 generate_bank(bank, 5, rows_per_bank=rows, seed=42),
             )
+
+
+# ----------------------------------------------- the generator's true risk (Bayes score)
+def _columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {f: frame[f].to_numpy(dtype=np.float64) for f in FEATURES}
+
+
+@pytest.mark.parametrize(("name", "bank"), [("concept-shift", 2), ("segments", 1)])
+def test_bayes_logit_is_the_log_odds_the_labels_were_drawn_from(name, bank):
+    """With no unexplained noise the labels are Bernoulli(sigmoid(bayes_logit)): a logistic
+    recalibration of the score finds slope 1 and intercept 0 (another score would not)."""
+    frame = generate_scenario_bank(name, bank, 5, rows_per_bank=20000, seed=3, noise=0.0)
+    if name == "segments":  # generate_bank is the segments scenario; give it noise 0 too
+        frame = generate_bank(bank, 5, rows_per_bank=20000, seed=3, noise=0.0)
+    z = bayes_logit(name, bank, _columns(frame))
+    fit = LogisticRegression(C=1e6).fit(z.reshape(-1, 1), frame[LABEL_COLUMN])
+    assert fit.coef_[0, 0] == pytest.approx(1.0, abs=0.08)
+    assert fit.intercept_[0] == pytest.approx(0.0, abs=0.12)
+
+
+def test_bayes_logit_ranks_a_concept_shifted_bank_better_than_any_fitted_model():
+    """The true score's AUC on fresh rows is at least that of models fitted on 20,000 rows
+    of the same bank, and above the shared risk function's (the bank's book matters)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    from flower_ext.data.synthetic import default_logit
+
+    train = generate_scenario_bank("concept-shift", 2, 5, rows_per_bank=20000, seed=11)
+    test = generate_scenario_bank("concept-shift", 2, 5, rows_per_bank=20000, seed=12)
+    x_train, x_test = train[list(FEATURES)], test[list(FEATURES)]
+    y_train, y_test = train[LABEL_COLUMN], test[LABEL_COLUMN]
+    bayes = roc_auc_score(y_test, bayes_logit("concept-shift", 2, _columns(test)))
+    shared = roc_auc_score(y_test, default_logit(_columns(test)))
+    scaler = StandardScaler().fit(x_train)
+    logreg = LogisticRegression(max_iter=2000).fit(scaler.transform(x_train), y_train)
+    boosted = HistGradientBoostingClassifier(random_state=0).fit(x_train, y_train)
+    fitted = {
+        "logreg": roc_auc_score(y_test, logreg.decision_function(scaler.transform(x_test))),
+        "boosted": roc_auc_score(y_test, boosted.predict_proba(x_test)[:, 1]),
+    }
+    assert all(bayes >= auc - 0.002 for auc in fitted.values()), (bayes, fitted)
+    assert bayes > shared + 0.02
+
+
+def test_bayes_logit_needs_every_generator_feature_and_a_known_scenario():
+    frame = generate_scenario_bank("hard", 0, 5, rows_per_bank=2000)
+    cols = _columns(frame)
+    del cols["utilisation"]
+    with pytest.raises(ValueError, match="missing \\['utilisation'\\]"):
+        bayes_logit("hard", 0, cols)
+    with pytest.raises(ValueError, match="scenario must be one of"):
+        bayes_logit("harder", 0, _columns(frame))
+
+
+def test_the_weak_banks_of_feature_shift_and_hard_are_weak_for_the_true_risk_too():
+    """The README's statement: under `hard` bank 0 (the x2-spread prime segment) ranks its own
+    customers poorly even with the true risk (AUC < 0.62) and every other bank well (> 0.70);
+    under `feature-shift` banks 0 and 3 (the two low-risk segments) are below 0.65."""
+    from sklearn.metrics import roc_auc_score
+
+    weak = {"hard": {0}, "feature-shift": {0, 3}}
+    for name, weak_banks in weak.items():
+        banks = generate_scenario_federation(name, 5, rows_per_bank=2000)
+        aucs = [
+            roc_auc_score(f[LABEL_COLUMN], bayes_logit(name, b, _columns(f)))
+            for b, f in enumerate(banks.values())
+        ]
+        assert {b for b, auc in enumerate(aucs) if auc < 0.65} == weak_banks, (name, aucs)
+        assert all(aucs[b] > 0.70 for b in range(5) if b not in weak_banks), (name, aucs)
+        assert aucs[0] < 0.62, (name, aucs)

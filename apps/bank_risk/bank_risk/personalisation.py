@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flower_ext.audit import AuditTrail, short_reason
+from flower_ext.data.scenarios import bayes_logit
 from flower_ext.personalise import (
     MIX_GRID,
     PERSONALISATION_MODES,
@@ -85,6 +86,10 @@ NUMERIC_KEYS = frozenset(
           for m in ("global", "personalised", "local-only")),
         *(f"{c}-{f}" for c in ("vs-global", "vs-local")
           for f in ("diff", "ci-low", "ci-high", "p-value")),
+        # synthetic banks only: the generator's true risk, the yardstick of what is reachable
+        "auc-bayes",
+        *(f"{c}-{f}" for c in ("bayes-vs-global", "bayes-vs-local")
+          for f in ("diff", "ci-low", "ci-high", "p-value")),
         "finetune-epochs-run",
         "finetune-best-epoch",
         "finetune-val-loss-before",
@@ -105,6 +110,10 @@ TEXT_KEYS = frozenset(
         "vs-local-verdict",
         "vs-global-unavailable",
         "vs-local-unavailable",
+        "bayes-vs-global-verdict",
+        "bayes-vs-local-verdict",
+        "bayes-vs-global-unavailable",
+        "bayes-vs-local-unavailable",
         "global-health",
         "personalised-health",
         "local-only-health",
@@ -202,6 +211,7 @@ def personalise_reply(msg: Message, context: Context) -> Message:
         predict_logits(global_model, bank.x_test),
         personal_logits,
         local_logits,
+        bayes_logits=synthetic_bayes_logits(context, bank),
     )
     if mix is not None:
         summary.update({key: getattr(mix, field) for field, key in MIX_KEYS.items()})
@@ -234,6 +244,19 @@ def personalise_reply(msg: Message, context: Context) -> Message:
     )
     # The personalised model stays here: it is not part of the reply.
     return Message(content=content, reply_to=msg)
+
+
+def synthetic_bayes_logits(context: Context, bank: Any) -> np.ndarray | None:
+    """The generator's true risk log-odds on a synthetic bank's test rows, shape
+    ``(n_test,)`` (:func:`flower_ext.data.scenarios.bayes_logit`); ``None`` for real data."""
+    from .client_app import bank_index, context_source  # late: cycle
+
+    settings, source = context_source(context)
+    if source.dataset != "synthetic":
+        return None
+    x_test = np.asarray(bank.x_test, dtype=np.float64)
+    columns = dict(zip(bank.feature_names, x_test.T, strict=True))
+    return bayes_logit(source.scenario, bank_index(context, settings), columns)
 
 
 def local_only_logits(
@@ -290,7 +313,12 @@ def read_reply(reply: Message) -> dict[str, Any]:
 #: Whole counts a reply may carry: each >= 0 and a whole number.
 _COUNT_KEYS = ("num-examples", "finetune-epochs-run", "finetune-best-epoch")
 #: Each comparison: its prefix and the two AUCs its difference is about (a - b).
-_COMPARED = {"vs-global": ("personalised", "global"), "vs-local": ("personalised", "local-only")}
+_COMPARED = {
+    "vs-global": ("personalised", "global"),
+    "vs-local": ("personalised", "local-only"),
+    "bayes-vs-global": ("bayes", "global"),
+    "bayes-vs-local": ("bayes", "local-only"),
+}
 #: How far a sent AUC difference may be from the difference of the sent AUCs.
 DIFF_TOLERANCE = 1e-9
 
@@ -436,6 +464,25 @@ def _comparison(row: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
     }
 
 
+def check_fits_run(row: Mapping[str, Any], mode: str, dataset: str) -> None:
+    """``ValueError`` when a checked summary does not belong to this run: another
+    personalisation mode, or true-risk (``bayes``) figures from a run whose data is not the
+    synthetic generator (real data has no known risk function to score with)."""
+    if row.get("mode") not in (None, mode):
+        raise ValueError(f"mode {row['mode']!r}, the run's is {mode!r}")
+    sent = sorted(k for k in row if k.startswith(("auc-bayes", "bayes-")))
+    if dataset != "synthetic" and sent:
+        raise ValueError(
+            f"{', '.join(sent)} from a run whose data is {dataset!r}, not the synthetic "
+            "generator (real data has no known risk function)"
+        )
+
+
+def _both_gain(*cmps: Mapping[str, Any] | None) -> bool:
+    """Whether every comparison has an interval whose lower bound is above 0."""
+    return all(c is not None and c.get("ci") and c["ci"][0] > 0 for c in cmps)
+
+
 def bank_entry(node: int, row: Mapping[str, Any]) -> dict[str, Any]:
     """One bank's line of the ``personalisation`` block (from a checked reply)."""
     entry: dict[str, Any] = {
@@ -455,8 +502,16 @@ def bank_entry(node: int, row: Mapping[str, Any]) -> dict[str, Any]:
         "beats_both": False,  # below: from the checked intervals only
         "seconds": row.get("seconds"),
     }
-    cmps = (entry["vs_global"], entry["vs_local_only"])
-    entry["beats_both"] = all(c is not None and c.get("ci") and c["ci"][0] > 0 for c in cmps)
+    entry["beats_both"] = _both_gain(entry["vs_global"], entry["vs_local_only"])
+    if any(k.startswith(("auc-bayes", "bayes-")) for k in row):
+        # synthetic banks: could the generator's true risk itself show a gain over both?
+        bayes = {
+            "auc": row.get("auc-bayes"),
+            "vs_global": _comparison(row, "bayes-vs-global"),
+            "vs_local_only": _comparison(row, "bayes-vs-local"),
+        }
+        bayes["beats_both"] = _both_gain(bayes["vs_global"], bayes["vs_local_only"])
+        entry["bayes"] = bayes
     if "finetune-epochs-run" in row:
         entry["finetune"] = {
             "epochs_run": int(row["finetune-epochs-run"]),
@@ -532,8 +587,7 @@ def personalise_banks(
             continue
         try:
             row = read_reply(reply)
-            if row.get("mode") not in (None, cfg.mode):
-                raise ValueError(f"mode {row['mode']!r}, the run's is {cfg.mode!r}")
+            check_fits_run(row, cfg.mode, settings.data.dataset)
         except ValueError as err:
             failed[name] = f"reply rejected: {err}"
             continue
@@ -550,6 +604,7 @@ def personalise_banks(
         log(WARNING, "[bank-risk] personalisation: %s: %s", name, why)
     per_bank = dict(sorted(per_bank.items()))
     winners = [b for b, r in per_bank.items() if r["beats_both"]]
+    with_bayes = {b: r["bayes"] for b, r in per_bank.items() if "bayes" in r}
     block: dict[str, Any] = {
         "mode": cfg.mode,
         "epochs": cfg.epochs if cfg.finetune else None,
@@ -564,6 +619,10 @@ def personalise_banks(
         "banks_beating_both_names": winners,
         "seconds": time.perf_counter() - started,
     }
+    if with_bayes:  # synthetic banks: where a significant gain over both is reachable at all
+        reachable = [b for b, r in with_bayes.items() if r["beats_both"]]
+        block["banks_reachable"] = len(reachable)
+        block["banks_reachable_names"] = reachable
     block["line"] = summary_line(block)
     return block
 
@@ -575,6 +634,11 @@ def summary_line(block: Mapping[str, Any]) -> str:
         f"personalised ({block.get('mode')}) beats both the global and the local-only model "
         f"with a significant gain (paired 95% DeLong, lower bounds > 0) at "
         f"{block.get('banks_beating_both', 0)} of {n} bank{'s' if n != 1 else ''}"
+        + (
+            f"; the generator's true risk itself would at {block['banks_reachable']}"
+            if "banks_reachable" in block
+            else ""
+        )
         + (f"; no answer from {', '.join(block['failed'])}" if block.get("failed") else "")
     )
 
@@ -589,6 +653,13 @@ def _cmp_text(cmp: Mapping[str, Any] | None) -> str:
     low, high = cmp["ci"]
     word = {"gains": "GAINS", "loses": "LOSES"}.get(str(cmp.get("verdict")), "n.s.")
     return f"{cmp['diff']:+.4f} [{low:+.4f}, {high:+.4f}] {word}"
+
+
+def _bayes_text(bayes: Mapping[str, Any]) -> str:
+    return (
+        f"  true risk {_f(bayes.get('auc'))} (vs global {_cmp_text(bayes.get('vs_global'))}, "
+        f"vs local-only {_cmp_text(bayes.get('vs_local_only'))})"
+    )
 
 
 def personalisation_lines(block: Mapping[str, Any]) -> list[str]:
@@ -606,6 +677,7 @@ def personalisation_lines(block: Mapping[str, Any]) -> list[str]:
             f"{_f(r.get('observed_default_rate'))} / predicted global "
             f"{_f(rates.get('global'))}, personalised {_f(rates.get('personalised'))}"
             + (f"  mix alpha {r['mix']['alpha']:.1f}" if r.get("mix") else "")
+            + (_bayes_text(r["bayes"]) if r.get("bayes") else "")
             + (f"  ({r['note']})" if r.get("note") else "")
         )
     return lines
