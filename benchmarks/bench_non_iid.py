@@ -266,8 +266,8 @@ def failed_text(pers: dict[str, Any]) -> str:
 
 def reachable_text(pers: dict[str, Any]) -> str:
     """``", N reachable"``: banks where the generator's true risk itself beats both the
-    global and the local-only model significantly (no personalised model can be expected
-    to show a gain the true risk cannot); "" for real data or runs saved before it."""
+    global and the local-only model significantly (where there is room for a personalised
+    model to show a gain; a yardstick, not a cap); "" for real data or runs saved before it."""
     reach = pers.get("banks_reachable")
     return f", {reach} reachable" if reach is not None else ""
 

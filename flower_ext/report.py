@@ -502,12 +502,17 @@ def personalisation_section(metrics: dict[str, Any]) -> str:
         )
     if rows:
         parts.append(_raw_table(rows, head, klass="verdict"))
-    truth = {n: r["bayes"] for n, r in (block.get("per_bank") or {}).items() if r.get("bayes")}
-    if truth:  # synthetic banks: the most any personalised model could show
+    truth = {
+        n: r["bayes"]
+        for n, r in (block.get("per_bank") or {}).items()
+        if isinstance(r, dict) and isinstance(r.get("bayes"), dict)
+    }
+    if truth:  # synthetic banks: how much room a personalised model had
         parts.append(
             "<p>Synthetic banks: the generator's true risk on the same test rows, the "
-            "best ranking any model can expect there. Where it does not beat both models "
-            "significantly itself, no personalised model can be expected to.</p>"
+            "best ranking any model can expect there. Where it beats both models "
+            "significantly (reachable) there is room for a personalised model to show a "
+            "gain; a yardstick, not a cap.</p>"
         )
         truth_rows = [
             [

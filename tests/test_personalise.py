@@ -337,6 +337,10 @@ def test_a_personalised_run_finishes_with_the_block_and_a_consistent_count(tmp_p
     reachable = [b for b, r in block["per_bank"].items() if r["bayes"]["beats_both"]]
     assert block["banks_reachable"] == len(reachable)
     assert block["banks_reachable_names"] == reachable
+    assert block["banks_with_true_risk"] == 3
+    assert block["line"].endswith(
+        f"the generator's true risk itself does at {len(reachable)} of 3 (reachable)"
+    )
     for name, row in block["per_bank"].items():
         verdict_row = metrics["per_bank"][name]
         # the same final global model and the same local-only model as the verdict's
@@ -579,3 +583,26 @@ def test_the_report_shows_the_true_risk_table_escaped_and_only_for_synthetic_ban
     del bank["bayes"]
     real = personalisation_section({"personalisation": {"mode": "mix", "per_bank": {"b0": bank}}})
     assert "true-risk AUC" not in real and "reachable" not in real
+
+
+def test_a_synthetic_bank_scores_the_true_risk_of_its_own_scenario_and_bank(as_server):
+    """The reply's auc-bayes is the true risk of the run's scenario at this bank's index (not
+    the default scenario's, not bank 0's): a concept-shifted bank's book changes it."""
+    run_config = dict(RUN_CONFIG, scenario="concept-shift")
+    context = Context(
+        run_id=7, node_id=102, node_config={"partition-id": 2, "num-partitions": 3},
+        state=RecordDict(), run_config=run_config,
+    )  # fmt: skip
+    reply = client_app(_personalise_message(context), context)
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    _, bank = load_context_bank(context)
+    columns = dict(zip(bank.feature_names, bank.x_test.T, strict=True))
+
+    def auc_of(scenario: str, index: int) -> float:
+        return float(roc_auc_score(bank.y_test, bayes_logit(scenario, index, columns)))
+
+    sent = reply.content["personalisation"]["auc-bayes"]
+    assert sent == pytest.approx(auc_of("concept-shift", 2), abs=1e-12)
+    assert (
+        abs(sent - auc_of("segments", 2)) > 1e-3 and abs(sent - auc_of("concept-shift", 0)) > 1e-3
+    )

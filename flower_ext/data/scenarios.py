@@ -360,12 +360,15 @@ def bayes_logit(
     the likelihood ratio gives the highest ROC curve, hence AUC): ``P(default | x)`` is the
     noise-averaged logistic of this score, increasing in it, and the label-shift resampling
     multiplies the bank's odds by one constant. So its AUC on a bank's rows is the most any
-    model can expect there, and a model that cannot beat the global or the local-only model
-    by as much as this score does cannot be shown to beat it either (the benchmark's
-    "reachable" banks). It is not calibrated (the noise and the resampling move the rate);
+    model can *expect* there (on a finite test set another model can still out-score it by
+    chance). The benchmark's "reachable" banks are those where this score beats both the
+    global and the local-only model significantly: a yardstick of the room for
+    personalisation, not a cap (a paired test's power also depends on how closely the two
+    scores move together). It is not calibrated (the noise and the resampling move the rate);
     use it for ranking only. On a bank's table it is evaluated on the stored values (income
-    rounded to a unit, limits to 100), a rounding the labels never saw. Synthetic banks
-    only: real data has no known risk function.
+    rounded to a unit, limits to 100; float32 in :class:`~flower_ext.data.banks.BankData`),
+    a rounding the labels never saw. Synthetic banks only: real data has no known risk
+    function.
 
     Raises ``ValueError`` naming a missing feature or an unknown scenario.
     """

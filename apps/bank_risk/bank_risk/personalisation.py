@@ -623,6 +623,7 @@ def personalise_banks(
         reachable = [b for b, r in with_bayes.items() if r["beats_both"]]
         block["banks_reachable"] = len(reachable)
         block["banks_reachable_names"] = reachable
+        block["banks_with_true_risk"] = len(with_bayes)
     block["line"] = summary_line(block)
     return block
 
@@ -635,7 +636,8 @@ def summary_line(block: Mapping[str, Any]) -> str:
         f"with a significant gain (paired 95% DeLong, lower bounds > 0) at "
         f"{block.get('banks_beating_both', 0)} of {n} bank{'s' if n != 1 else ''}"
         + (
-            f"; the generator's true risk itself would at {block['banks_reachable']}"
+            f"; the generator's true risk itself does at {block['banks_reachable']} of "
+            f"{block.get('banks_with_true_risk', n)} (reachable)"
             if "banks_reachable" in block
             else ""
         )
