@@ -464,13 +464,18 @@ def _comparison(row: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
     }
 
 
+def true_risk_keys(row: Mapping[str, Any]) -> list[str]:
+    """The true-risk (``bayes``) figures a summary carries, sorted (synthetic banks only)."""
+    return sorted(k for k in row if k.startswith(("auc-bayes", "bayes-")))
+
+
 def check_fits_run(row: Mapping[str, Any], mode: str, dataset: str) -> None:
     """``ValueError`` when a checked summary does not belong to this run: another
     personalisation mode, or true-risk (``bayes``) figures from a run whose data is not the
     synthetic generator (real data has no known risk function to score with)."""
     if row.get("mode") not in (None, mode):
         raise ValueError(f"mode {row['mode']!r}, the run's is {mode!r}")
-    sent = sorted(k for k in row if k.startswith(("auc-bayes", "bayes-")))
+    sent = true_risk_keys(row)
     if dataset != "synthetic" and sent:
         raise ValueError(
             f"{', '.join(sent)} from a run whose data is {dataset!r}, not the synthetic "
@@ -503,7 +508,7 @@ def bank_entry(node: int, row: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": row.get("seconds"),
     }
     entry["beats_both"] = _both_gain(entry["vs_global"], entry["vs_local_only"])
-    if any(k.startswith(("auc-bayes", "bayes-")) for k in row):
+    if true_risk_keys(row):
         # synthetic banks: could the generator's true risk itself show a gain over both?
         bayes = {
             "auc": row.get("auc-bayes"),
