@@ -15,7 +15,9 @@ After the last round the server sends every bank one more message, a QUERY
    (:func:`flower_ext.personalise.personalisation_summary`): AUCs, paired DeLong
    differences with 95% intervals (personalised - global, personalised - local-only),
    observed and predicted default rates, Brier scores. No array, no row-level value;
-   the personalised model itself never leaves the bank.
+   the personalised model itself never leaves the bank. A synthetic bank adds the AUC of
+   the generator's true risk on the same rows and its two paired differences
+   (``auc-bayes``, ``bayes-vs-*``: the yardstick of how much room there was).
 
 The server checks every reply (only known keys, finite numbers, AUCs and rates in
 [0, 1], ordered intervals; a mixture's weight in [0, 1], its validation loss no worse
