@@ -182,13 +182,13 @@ RUN_CONFIG = {
 }
 
 
-def _bank_context(partition: int = 0, **node) -> Context:
+def _bank_context(partition: int = 0, run_config: dict | None = None, **node) -> Context:
     return Context(
         run_id=7,
         node_id=100 + partition,
         node_config={"partition-id": partition, "num-partitions": 3, **node},
         state=RecordDict(),
-        run_config=dict(RUN_CONFIG),
+        run_config={**RUN_CONFIG, **(run_config or {})},
     )
 
 
@@ -588,11 +588,7 @@ def test_the_report_shows_the_true_risk_table_escaped_and_only_for_synthetic_ban
 def test_a_synthetic_bank_scores_the_true_risk_of_its_own_scenario_and_bank(as_server):
     """The reply's auc-bayes is the true risk of the run's scenario at this bank's index (not
     the default scenario's, not bank 0's): a concept-shifted bank's book changes it."""
-    run_config = dict(RUN_CONFIG, scenario="concept-shift")
-    context = Context(
-        run_id=7, node_id=102, node_config={"partition-id": 2, "num-partitions": 3},
-        state=RecordDict(), run_config=run_config,
-    )  # fmt: skip
+    context = _bank_context(2, run_config={"scenario": "concept-shift"})
     reply = client_app(_personalise_message(context), context)
     assert not reply.has_error(), reply.error if reply.has_error() else ""
     _, bank = load_context_bank(context)

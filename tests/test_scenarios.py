@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from flower_ext.data import FEATURES, LABEL_COLUMN, CsvSpec, DataError, DataSource, generate_bank
@@ -26,7 +28,7 @@ from flower_ext.data.scenarios import (
     scenario_sizes,
     spread_segments,
 )
-from flower_ext.data.synthetic import SEGMENTS
+from flower_ext.data.synthetic import SEGMENTS, default_logit
 
 ROWS = 1500
 
@@ -331,11 +333,6 @@ def test_bayes_logit_is_the_log_odds_the_labels_were_drawn_from(name, bank, resa
 def test_bayes_logit_ranks_a_concept_shifted_bank_better_than_any_fitted_model():
     """The true score's AUC on fresh rows is at least that of models fitted on 20,000 rows
     of the same bank, and above the shared risk function's (the bank's book matters)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.metrics import roc_auc_score
-
-    from flower_ext.data.synthetic import default_logit
-
     train = generate_scenario_bank("concept-shift", 2, 5, rows_per_bank=20000, seed=11)
     test = generate_scenario_bank("concept-shift", 2, 5, rows_per_bank=20000, seed=12)
     x_train, x_test = train[list(FEATURES)], test[list(FEATURES)]
@@ -367,8 +364,6 @@ def test_the_weak_banks_of_feature_shift_and_hard_are_weak_for_the_true_risk_too
     """The README's statement: under `hard` bank 0 (the x2-spread prime segment) ranks its own
     customers poorly even with the true risk (AUC < 0.62) and every other bank well (> 0.70);
     under `feature-shift` banks 0 and 3 (the two low-risk segments) are below 0.65."""
-    from sklearn.metrics import roc_auc_score
-
     weak = {"hard": {0}, "feature-shift": {0, 3}}
     for name, weak_banks in weak.items():
         banks = generate_scenario_federation(name, 5, rows_per_bank=2000)
